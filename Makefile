@@ -1,0 +1,40 @@
+# vidalign: `make demo` and `make test` create .venv on first use and install the project.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-all bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,deepspeed]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vidalign demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not gpu"
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check align reward_models tests
+	$(BIN)/ruff check align reward_models tests
+
+format: $(STAMP)
+	$(BIN)/ruff format align reward_models tests
+	$(BIN)/ruff check --fix align reward_models tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Preference data, the synthetic world and video I/O."""

@@ -1,0 +1,326 @@
+"""Video I/O helpers: tensor <-> uint8 conversion, GIF/MP4/WebM writing and reading, labelled grids.
+
+Conventions:
+
+- Model-side videos are float torch tensors ``(B, C, T, H, W)`` (or ``(C, T, H, W)``) in [-1, 1].
+- File-side videos are numpy ``uint8`` arrays ``(T, H, W, 3)`` (RGB), batches ``(B, T, H, W, 3)``.
+
+Files are written atomically: to a temporary file in the destination folder, then ``os.replace``,
+so a crash never leaves a half-written video under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import GifImagePlugin, Image, ImageDraw, ImageFont, ImageSequence
+
+VIDEO_SUFFIXES = (".gif", ".mp4", ".webm")
+
+
+# --------------------------------------------------------------------------------------------
+# tensors <-> uint8 frames
+
+
+def to_uint8(videos: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Float videos in [-1, 1] as uint8 frames, channels last.
+
+    ``(B, C, T, H, W)`` becomes ``(B, T, H, W, C)``; ``(C, T, H, W)`` becomes ``(T, H, W, C)``.
+    Values outside [-1, 1] are clamped. Raises ``ValueError`` on a wrong rank or on NaNs (a NaN
+    video is a bug upstream, e.g. a diverged model, and must not silently turn into grey frames).
+    """
+    x = torch.as_tensor(videos).detach()
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected videos (B, C, T, H, W) or (C, T, H, W), got shape {tuple(x.shape)}")
+    x = x.float()
+    n_nan = int(torch.isnan(x).sum())
+    if n_nan:
+        raise ValueError(f"videos contain {n_nan} NaN value(s) out of {x.numel()}")
+    x = x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+    return x.movedim(-4, -1).cpu().numpy()  # channels (dim -4) last
+
+
+def from_uint8(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Uint8 frames as a float32 tensor in [-1, 1], channels first (the inverse of :func:`to_uint8`).
+
+    ``(T, H, W, C)`` becomes ``(C, T, H, W)``; ``(B, T, H, W, C)`` becomes ``(B, C, T, H, W)``.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else torch.as_tensor(frames)
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 frames, got {x.dtype}")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected frames (T, H, W, C) or (B, T, H, W, C), got shape {tuple(x.shape)}")
+    return x.float().div(127.5).sub(1.0).movedim(-1, -4).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int = 1) -> Path:
+    """Write uint8 RGB ``frames`` ``(T, H, W, 3)`` to ``path``; the suffix picks the format.
+
+    - ``.gif``: lossless up to a 256-colour palette per frame, loops forever. Every frame is
+      kept, including repeats (Pillow's own GIF writer would merge identical consecutive frames).
+    - ``.mp4``: H.264 (libx264) if this PyAV build has it, else MPEG-4 Part 2, both yuv420p.
+    - ``.webm``: VP9 (libvpx-vp9), else VP8, yuv420p.
+
+    yuv420p stores colour at half resolution, so its width and height must be even: an odd-sized
+    video is padded by one replicated column (right) and/or row (bottom) and reads back that much
+    larger. ``scale`` (integer >= 1) upscales each frame by pixel repetition first, which keeps tiny
+    (e.g. 32x32) videos crisp and also sidesteps most of the colour loss of yuv420p.
+
+    Returns the path. Raises ``ValueError`` for an unknown suffix or malformed frames.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: unknown video format {suffix!r}; use one of {list(VIDEO_SUFFIXES)}")
+    frames = _check_frames(frames, str(path))
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale}")
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+
+    if suffix == ".gif":
+        return _atomic_write(path, lambda tmp: _write_gif(tmp, frames, fps))
+    codecs = ("libx264", "mpeg4") if suffix == ".mp4" else ("libvpx-vp9", "libvpx")
+    fmt = "mp4" if suffix == ".mp4" else "webm"
+    return _atomic_write(path, lambda tmp: _write_av(tmp, _pad_even(frames), fps, fmt, _pick_encoder(codecs)))
+
+
+def write_grid_gif(
+    rows: list[list[np.ndarray]],
+    path: str | Path,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    scale: int = 3,
+    fps: int = 6,
+) -> Path:
+    """Tile videos into a labelled grid and write it as an animated GIF (atomically).
+
+    ``rows[i][j]`` is a uint8 video ``(T, H, W, 3)``; every video must have the same ``T``. Each is
+    upscaled ``scale`` times (nearest neighbour). Column labels go in a header above the grid,
+    row labels in a column on its left (word-wrapped, truncated with ".." when they do not fit),
+    in PIL's default font. Rows may have different lengths; missing cells stay blank.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"{path}: write_grid_gif writes GIFs; the path must end in .gif")
+    if not rows or not any(rows):
+        raise ValueError("write_grid_gif needs at least one video")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale}")
+    videos = [[_check_frames(v, f"rows[{i}][{j}]") for j, v in enumerate(row)] for i, row in enumerate(rows)]
+    lengths = {v.shape[0] for row in videos for v in row}
+    if len(lengths) != 1:
+        raise ValueError(f"all videos in a grid need the same number of frames, got {sorted(lengths)}")
+    n_rows, n_cols = len(videos), max(len(row) for row in videos)
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"{len(row_labels)} row labels for {n_rows} rows")
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns")
+
+    pad = 2
+    tile_h = max(v.shape[1] for row in videos for v in row) * scale
+    tile_w = max(v.shape[2] for row in videos for v in row) * scale
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_height(measure, font) + 2
+
+    # layout: optional label column on the left, optional header row on top, tiles with `pad` gaps
+    label_w = 0
+    if row_labels:
+        widest = max(measure.textlength(str(s), font=font) for s in row_labels)
+        label_w = int(min(widest, max(120, tile_w))) + 2 * pad
+    header_h = line_h + 2 * pad if col_labels else 0
+    width = label_w + n_cols * (tile_w + pad) + pad
+    height = header_h + n_rows * (tile_h + pad) + pad
+
+    # static background: white canvas with the labels drawn once
+    background = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(background)
+    for j, label in enumerate(col_labels or []):
+        text = _fit_text(draw, str(label), font, tile_w, 1)[0]
+        x0 = label_w + pad + j * (tile_w + pad)
+        draw.text((x0 + (tile_w - draw.textlength(text, font=font)) / 2, pad), text, fill=(0, 0, 0), font=font)
+    for i, label in enumerate(row_labels or []):
+        lines = _fit_text(draw, str(label), font, label_w - 2 * pad, max(1, tile_h // line_h))
+        y0 = header_h + pad + i * (tile_h + pad) + (tile_h - len(lines) * line_h) // 2
+        for k, line in enumerate(lines):
+            draw.text((pad, y0 + k * line_h), line, fill=(0, 0, 0), font=font)
+    canvas = np.asarray(background)
+
+    n_frames = lengths.pop()
+    grid = np.repeat(canvas[None], n_frames, axis=0)
+    for i, row in enumerate(videos):
+        for j, v in enumerate(row):
+            tile = v.repeat(scale, axis=1).repeat(scale, axis=2)
+            y0 = header_h + pad + i * (tile_h + pad)
+            x0 = label_w + pad + j * (tile_w + pad)
+            grid[:, y0 : y0 + tile.shape[1], x0 : x0 + tile.shape[2]] = tile
+    return write_video(path, grid, fps=fps)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def read_video(path: str | Path, num_frames: int | None = None) -> np.ndarray:
+    """Decode a video file to uint8 RGB ``(T, H, W, 3)``: GIFs with PIL, anything else with PyAV.
+
+    With ``num_frames``, returns that many frames sampled uniformly over the video (first and last
+    included). Raises ``ValueError`` naming the file if it is missing, cannot be decoded, has no
+    frames, or has fewer than ``num_frames`` frames.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such video file")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"{path}: num_frames must be >= 1, got {num_frames}")
+    try:
+        frames = _read_gif(path) if path.suffix.lower() == ".gif" else _read_av(path)
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+    if not frames:
+        raise ValueError(f"{path}: video has no frames")
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError(f"{path}: frames change size mid-video: {sorted({f.shape for f in frames})}")
+    video = np.stack(frames)
+    if num_frames is None:
+        return video
+    if len(video) < num_frames:
+        raise ValueError(f"{path}: video has {len(video)} frames, fewer than the {num_frames} requested")
+    idx = np.linspace(0, len(video) - 1, num_frames).round().astype(int)
+    return video[idx]
+
+
+# --------------------------------------------------------------------------------------------
+# internals
+
+
+def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
+    """Validate uint8 RGB frames ``(T, H, W, 3)`` with T >= 1 and return them as an array."""
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{name}: frames must be uint8, got {arr.dtype} (convert float videos with to_uint8)")
+    if arr.ndim != 4 or arr.shape[-1] != 3 or min(arr.shape) == 0:
+        raise ValueError(f"{name}: frames must be (T, H, W, 3) with T, H, W >= 1, got shape {arr.shape}")
+    return arr
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a fresh temp name next to ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_gif(filename: str, frames: np.ndarray, fps: float) -> None:
+    """Write every frame as a full GIF image with its own adaptive palette, looping forever.
+
+    Uses Pillow's frame-level GIF helpers (``getheader`` / ``getdata``) rather than
+    ``Image.save(save_all=True)``, which drops frames identical to the previous one.
+    """
+    delay_ms = max(20, round(1000 / fps))  # GIF delays are in 1/100 s; most viewers treat < 20 ms as slow
+    images = [
+        Image.fromarray(f).quantize(256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE) for f in frames
+    ]
+    header, _ = GifImagePlugin.getheader(images[0], info={"loop": 0, "duration": delay_ms})
+    with open(filename, "wb") as fp:
+        fp.writelines(header)
+        for k, im in enumerate(images):
+            fp.writelines(GifImagePlugin.getdata(im, (0, 0), duration=delay_ms, include_color_table=k > 0))
+        fp.write(b";")  # GIF trailer
+
+
+def _pick_encoder(names: tuple[str, ...]) -> str:
+    """First encoder in ``names`` that this PyAV/FFmpeg build provides."""
+    for name in names:
+        try:
+            av.Codec(name, "w")
+            return name
+        except (av.FFmpegError, ValueError):
+            continue
+    raise ValueError(f"none of the encoders {list(names)} is available in this PyAV build")
+
+
+def _pad_even(frames: np.ndarray) -> np.ndarray:
+    """Pad height and width to even numbers by replicating the last row/column (yuv420p needs it)."""
+    _, h, w, _ = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def _write_av(filename: str, frames: np.ndarray, fps: float, fmt: str, codec: str) -> None:
+    """Encode frames with PyAV into container ``fmt`` using ``codec`` at high quality, yuv420p."""
+    _, h, w, _ = frames.shape
+    with av.open(filename, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "15", "preset": "medium"}
+        else:  # mpeg4 / vp8 / vp9: ask for a generous bit rate; tiny videos stay small anyway
+            stream.bit_rate = max(1_000_000, 8 * w * h * int(np.ceil(fps)))
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode(None))  # flush delayed frames
+
+
+def _read_gif(path: Path) -> list[np.ndarray]:
+    """All frames of a GIF as RGB arrays (Pillow composites partial frames onto the canvas)."""
+    with Image.open(path) as im:
+        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(im)]
+
+
+def _read_av(path: Path) -> list[np.ndarray]:
+    """All frames of the first video stream, decoded by PyAV to RGB arrays."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def _text_height(draw: ImageDraw.ImageDraw, font) -> int:
+    """Pixel height of a line of text in ``font``."""
+    left, top, right, bottom = draw.textbbox((0, 0), "Ag|", font=font)
+    return bottom - top
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, max_w: float, max_lines: int) -> list[str]:
+    """Greedy word-wrap ``text`` into at most ``max_lines`` lines of width ``max_w``; truncate with ".."."""
+    lines: list[str] = []
+    words = text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= max_w:
+            line = f"{line} {words.pop(0)}"
+        lines.append(line)
+    if words:  # out of lines: the rest goes on the last line, which gets cut below
+        lines[-1] = " ".join([lines[-1], *words])
+    return [_cut(draw, s, font, max_w) for s in lines] or [""]
+
+
+def _cut(draw: ImageDraw.ImageDraw, text: str, font, max_w: float) -> str:
+    """Shorten ``text`` to fit ``max_w``, ending in ".." when anything was cut."""
+    if draw.textlength(text, font=font) <= max_w:
+        return text
+    while text and draw.textlength(text + "..", font=font) > max_w:
+        text = text[:-1]
+    return text + ".."

@@ -1,0 +1,1 @@
+"""Win rates, plots, video grids and reports."""

@@ -1,0 +1,138 @@
+"""Pretraining of the tiny Sora model on the synthetic world: the VAE, then the denoiser.
+
+This gives the demo a *pretrained* generator to align, the way a user brings one. It is
+deliberately short: the result is a mediocre generator with room for alignment.
+
+1. Render ``num_videos`` synthetic clips (every scene of the world, at random).
+2. Train the spatiotemporal VAE (reconstruction + ``kl_weight`` * KL).
+3. Encode every clip once (posterior mean), set ``scaling_factor = 1 / std(latents)``.
+4. Train the U-ViT denoiser and the text encoder on the cached latents, dropping the
+   prompt (replacing it by ``""``) for ``cond_dropout`` of samples, for classifier-free
+   guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from align.config import PretrainConfig, save_config
+from align.data.synthetic import all_scenes, sample_videos
+from align.data.video import from_uint8
+from align.models.tiny_sora import TinySora, TinySoraConfig
+from align.objectives import per_sample_mse
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
+    """Linear warmup then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _log(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Run the whole pretraining and write a TinySora directory to ``cfg.output_dir``."""
+    out = Path(cfg.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mcfg = TinySoraConfig.from_dict(cfg.model)
+    model = TinySora(mcfg)
+    timings: dict[str, float] = {}
+
+    # 1. data
+    t0 = time.time()
+    scenes = all_scenes()
+    picks = [scenes[i] for i in rng.integers(0, len(scenes), cfg.num_videos)]
+    videos = sample_videos(picks, rng, num_frames=mcfg.num_frames, size=mcfg.image_size)  # uint8 (N,T,H,W,3)
+    prompts = [s.prompt for s in picks]
+    timings["data_s"] = time.time() - t0
+    log_path = out.parent / f"{out.name}.metrics.jsonl"
+    logf = open(log_path, "w")
+
+    # 2. VAE
+    t0 = time.time()
+    vae = model.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    bar = tqdm(range(cfg.vae_steps), desc="pretrain VAE", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, cfg.vae_steps, cfg.vae_lr)
+        idx = torch.randint(0, len(videos), (cfg.vae_batch_size,), generator=gen)
+        x = from_uint8(videos[idx.numpy()])
+        o = vae(x, generator=gen)
+        loss = o["rec_loss"] + cfg.kl_weight * o["kl"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(rec=f"{o['rec_loss'].item():.4f}", kl=f"{o['kl'].item():.2f}")
+        _log(logf, {"phase": "vae", "step": step, "rec_loss": o["rec_loss"].item(), "kl": o["kl"].item()})
+    vae.eval().requires_grad_(False)
+    timings["vae_s"] = time.time() - t0
+
+    # 3. latent cache
+    t0 = time.time()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(from_uint8(videos[i : i + 256]))[0] for i in range(0, len(videos), 256)])
+    model.cfg.scaling_factor = float(1.0 / lat.std())
+    lat = lat * model.cfg.scaling_factor
+    tokens = model.tokenize(prompts)
+    empty = model.tokenize([""])[0]
+    timings["encode_s"] = time.time() - t0
+
+    # 4. denoiser + text encoder
+    t0 = time.time()
+    den, txt = model.denoiser.train(), model.text_encoder.train()
+    params = list(den.parameters()) + list(txt.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.denoiser_lr, weight_decay=0.0)
+    ema = copy.deepcopy(den).requires_grad_(False) if cfg.ema_decay > 0 else None
+    sched = model.schedule
+    bar = tqdm(range(cfg.denoiser_steps), desc="pretrain denoiser", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, cfg.denoiser_steps, cfg.denoiser_lr)
+        idx = torch.randint(0, len(lat), (cfg.denoiser_batch_size,), generator=gen)
+        x0, ids = lat[idx], tokens[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < cfg.cond_dropout
+        ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        t = sched.sample_timesteps(len(idx), generator=gen)
+        pred = den(sched.add_noise(x0, noise, t), t, txt(ids))
+        loss = per_sample_mse(pred, sched.target(x0, noise, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), den.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        _log(logf, {"phase": "denoiser", "step": step, "loss": loss.item()})
+    if ema is not None:
+        model.denoiser.load_state_dict(ema.state_dict())
+    timings["denoiser_s"] = time.time() - t0
+    logf.close()
+
+    model.eval().requires_grad_(False)
+    model.save_pretrained(out)
+    save_config(cfg, out / "pretrain_config.yaml")
+    (out / "pretrain_info.json").write_text(
+        json.dumps({"timings_s": timings, "model": asdict(model.cfg), "num_videos": cfg.num_videos}, indent=2)
+    )
+    return out
