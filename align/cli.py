@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def _prompts_from(args) -> list[str]:
 def cmd_demo(args) -> int:
     from align.demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir)
+    report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, model=args.model)
     wr = report["winrate"]["oracle"]
     print(f"DPO vs base, oracle win rate {wr['rate']:.3f} (95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, "
           f"n={wr['n']}, ties={wr['ties']}); report: {Path(args.out) / 'report.md'}")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole loop on the synthetic world, on a CPU")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--model", default=None, help="align this TinySora directory instead of pretraining one")
     d.add_argument("--cache-dir", default="runs/cache", help="where the pretrained tiny model is cached")
     d.add_argument("--quick", action="store_true", help="tiny budgets, for tests (numbers mean nothing)")
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         return cmd_data(args)
     except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("VIDALIGN_DEBUG"):
+            raise
         print(f"vidalign {args.command}: error: {e}", file=sys.stderr)
         return 2
 

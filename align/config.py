@@ -27,13 +27,13 @@ class PretrainConfig:
     seed: int = 0
     model: dict = field(default_factory=dict)  # TinySoraConfig overrides
     num_videos: int = 4096
-    vae_steps: int = 300
-    vae_batch_size: int = 32
-    vae_lr: float = 2e-3
+    vae_steps: int = 700
+    vae_batch_size: int = 16
+    vae_lr: float = 3e-3
     kl_weight: float = 1e-4
-    denoiser_steps: int = 600
-    denoiser_batch_size: int = 64
-    denoiser_lr: float = 1e-3
+    denoiser_steps: int = 1600
+    denoiser_batch_size: int = 32
+    denoiser_lr: float = 2e-3
     cond_dropout: float = 0.1  # share of prompts replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.0  # 0 = no EMA
 

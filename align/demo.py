@@ -71,8 +71,10 @@ def _hash(obj) -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str | Path = "runs/cache",
-             progress: bool = True) -> dict:
-    """Run the demo end to end; returns the report dict (also written to ``out``)."""
+             progress: bool = True, model: str | Path | None = None) -> dict:
+    """Run the demo end to end; returns the report dict (also written to ``out``).
+
+    ``model``: a TinySora directory to align instead of pretraining one."""
     cfg = DemoConfig.quick() if quick else DemoConfig()
     out, cache_dir = Path(out), Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     # 1. pretrained generator (cached between runs)
     t0 = time.time()
     pre = dataclasses.replace(cfg.pretrain, seed=cfg.seed)
-    model_dir = cache_dir / f"tiny_sora-{_hash(dataclasses.asdict(pre))}"
+    model_dir = Path(model) if model else cache_dir / f"tiny_sora-{_hash(dataclasses.asdict(pre))}"
+    if model and not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json there (make one with `vidalign pretrain`)")
     if not (model_dir / "config.json").is_file():
         pre.output_dir = str(model_dir)
         pretrain(pre, progress=progress)

@@ -35,11 +35,13 @@ OBJECTIVES = ("dpo",)
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An Accelerator; on CPU it uses the gloo backend so multi-process runs see every rank."""
+    """An Accelerator. Launched on CPU with several processes (``accelerate launch
+    --num_processes N``), it uses the gloo backend; otherwise accelerate would see one process."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_cpu else []
     return Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -140,7 +142,7 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         print(f"[vidalign] {cfg.dataset}: {info['pairs']} pairs from {info['rows']} rows; skipped {pairs.skipped}")
     metrics_f = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(total=cfg.max_steps, desc=f"dpo {cfg.name}", disable=not (cfg.progress and accelerator.is_main_process))
+    bar = tqdm(total=cfg.max_steps, desc=f"{cfg.objective} ({cfg.name})", disable=not (cfg.progress and accelerator.is_main_process))
     step, t_step = 0, time.time()
     sums: dict[str, float] = {}
     n_micro = 0
@@ -157,7 +159,7 @@ def train(cfg: TrainConfig) -> Path:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k in ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff"):
-                sums[k] = sums.get(k, 0.0) + float(out[k])
+                sums[k] = sums.get(k, 0.0) + float(out[k].detach())
             n_micro += 1
             if not accelerator.sync_gradients:
                 continue

@@ -45,7 +45,7 @@ class TinySoraConfig:
     in_channels: int = 3
     # VAE
     latent_channels: int = 4
-    vae_channels: int = 32  # after the first downsampling; doubles per stage
+    vae_channels: int = 16  # after the first downsampling; doubles per stage
     time_down: int = 2  # 1 or 2
     space_down: int = 4  # 2 or 4
     scaling_factor: float = 1.0  # set after VAE training so latents have unit std
@@ -55,8 +55,8 @@ class TinySoraConfig:
     text_layers: int = 2
     # U-ViT
     patch_size: tuple[int, int, int] = (1, 2, 2)
-    dim: int = 128
-    depth: int = 7  # odd: (depth-1)/2 in-blocks, 1 mid-block, (depth-1)/2 out-blocks
+    dim: int = 96
+    depth: int = 5  # odd: (depth-1)/2 in-blocks, 1 mid-block, (depth-1)/2 out-blocks
     heads: int = 4
     mlp_ratio: float = 4.0
     # diffusion
@@ -221,12 +221,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def spacetime_sincos(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """Fixed 3D sin-cos position codes ``(gt*gh*gw, dim)``: a third of the channels per axis
+    (the remainder zero), patches in ``patchify`` order (t slowest, w fastest)."""
+    per = (dim // 3) // 2 * 2
+    axes = [timestep_embedding(torch.arange(n, dtype=torch.float32), per, max_period=100.0) for n in grid]
+    gt, gh, gw = grid
+    codes = torch.cat(
+        [
+            axes[0][:, None, None].expand(gt, gh, gw, per),
+            axes[1][None, :, None].expand(gt, gh, gw, per),
+            axes[2][None, None, :].expand(gt, gh, gw, per),
+        ],
+        dim=-1,
+    ).reshape(gt * gh * gw, 3 * per)
+    return F.pad(codes, (0, dim - 3 * per))
+
+
 class UViT(nn.Module):
     """U-ViT over spacetime latent patches, conditioned on a timestep token and text tokens.
 
     Sequence layout: ``[time token, text tokens (context_length), video patches]``.
     ``in_blocks[i]`` outputs are pushed on a stack; ``out_blocks[i]`` pops one, concatenates
     it with its input along channels and projects back with ``skips[i]``.
+
+    Departure from U-ViT: besides the learned position embedding, patches get fixed 3D
+    sin-cos codes, which lets a tiny model learn spatial structure in minutes on a CPU.
     """
 
     def __init__(self, cfg: TinySoraConfig):
@@ -243,6 +263,9 @@ class UViT(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, d)
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.context_length + self.num_patches, d))
         nn.init.normal_(self.pos, std=0.02)
+        fixed = torch.zeros(1, 1 + cfg.context_length + self.num_patches, d)
+        fixed[0, 1 + cfg.context_length :] = spacetime_sincos(self.grid, d)
+        self.register_buffer("pos_fixed", fixed, persistent=False)
         n_half = (cfg.depth - 1) // 2
         self.in_blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(n_half))
         self.mid_block = Block(d, cfg.heads, cfg.mlp_ratio)
@@ -275,7 +298,8 @@ class UViT(nn.Module):
                 f"UViT expects latents (B, {self.cfg.latent_channels}, {self.cfg.latent_size}), got {tuple(x.shape)}"
             )
         t_tok = self.time_embed(timestep_embedding(t, self.cfg.dim))[:, None]
-        h = torch.cat([t_tok, self.text_proj(text), self.patch_embed(self.patchify(x))], dim=1) + self.pos
+        h = torch.cat([t_tok, self.text_proj(text), self.patch_embed(self.patchify(x))], dim=1)
+        h = h + self.pos + self.pos_fixed
         stack = []
         for blk in self.in_blocks:
             h = blk(h)
