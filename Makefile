@@ -29,12 +29,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check align reward_models tests
-	$(BIN)/ruff check align reward_models tests
+	$(BIN)/ruff format --check align reward_models tests bench
+	$(BIN)/ruff check align reward_models tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff format align reward_models tests
-	$(BIN)/ruff check --fix align reward_models tests
+	$(BIN)/ruff format align reward_models tests bench
+	$(BIN)/ruff check --fix align reward_models tests bench
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,6 +6,7 @@
     vidalign eval --model DIR --lora DIR [--prompts FILE] [--out DIR]
     vidalign generate --model DIR [--lora DIR] --prompt TEXT [...] --out DIR
     vidalign data validate DATASET_DIR
+    vidalign data pairs --model DIR --out DATASET_DIR [--samples-per-prompt 4]
 
 Multi-process: ``accelerate launch --config_file recipes/accelerate/X.yaml -m align.cli train RECIPE``.
 Errors in user input (recipes, datasets, paths) print one clear message and exit with 2.
@@ -26,10 +27,14 @@ def _prompts_from(args) -> list[str]:
         f = Path(args.prompts_file)
         if not f.is_file():
             raise FileNotFoundError(f"prompts file {f}: no such file")
-        prompts += [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+        lines = f.read_text().rstrip("\n").split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                raise ValueError(f"prompts file {f}: line {i + 1} is empty")
+        prompts += [ln.strip() for ln in lines]
     for i, p in enumerate(prompts):
         if not p.strip():
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"--prompt number {i + 1} is empty")
     if not prompts:
         raise ValueError("no prompts given (use --prompt TEXT or --prompts-file FILE)")
     return prompts
@@ -40,8 +45,10 @@ def cmd_demo(args) -> int:
 
     report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, model=args.model)
     wr = report["winrate"]["oracle"]
-    print(f"DPO vs base, oracle win rate {wr['rate']:.3f} (95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, "
-          f"n={wr['n']}, ties={wr['ties']}); report: {Path(args.out) / 'report.md'}")
+    print(
+        f"DPO vs base, oracle win rate {wr['rate']:.3f} (95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, "
+        f"n={wr['n']}, ties={wr['ties']}); report: {Path(args.out) / 'report.md'}"
+    )
     return 0
 
 
@@ -83,8 +90,15 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_winrates({"aligned vs base (oracle)": wr}, out / "winrates.png")
-    write_report({"winrate": {"oracle": wr}, "model": str(args.model), "lora": str(args.lora),
-                  "artifacts": {"winrates": "winrates.png"}}, out)
+    write_report(
+        {
+            "winrate": {"oracle": wr},
+            "model": str(args.model),
+            "lora": str(args.lora),
+            "artifacts": {"winrates": "winrates.png"},
+        },
+        out,
+    )
     print(json.dumps({"oracle": {k: wr[k] for k in ("rate", "ci95", "n", "ties")}}))
     return 0
 
@@ -113,6 +127,8 @@ def cmd_generate(args) -> int:
 def cmd_data(args) -> int:
     from align.data.preference import load_preference_dataset, validate_rows
 
+    if args.data_command == "pairs":
+        return cmd_data_pairs(args)
     ds = load_preference_dataset(args.dataset)
     problems, _ = validate_rows(ds, args.dataset, root=args.dataset)
     prefs = ds["preference"]
@@ -121,6 +137,32 @@ def cmd_data(args) -> int:
         print(f"  row {row}: {msg}")
     print(f"{len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def cmd_data_pairs(args) -> int:
+    """Sample the model on the world's training prompts, label best vs worst with the oracle."""
+    from align.data.pairs import oracle_preference_dataset
+    from align.data.synthetic import split_scenes
+    from align.models import load_model
+
+    if args.prompt or args.prompts_file:
+        prompts = _prompts_from(args)
+    else:
+        prompts = [s.prompt for s in split_scenes(args.heldout_fraction, seed=args.split_seed)[0]]
+    model = load_model(args.model)
+    ds = oracle_preference_dataset(
+        model,
+        prompts * args.rounds,
+        args.samples_per_prompt,
+        seed=args.seed,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        tie_margin=args.tie_margin,
+    )
+    ds.save_to_disk(args.out)
+    prefs = ds["preference"]
+    print(f"wrote {len(ds)} pairs to {args.out} (a={prefs.count('a')} b={prefs.count('b')} tie={prefs.count('tie')})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = da.add_subparsers(dest="data_command", required=True)
     v = dsub.add_parser("validate", help="report every bad row; exit 1 if any")
     v.add_argument("dataset")
+    pa = dsub.add_parser("pairs", help="sample a model, label best-vs-worst pairs with the oracle judge")
+    sampling(pa)
+    pa.add_argument("--samples-per-prompt", type=int, default=4)
+    pa.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
+    pa.add_argument("--tie-margin", type=float, default=0.01, help="score gap below which a pair is a tie")
+    pa.add_argument("--heldout-fraction", type=float, default=0.2, help="without prompts: the world's train split")
+    pa.add_argument("--split-seed", type=int, default=0)
     return p
 
 

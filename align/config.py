@@ -151,9 +151,7 @@ def load_config(cls: type, recipe: str | Path | None = None, overrides: list[str
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"{src}: unknown key {k!r} for {cls.__name__}{hint}")
             out[k] = _coerce(v, hints[k], k, src)
-    missing = [
-        n for n, f in fields.items() if f.default is REQUIRED and f.default_factory is REQUIRED and n not in out
-    ]
+    missing = [n for n, f in fields.items() if f.default is REQUIRED and f.default_factory is REQUIRED and n not in out]
     if missing:
         raise ValueError(f"{source}: missing required key(s) {missing} for {cls.__name__}")
     return cls(**out)

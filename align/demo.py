@@ -25,10 +25,10 @@ import torch
 from align.config import PretrainConfig, TrainConfig
 from align.data.pairs import oracle_preference_dataset
 from align.data.synthetic import split_scenes
+from align.data.video import write_grid_gif
 from align.eval.evaluate import oracle_winrate, sample_paired
 from align.eval.plots import plot_score_histograms, plot_training_curves, plot_winrates
 from align.eval.report import write_report
-from align.data.video import write_grid_gif
 from align.models import load_model
 from align.pretrain import pretrain
 from align.train import load_aligned, train
@@ -55,8 +55,14 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         return cls(
-            pretrain=PretrainConfig(num_videos=64, vae_steps=3, vae_batch_size=8, denoiser_steps=3,
-                                    denoiser_batch_size=8, model={"dim": 64, "depth": 3, "vae_channels": 8}),
+            pretrain=PretrainConfig(
+                num_videos=64,
+                vae_steps=3,
+                vae_batch_size=8,
+                denoiser_steps=3,
+                denoiser_batch_size=8,
+                model={"dim": 64, "depth": 3, "vae_channels": 8},
+            ),
             samples_per_prompt=2,
             pair_rounds=1,
             sample_steps=2,
@@ -70,8 +76,13 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str | Path = "runs/cache",
-             progress: bool = True, model: str | Path | None = None) -> dict:
+def run_demo(
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    cache_dir: str | Path = "runs/cache",
+    progress: bool = True,
+    model: str | Path | None = None,
+) -> dict:
     """Run the demo end to end; returns the report dict (also written to ``out``).
 
     ``model``: a TinySora directory to align instead of pretraining one."""
@@ -100,8 +111,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     train_scenes, heldout_scenes = split_scenes(cfg.heldout_fraction, seed=cfg.seed)
     train_prompts = [s.prompt for s in train_scenes] * cfg.pair_rounds
     model = load_model(model_dir)
-    ds = oracle_preference_dataset(model, train_prompts, cfg.samples_per_prompt, seed=cfg.seed + 1,
-                                   num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, progress=progress)
+    ds = oracle_preference_dataset(
+        model,
+        train_prompts,
+        cfg.samples_per_prompt,
+        seed=cfg.seed + 1,
+        num_steps=cfg.sample_steps,
+        guidance_scale=cfg.guidance_scale,
+        progress=progress,
+    )
     data_dir = out / "preference_data"
     ds.save_to_disk(str(data_dir))
     prefs = ds["preference"]
@@ -109,11 +127,21 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
 
     # 3. DPO with LoRA
     t0 = time.time()
-    tcfg = TrainConfig(model=str(model_dir), dataset=str(data_dir), name="dpo", output_dir=str(out),
-                       beta=cfg.beta, learning_rate=cfg.learning_rate, lora_rank=cfg.lora_rank,
-                       lora_alpha=float(cfg.lora_rank), max_steps=cfg.dpo_steps,
-                       train_batch_size=cfg.dpo_batch_size, seed=cfg.seed, checkpointing_steps=0,
-                       progress=progress)
+    tcfg = TrainConfig(
+        model=str(model_dir),
+        dataset=str(data_dir),
+        name="dpo",
+        output_dir=str(out),
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=float(cfg.lora_rank),
+        max_steps=cfg.dpo_steps,
+        train_batch_size=cfg.dpo_batch_size,
+        seed=cfg.seed,
+        checkpointing_steps=0,
+        progress=progress,
+    )
     run_dir = train(tcfg)
     timings["dpo"] = time.time() - t0
 
@@ -131,20 +159,28 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
         "training_curves": plot_training_curves(run_dir / "metrics.jsonl", out / "training_curves.png"),
         "winrates": plot_winrates({"DPO vs base (oracle)": wr}, out / "winrates.png"),
         "score_histogram": plot_score_histograms(
-            {"base": [s["total"] for s in samples.base_scores],
-             "DPO": [s["total"] for s in samples.aligned_scores]}, out / "oracle_scores.png"),
+            {"base": [s["total"] for s in samples.base_scores], "DPO": [s["total"] for s in samples.aligned_scores]},
+            out / "oracle_scores.png",
+        ),
     }
     pick = np.arange(0, len(prompts), max(1, cfg.eval_seeds_per_prompt))[:8]
     arts["grid"] = write_grid_gif(
-        [[samples.base[i], samples.aligned[i]] for i in pick], out / "base_vs_dpo.gif",
+        [[samples.base[i], samples.aligned[i]] for i in pick],
+        out / "base_vs_dpo.gif",
         row_labels=[prompts[i].removeprefix("a ").replace(" background", "") for i in pick],
-        col_labels=["base", "DPO"])
+        col_labels=["base", "DPO"],
+    )
     timings["total"] = time.time() - t_all
     report = {
         "winrate": {"oracle": wr},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "data": {"pairs": len(prefs), "ties": prefs.count("tie"), "train_prompts": len(set(train_prompts)),
-                 "heldout_prompts": len(heldout_scenes), "comparisons": len(prompts)},
+        "data": {
+            "pairs": len(prefs),
+            "ties": prefs.count("tie"),
+            "train_prompts": len(set(train_prompts)),
+            "heldout_prompts": len(heldout_scenes),
+            "comparisons": len(prompts),
+        },
         "config": {"quick": quick, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "pretrain"}},
         "artifacts": {k: Path(v).name for k, v in arts.items()},
     }

@@ -77,6 +77,8 @@ def generate(
     """Videos ``(B, C, T, H, W)`` in [-1, 1] for prompts and seeds, in batches."""
     if not prompts:
         raise ValueError("generate: empty prompt list")
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate: need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         lat = sample_latents(model, prompts[i : i + batch_size], seeds[i : i + batch_size], num_steps, guidance_scale)

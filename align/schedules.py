@@ -52,20 +52,15 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
-            )
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.flow_timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(
-                "flow_timestep_sampling must be 'uniform' or 'logit_normal', "
-                f"got {self.flow_timestep_sampling!r}"
+                f"flow_timestep_sampling must be 'uniform' or 'logit_normal', got {self.flow_timestep_sampling!r}"
             )
         self.alphas_cumprod = _cosine_alphas_cumprod(self.num_train_timesteps)
 
     # -- timesteps -------------------------------------------------------------------
-    def sample_timesteps(
-        self, batch_size: int, generator: torch.Generator | None = None, device="cpu"
-    ) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         """Training timesteps, float ``(B,)`` in ``[0, T)``."""
         T = self.num_train_timesteps
         if self.prediction_type != "flow":

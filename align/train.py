@@ -142,7 +142,11 @@ def train(cfg: TrainConfig) -> Path:
     if accelerator.is_main_process:
         print(f"[vidalign] {cfg.dataset}: {info['pairs']} pairs from {info['rows']} rows; skipped {pairs.skipped}")
     metrics_f = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(total=cfg.max_steps, desc=f"{cfg.objective} ({cfg.name})", disable=not (cfg.progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=cfg.max_steps,
+        desc=f"{cfg.objective} ({cfg.name})",
+        disable=not (cfg.progress and accelerator.is_main_process),
+    )
     step, t_step = 0, time.time()
     sums: dict[str, float] = {}
     n_micro = 0

@@ -98,6 +98,7 @@ def validate_rows(ds, source: str = "dataset", root: str | Path | None = None) -
         if not isinstance(prompt, str) or not prompt.strip():
             msgs.append("empty prompt")
         pref = row["preference"]
+        pref = str(pref) if isinstance(pref, str) else pref  # numpy format yields np.str_
         if pref not in PREFERENCES:
             msgs.append(f"preference {pref!r} is not one of {PREFERENCES}")
         videos = []

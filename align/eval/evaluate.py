@@ -39,7 +39,9 @@ def sample_paired(
         raise ValueError("evaluation needs at least one prompt")
     with adapters_disabled(model.denoiser):
         base = to_uint8(generate(model, prompts, seeds, num_steps, guidance_scale, progress=progress, desc="eval base"))
-    aligned = to_uint8(generate(model, prompts, seeds, num_steps, guidance_scale, progress=progress, desc="eval aligned"))
+    aligned = to_uint8(
+        generate(model, prompts, seeds, num_steps, guidance_scale, progress=progress, desc="eval aligned")
+    )
     return PairedSamples(prompts, seeds, base, aligned, oracle_scores(base, prompts), oracle_scores(aligned, prompts))
 
 

@@ -348,7 +348,8 @@ class TinySora:
         return next(self.denoiser.parameters()).device
 
     def encode_video(self, videos: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Pixels ``(B, 3, T, H, W)`` in [-1, 1] -> latents times ``scaling_factor`` (posterior mean unless ``sample``)."""
+        """Pixels ``(B, 3, T, H, W)`` in [-1, 1] -> latents times ``scaling_factor``
+        (the posterior mean, or a posterior sample when ``sample``)."""
         expected = (self.cfg.in_channels, self.cfg.num_frames, self.cfg.image_size, self.cfg.image_size)
         if videos.dim() != 5 or tuple(videos.shape[1:]) != expected:
             raise ValueError(f"TinySora.encode_video expects (B, {expected}), got {tuple(videos.shape)}")
