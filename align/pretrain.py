@@ -101,7 +101,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     params = list(den.parameters()) + list(txt.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.denoiser_lr, weight_decay=0.0)
     ema = copy.deepcopy(den).requires_grad_(False) if cfg.ema_decay > 0 else None
-    sched = model.schedule
+    sched = model.scheduler
     bar = tqdm(range(cfg.denoiser_steps), desc="pretrain denoiser", disable=not progress)
     for step in bar:
         for g in opt.param_groups:

@@ -41,7 +41,7 @@ def sample_latents(
         raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     if not prompts:
         raise ValueError("sample_latents: empty prompt list")
-    sched = model.schedule
+    sched = model.scheduler
     device = next(model.denoiser.parameters()).device
     x = initial_noise(model.latent_shape, seeds, device)
     cond = model.encode_prompts(list(prompts))

@@ -67,7 +67,7 @@ def dpo_step_losses(model, denoiser, base, batch, beta: float, loss_type: str, g
     module, run with its adapters off as the reference.
     """
     lat_w, lat_l, cond = batch
-    sched = model.schedule
+    sched = model.scheduler
     noise = torch.randn(lat_w.shape, generator=generator).to(lat_w.device)
     t = sched.sample_timesteps(lat_w.shape[0], generator=generator, device=lat_w.device)
     x0 = torch.cat([lat_w, lat_l])

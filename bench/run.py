@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     B = args.batch
     lat_w, lat_l = torch.randn(B, *m.latent_shape), torch.randn(B, *m.latent_shape)
     cond = m.encode_prompts([PROMPT] * B)
-    sched = m.schedule
+    sched = m.scheduler
 
     # full fine-tuning denoising step on 2B videos
     full_params = list(m.denoiser.parameters())

@@ -50,8 +50,8 @@ def test_dpo_steps_change_lora_only():
     for _ in range(3):
         x0 = torch.cat([w, l])
         n2, t2, c2 = torch.cat([noise, noise]), t, c
-        xt = m.schedule.add_noise(x0, n2, t2)
-        target = m.schedule.target(x0, n2, t2)
+        xt = m.scheduler.add_noise(x0, n2, t2)
+        target = m.scheduler.target(x0, n2, t2)
         ew, el = per_sample_mse(m.predict(xt, t2, c2), target).chunk(2)
         with torch.no_grad(), adapters_disabled(m.denoiser):
             rw, rl = per_sample_mse(m.predict(xt, t2, c2), target).chunk(2)

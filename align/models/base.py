@@ -9,7 +9,7 @@ Conventions
   factor, so that the diffusion process sees roughly unit variance.
 - ``cond`` is whatever ``encode_prompts`` returns (a tensor or a dict of tensors); the
   trainer only moves it around and passes it back to ``predict``.
-- Timesteps are float tensors ``(B,)`` in ``[0, schedule.num_train_timesteps)``.
+- Timesteps are float tensors ``(B,)`` in ``[0, scheduler.num_train_timesteps)``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class VideoDiffusionModel(Protocol):
     """What a latent video diffusion model must expose to be aligned by vidalign."""
 
     denoiser: nn.Module  # the module LoRA adapts
-    schedule: NoiseSchedule
+    scheduler: NoiseSchedule
 
     @property
     def prediction_type(self) -> str: ...

@@ -332,7 +332,7 @@ class TinySora:
         self.vae = SpatioTemporalVAE(cfg)
         self.text_encoder = TextEncoder(cfg, vocab_size=len(self.tokenizer.encoder))
         self.denoiser = UViT(cfg)
-        self.schedule = NoiseSchedule(cfg.prediction_type, cfg.num_train_timesteps)
+        self.scheduler = NoiseSchedule(cfg.prediction_type, cfg.num_train_timesteps)
 
     # -- protocol --------------------------------------------------------------------
     @property
