@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-all bench lint format clean
+.PHONY: venv demo test test-all test-unit bench lint format clean browser
 
 venv: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/vidalign demo --out runs/demo
 
-test: $(STAMP)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# headless Chromium + chromedriver for tests/test_annotate_browser.py (Debian packages, from the distro registry)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 test-unit: $(STAMP)

@@ -42,13 +42,26 @@ class PretrainConfig:
 class TrainConfig:
     """DPO alignment of a pretrained model with LoRA on a preference dataset."""
 
-    model: str = REQUIRED  # a TinySora directory (see `vidalign pretrain`)
-    dataset: str = REQUIRED  # a preference dataset saved with `datasets.save_to_disk`
+    model: str = REQUIRED  # a TinySora directory (see `vidalign pretrain`), a diffusers directory or hub id
+    model_options: dict = field(default_factory=dict)  # load_model options (dtype, frames, height, width, ...)
+    dataset: str = ""  # dpo: a preference dataset; rwr: a scored-samples dataset (unused online)
     name: str = "dpo"
     output_dir: str = "runs"
-    objective: str = "dpo"
+    objective: str = "dpo"  # dpo (preference pairs) | rwr (scored samples, or online with a reward model)
     loss_type: str = "sigmoid"  # sigmoid | hinge | ipo
     beta: float = 500.0
+    # RWR: weights = softmax(reward / rwr_temperature) within a prompt group, clipped at rwr_max_weight
+    rwr_temperature: float = 1.0
+    rwr_max_weight: float = 0.5
+    # online RWR: sample the current policy, score with reward_model, update, repeat
+    online: bool = False
+    reward_model: str | None = None  # a reward model directory (`vidalign reward train`)
+    prompts_file: str | None = None  # online prompts, one per line (default: the synthetic world's train split)
+    online_prompts_per_round: int = 16
+    online_samples_per_prompt: int = 4
+    online_steps_per_round: int = 10
+    sample_steps: int = 20
+    guidance_scale: float = 4.0
     sft_weight: float = 0.0  # optional extra denoising loss on the preferred sample
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 10
@@ -66,6 +79,9 @@ class TrainConfig:
     checkpointing_steps: int = 100
     checkpoints_total_limit: int = 2
     bad_rows: str = "error"  # error | skip (skipped rows are counted and logged)
+    # a folder for VAE latents and prompt states (safetensors shards keyed by content hash and
+    # model fingerprint, read lazily); None = encode in memory at every start
+    latent_cache_dir: str | None = None
     progress: bool = True
 
 

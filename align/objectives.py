@@ -85,3 +85,56 @@ def diffusion_dpo_loss(
 def diffusion_sft_loss(model_err: torch.Tensor) -> dict[str, torch.Tensor]:
     """Plain denoising loss (supervised fine-tuning on preferred samples): mean error."""
     return {"loss": model_err.mean()}
+
+
+def rwr_weights(
+    rewards: torch.Tensor, groups: torch.Tensor, temperature: float = 1.0, max_weight: float = 1.0
+) -> torch.Tensor:
+    """Reward-weighted regression weights: ``softmax(reward / temperature)`` within each group
+    (samples of the same prompt), then clipped at ``max_weight``.
+
+    Clipping caps how much one lucky sample can dominate its group. The mass removed by the
+    cap is given back to the unclipped samples of the group in proportion to their weights
+    (repeated until nothing exceeds the cap), so each group's weights still sum to one. A
+    group of ``n`` samples needs ``max_weight >= 1/n``; ``max_weight = 1`` disables clipping.
+    Returns ``(B,)`` weights, no gradient.
+    """
+    if rewards.shape != groups.shape or rewards.dim() != 1:
+        raise ValueError(f"rwr_weights: rewards and groups must both be (B,), got {rewards.shape}, {groups.shape}")
+    if temperature <= 0:
+        raise ValueError(f"rwr_weights: temperature must be > 0, got {temperature}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rwr_weights: rewards contain NaN or inf")
+    rewards = rewards.detach().double()
+    w = torch.zeros_like(rewards)
+    for g in torch.unique(groups):
+        m = groups == g
+        n = int(m.sum())
+        if max_weight * n < 1 - 1e-9:
+            raise ValueError(f"rwr_weights: max_weight {max_weight} < 1/{n} for a group of {n} samples")
+        wg = torch.softmax(rewards[m] / temperature, dim=0)
+        for _ in range(n):
+            over = wg > max_weight
+            if not over.any():
+                break
+            excess = (wg[over] - max_weight).sum()
+            wg = torch.where(over, torch.full_like(wg, max_weight), wg)
+            free = wg < max_weight
+            wg = torch.where(free, wg + excess * wg / wg[free].sum(), wg)
+        w[m] = wg
+    return w.float()
+
+
+def rwr_loss(model_err: torch.Tensor, weights: torch.Tensor, num_groups: int | None = None) -> dict[str, torch.Tensor]:
+    """Reward-weighted regression (Peng et al. 2019; Lee et al. 2023 for text-to-image):
+    the denoising loss of each sample weighted by its RWR weight, summed and divided by the
+    number of groups, so a group counts once however many samples it has.
+
+    Returns ``loss``, ``weighted_err`` (detached), ``mean_err`` (unweighted, for comparison)
+    and ``ess`` (effective sample size ``(sum w)^2 / sum w^2``)."""
+    if model_err.shape != weights.shape or model_err.dim() != 1:
+        raise ValueError(f"rwr_loss: expected two (B,) tensors, got {model_err.shape}, {weights.shape}")
+    g = num_groups if num_groups is not None else max(1.0, float(weights.sum()))
+    loss = (weights * model_err).sum() / g
+    ess = weights.sum() ** 2 / (weights.pow(2).sum() + 1e-12)
+    return {"loss": loss, "weighted_err": loss.detach(), "mean_err": model_err.mean().detach(), "ess": ess.detach()}

@@ -8,11 +8,74 @@ labelled a tie. The a/b order is randomised so that "a" carries no bias.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from align.data.synthetic import oracle_scores
 from align.data.video import to_uint8
 from align.sample import generate
+
+
+def sample_groups(model, prompts: list[str], samples_per_prompt: int, seed: int = 0, num_steps: int = 20,
+                  guidance_scale: float = 4.0, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``k`` samples per prompt (consecutive rows form a group) and their oracle totals:
+    ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``."""
+    if not prompts:
+        raise ValueError("sample_groups: empty prompt list")
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
+    k = samples_per_prompt
+    all_prompts = [p for p in prompts for _ in range(k)]
+    seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
+    videos = to_uint8(generate(model, all_prompts, seeds, num_steps, guidance_scale, progress=progress, desc="pairs"))
+    totals = np.array([s["total"] for s in oracle_scores(videos, all_prompts)]).reshape(len(prompts), k)
+    return all_prompts, videos, totals
+
+
+def _dataset(rows: dict, shape):
+    import datasets
+
+    T, H, W, C = shape
+    features = datasets.Features(
+        {
+            "prompt": datasets.Value("string"),
+            "video_a": datasets.Array4D((T, H, W, C), "uint8"),
+            "video_b": datasets.Array4D((T, H, W, C), "uint8"),
+            "preference": datasets.Value("string"),
+            "score_a": datasets.Value("float32"),
+            "score_b": datasets.Value("float32"),
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def pairs_from_groups(prompts: list[str], videos: np.ndarray, totals: np.ndarray, which: str = "best_worst",
+                      tie_margin: float = 0.01, seed: int = 0):
+    """A preference dataset from scored groups: ``best_worst`` (one pair per group, as DPO
+    uses) or ``all`` (every pair within a group: k(k-1)/2, as a reward model can use).
+    The a/b order is randomised; ties are labelled, not dropped."""
+    n, k = totals.shape
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {c: [] for c in ("prompt", "video_a", "video_b", "preference", "score_a", "score_b")}
+    for i in range(n):
+        if which == "best_worst":
+            best, worst = int(totals[i].argmax()), int(totals[i].argmin())
+            cand = [(best, worst if worst != best else (best + 1) % k)]
+        elif which == "all":
+            cand = list(itertools.combinations(range(k), 2))
+        else:
+            raise ValueError(f"which must be 'best_worst' or 'all', got {which!r}")
+        for x, y in cand:
+            a, b = (x, y) if rng.random() < 0.5 else (y, x)
+            sa, sb = float(totals[i, a]), float(totals[i, b])
+            rows["prompt"].append(prompts[i * k])
+            rows["video_a"].append(videos[i * k + a])
+            rows["video_b"].append(videos[i * k + b])
+            rows["preference"].append("tie" if abs(sa - sb) < tie_margin else ("a" if sa > sb else "b"))
+            rows["score_a"].append(sa)
+            rows["score_b"].append(sb)
+    return _dataset(rows, videos.shape[1:])
 
 
 def oracle_preference_dataset(
@@ -25,42 +88,8 @@ def oracle_preference_dataset(
     tie_margin: float = 0.01,
     progress: bool = True,
 ):
-    """A ``datasets.Dataset`` in the project's schema, videos as uint8 arrays."""
-    import datasets
-
-    if not prompts:
-        raise ValueError("oracle_preference_dataset: empty prompt list")
-    if samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
-    k = samples_per_prompt
-    all_prompts = [p for p in prompts for _ in range(k)]
-    seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
-    videos = to_uint8(generate(model, all_prompts, seeds, num_steps, guidance_scale, progress=progress, desc="pairs"))
-    totals = np.array([s["total"] for s in oracle_scores(videos, all_prompts)]).reshape(len(prompts), k)
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {k_: [] for k_ in ("prompt", "video_a", "video_b", "preference", "score_a", "score_b")}
-    for i, prompt in enumerate(prompts):
-        best, worst = int(totals[i].argmax()), int(totals[i].argmin())
-        if best == worst:
-            worst = (best + 1) % k
-        a, b = (best, worst) if rng.random() < 0.5 else (worst, best)
-        sa, sb = float(totals[i, a]), float(totals[i, b])
-        pref = "tie" if abs(sa - sb) < tie_margin else ("a" if sa > sb else "b")
-        rows["prompt"].append(prompt)
-        rows["video_a"].append(videos[i * k + a])
-        rows["video_b"].append(videos[i * k + b])
-        rows["preference"].append(pref)
-        rows["score_a"].append(sa)
-        rows["score_b"].append(sb)
-    T, H, W, C = videos.shape[1:]
-    features = datasets.Features(
-        {
-            "prompt": datasets.Value("string"),
-            "video_a": datasets.Array4D((T, H, W, C), "uint8"),
-            "video_b": datasets.Array4D((T, H, W, C), "uint8"),
-            "preference": datasets.Value("string"),
-            "score_a": datasets.Value("float32"),
-            "score_b": datasets.Value("float32"),
-        }
-    )
-    return datasets.Dataset.from_dict(rows, features=features)
+    """Best-vs-worst pairs of ``samples_per_prompt`` samples per prompt, judged by the oracle:
+    a ``datasets.Dataset`` in the project's schema, videos as uint8 arrays."""
+    all_prompts, videos, totals = sample_groups(model, prompts, samples_per_prompt, seed, num_steps, guidance_scale,
+                                                progress)
+    return pairs_from_groups(all_prompts, videos, totals, "best_worst", tie_margin, seed)

@@ -1,18 +1,37 @@
-"""The preference-data schema, its validation, and turning rows into training pairs.
+"""The preference-data schema: loading it from many layouts, validating it, turning rows into pairs.
 
 Schema (a ``datasets.Dataset``):
     prompt: str
-    video_a, video_b: a file path (relative to the dataset directory, or absolute) or a
-        decoded ``uint8 (T, H, W, C)`` array
+    video_a, video_b: a file path relative to the dataset root, a decoded ``uint8 (T, H, W, C)``
+        array, or ``{"bytes": ..., "path": ...}`` (what a ``datasets.Video(decode=False)`` column holds)
     preference: "a" | "b" | "tie"
-    optional: score_a, score_b (floats), per-aspect labels, provenance columns.
+    optional: per-aspect labels ``preference_<aspect>`` (a | b | tie, or empty), ``score_a`` /
+        ``score_b`` (floats), and provenance columns (``source``, ``source_row``, ``model_a``, ...).
 
-Every problem is reported with its row index (and file, where there is one). DPO cannot
-use ties; they are skipped and counted, never dropped silently.
+Where a dataset can come from (:func:`load_preference_dataset`), and what its *root* is (the
+folder relative video paths are resolved against, :func:`dataset_root`):
+
+- a directory written by ``datasets.Dataset.save_to_disk``: root = that directory;
+- a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file: root = the file's folder;
+- a directory holding ``metadata.jsonl|csv|parquet``: the file, root = the directory;
+- a directory of pair folders ``<id>/prompt.txt, a.<ext>, b.<ext>, preference.txt``: root = it;
+- any other local directory: ``datasets.load_dataset(dir)`` (a local copy of a hub dataset);
+- a Hugging Face Hub dataset id ``owner/name``: ``datasets.load_dataset(id)``; relative video
+  paths are files of that repo, fetched one by one with ``huggingface_hub.hf_hub_download``.
+
+Every problem is reported with its row index and, where there is one, the file. Paths must
+stay inside the root: ``..`` that leaves it, and absolute paths (unless
+``allow_absolute_paths``), are errors, checked on the path as written (symlinks the dataset's
+owner placed inside the root are followed, as the hub cache needs). DPO cannot use ties; they
+are skipped and counted, never dropped silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +39,12 @@ import numpy as np
 
 REQUIRED_COLUMNS = ("prompt", "video_a", "video_b", "preference")
 PREFERENCES = ("a", "b", "tie")
+ASPECT_PREFIX = "preference_"  # per-aspect label columns: preference_<aspect> in PREFERENCES (or empty)
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+PAIR_FOLDER_FILES = ("prompt.txt", "preference.txt")  # plus a.<ext> and b.<ext>
+VIDEO_EXTS = (".mp4", ".webm", ".gif")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class PreferenceDataError(ValueError):
@@ -43,22 +68,172 @@ class Pairs:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def load_preference_dataset(path: str | Path):
-    """Load a dataset written by ``datasets.Dataset.save_to_disk`` and check its columns."""
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_preference_dataset(path: str | Path, split: str = "train", revision: str | None = None):
+    """Load a preference dataset from any supported layout (see the module docstring) and check
+    that it has the required columns. ``split`` / ``revision`` apply to hub datasets and
+    ``DatasetDict`` directories."""
+    ds = load_table(path, split=split, revision=revision)
+    check_columns(ds.column_names, str(path))
+    return ds
+
+
+def load_table(source: str | Path, split: str = "train", revision: str | None = None):
+    """A ``datasets.Dataset`` from ``source`` in any supported layout, columns unchecked (the
+    importers read foreign layouts with this). Media columns (``datasets.Video`` / ``Image``) are
+    left encoded: ``{"bytes", "path"}`` dicts, decoded later by the same code as paths."""
     import datasets
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"preference dataset {path}: no such directory")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # datasets raises several types for a wrong directory
-        raise ValueError(f"{path}: not a dataset saved with save_to_disk ({e})") from None
+    p = Path(source)
+    if p.is_file():
+        ds = _load_file(p)
+    elif p.is_dir():
+        ds = _load_dir(p, split)
+    elif isinstance(source, str) and _HUB_ID.match(source) and not source.startswith("."):
+        ds = _load_hub(source, split, revision)
+    else:
+        raise FileNotFoundError(f"preference dataset {source}: no such directory or file")
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ValueError(f"{path}: a DatasetDict without a 'train' split ({list(ds)})")
-        ds = ds["train"]
-    check_columns(ds.column_names, str(path))
+        if split not in ds:
+            raise ValueError(f"{source}: a DatasetDict without a {split!r} split ({list(ds)})")
+        ds = ds[split]
+    return _undecoded_media(ds)
+
+
+def dataset_root(source: str | Path | None):
+    """Where relative video paths of ``source`` live: a directory ``Path``, a :class:`HubRoot`
+    for a hub dataset id, or ``None`` (paths are then taken as written, relative to the CWD)."""
+    if source is None or isinstance(source, HubRoot):
+        return source
+    p = Path(source)
+    if p.is_dir():
+        return p
+    if p.is_file():
+        return p.parent
+    if isinstance(source, str) and _HUB_ID.match(source) and not source.startswith("."):
+        return HubRoot(source)
+    return p  # a directory that does not exist (yet): paths under it will be reported missing
+
+
+@dataclass(frozen=True)
+class HubRoot:
+    """The root of a Hugging Face Hub dataset repo: relative paths are files in it."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def fetch(self, relpath: str) -> Path:
+        """Download one file of the repo (cached by ``huggingface_hub``) and return its local path."""
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.repo_id, relpath, repo_type="dataset", revision=self.revision))
+        except Exception as e:  # network, 404, offline mode: all mean "this file cannot be had"
+            raise ValueError(
+                f"{relpath}: cannot fetch from hub dataset {self.repo_id} ({type(e).__name__}: {e})"
+            ) from e
+
+
+def _load_file(p: Path):
+    """A JSONL / JSON / CSV / Parquet table through the ``datasets`` packaged builders."""
+    import datasets
+
+    kind = TABLE_SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{p}: unsupported file type {p.suffix!r}; use one of {sorted(TABLE_SUFFIXES)}")
+    if kind == "json" and p.suffix.lower() == ".jsonl":
+        _check_jsonl(p)
+    kwargs = {"keep_default_na": False, "na_values": [""]} if kind == "csv" else {}
+    try:
+        return datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)
+    except Exception as e:  # the builders raise DatasetGenerationError, ArrowInvalid, ... for bad files
+        raise ValueError(f"{p}: cannot read as {kind} ({type(e).__name__}: {e})") from None
+
+
+def _check_jsonl(p: Path) -> None:
+    """Name the first line of a JSONL file that is not a JSON object (the builder's error does not)."""
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: line {i} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{p}: line {i} is not a JSON object")
+
+
+def _load_dir(p: Path, split: str):
+    """A local directory in one of the supported layouts."""
+    import datasets
+
+    if any((p / n).is_file() for n in ("state.json", "dataset_dict.json")):
+        try:
+            return datasets.load_from_disk(str(p))
+        except Exception as e:  # datasets raises several types for a damaged directory
+            raise ValueError(f"{p}: not a dataset saved with save_to_disk ({e})") from None
+    for name in METADATA_NAMES:
+        if (p / name).is_file():
+            return _load_file(p / name)
+    if any((d / "prompt.txt").is_file() for d in p.iterdir() if d.is_dir()):
+        return _load_pair_folders(p)
+    try:
+        return datasets.load_dataset(str(p), split=split)
+    except Exception as e:
+        raise ValueError(
+            f"{p}: not a preference dataset: expected a save_to_disk directory, a metadata.jsonl|csv|parquet, "
+            f"pair folders (<id>/prompt.txt, a.mp4, b.mp4, preference.txt) or data files that "
+            f"datasets.load_dataset reads ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _load_pair_folders(p: Path):
+    """The folder layout: one sub-folder per pair with ``prompt.txt``, ``preference.txt`` and one
+    ``a.*`` and one ``b.*`` video. Sub-folders are rows in name order; ``pair_id`` is the name.
+    A folder with a missing or ambiguous file is still a row: validation reports it."""
+    import datasets
+
+    rows: dict[str, list] = {"prompt": [], "video_a": [], "video_b": [], "preference": [], "pair_id": []}
+    for d in sorted(x for x in p.iterdir() if x.is_dir()):
+        texts = {}
+        for name in PAIR_FOLDER_FILES:
+            f = d / name
+            texts[name] = f.read_text(encoding="utf-8").strip() if f.is_file() else ""
+        rows["prompt"].append(texts["prompt.txt"])
+        rows["preference"].append(texts["preference.txt"])
+        for side in ("a", "b"):
+            found = sorted(f.name for f in d.iterdir() if f.stem == side and f.suffix.lower() in VIDEO_EXTS)
+            # one candidate: that file; none or several: a name validation reports as missing / ambiguous
+            rows[f"video_{side}"].append(f"{d.name}/{found[0]}" if len(found) == 1 else f"{d.name}/{side}.mp4")
+        rows["pair_id"].append(d.name)
+    return datasets.Dataset.from_dict(rows)
+
+
+def _load_hub(repo_id: str, split: str, revision: str | None):
+    """``datasets.load_dataset(repo_id)`` from the Hugging Face Hub (no remote code is run)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(repo_id, split=split, revision=revision)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"preference dataset {repo_id}: no such local directory or file, and loading it as a "
+            f"Hugging Face Hub dataset failed ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _undecoded_media(ds):
+    """Cast ``datasets.Video`` / ``Image`` columns to ``decode=False`` ({"bytes", "path"} dicts):
+    validation decodes them itself, with PyAV, and reports problems per row."""
+    import datasets
+
+    for name, feat in ds.features.items():
+        if isinstance(feat, (datasets.Video, datasets.Image)) and feat.decode:
+            ds = ds.cast_column(name, type(feat)(decode=False))
     return ds
 
 
@@ -69,66 +244,265 @@ def check_columns(columns: list[str], source: str) -> None:
         raise ValueError(f"{source}: missing required column(s) {missing}; has {columns}")
 
 
-def _load_video(value, root: Path | None, row: int, column: str) -> np.ndarray:
-    """A row's video as uint8 ``(T, H, W, C)``: decode a path or convert an array."""
-    if isinstance(value, str):
-        from align.data.video import read_video
+# --------------------------------------------------------------------------------------------
+# resolving and decoding one video value
 
-        p = Path(value)
-        if not p.is_absolute() and root is not None:
-            p = root / p
-        return read_video(p)
+
+def resolve_video_path(value: str, root, allow_absolute_paths: bool = False) -> Path:
+    """The local file a path-valued video points at. Raises ``ValueError`` naming the path when it
+    is empty, absolute (unless allowed), or leaves ``root`` through ``..`` (checked lexically)."""
+    if not value or not str(value).strip():
+        raise ValueError("empty video path")
+    value = str(value)
+    if os.path.isabs(value) or value.startswith("\\"):
+        if not allow_absolute_paths:
+            raise ValueError(f"{value}: absolute paths are not allowed (trust them with --allow-absolute-paths)")
+        return Path(value)
+    norm = os.path.normpath(value)
+    if root is not None and (norm == ".." or norm.startswith(".." + os.sep)):
+        raise ValueError(f"{value}: path escapes the dataset root {_root_name(root)}")
+    if isinstance(root, HubRoot):
+        return root.fetch(Path(norm).as_posix())
+    return Path(root) / norm if root is not None else Path(norm)
+
+
+def _root_name(root) -> str:
+    return f"hub:{root.repo_id}" if isinstance(root, HubRoot) else str(root)
+
+
+def video_label(value) -> str:
+    """How a video value is named in messages: its path, or a short description."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("path") or "<embedded bytes>")
+    if isinstance(value, (bytes, bytearray)):
+        return "<embedded bytes>"
+    return f"<array {getattr(np.asarray(value), 'shape', '?')}>"
+
+
+def load_video_value(value, root=None, allow_absolute_paths: bool = False) -> np.ndarray:
+    """A row's video as uint8 ``(T, H, W, 3)``: decode a path or ``{"bytes", "path"}`` dict, or
+    convert an array. Raises ``ValueError`` / ``OSError`` naming the file."""
+    from align.data.video import decode_video_bytes, read_video
+
+    if isinstance(value, dict):  # a datasets.Video / Image column with decode=False
+        if value.get("bytes"):
+            return decode_video_bytes(value["bytes"], video_label(value))
+        value = value.get("path") or ""
+    if isinstance(value, (str, np.str_)):
+        return read_video(resolve_video_path(str(value), root, allow_absolute_paths))
+    if value is None:
+        raise ValueError("no video (empty value)")
     arr = np.asarray(value)
     if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{column} must be (T, H, W, 3), got shape {arr.shape}")
+        raise ValueError(f"must be (T, H, W, 3), got shape {arr.shape}")
     if arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     return arr
 
 
-def validate_rows(ds, source: str = "dataset", root: str | Path | None = None) -> tuple[list[tuple[int, str]], list]:
-    """Check every row; return ``(problems, decoded)`` where decoded[i] = (va, vb) or None."""
-    root = Path(root) if root is not None else None
-    problems: list[tuple[int, str]] = []
-    decoded: list = []
+def content_hash(frames: np.ndarray) -> str:
+    """SHA-256 of decoded frames (shape, dtype and pixels): the identity of a video's content."""
+    h = hashlib.sha256(f"{frames.dtype.str}{tuple(frames.shape)}".encode())
+    h.update(np.ascontiguousarray(frames).data)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of one row. ``fatal`` problems stop training (or are skipped and counted);
+    the others are warnings (reported, the row is kept)."""
+
+    row: int
+    message: str
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        return f"row {self.row}: {'' if self.fatal else 'warning: '}{self.message}"
+
+
+@dataclass
+class Report:
+    """What :func:`check_rows` found. ``hashes[i]`` is ``(content_hash(a), content_hash(b))`` of
+    row ``i`` (None where a video could not be read); ``decoded[i]`` the frames when kept."""
+
+    source: str
+    rows: int
+    problems: list[Problem]
+    counts: dict[str, int]
+    hashes: list[tuple[str, str] | None]
+    decoded: list | None = None
+
+    @property
+    def fatal(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if not p.fatal]
+
+    @property
+    def bad_rows(self) -> set[int]:
+        return {p.row for p in self.problems if p.fatal}
+
+
+def check_rows(
+    ds,
+    source: str = "dataset",
+    root=None,
+    *,
+    allow_absolute_paths: bool = False,
+    min_frames: int = 1,
+    same_shape: bool = True,
+    keep_videos: bool = False,
+) -> Report:
+    """Check every row of a preference dataset, streaming (one row's videos in memory at a time
+    unless ``keep_videos``). ``root`` is a dataset source or root (see :func:`dataset_root`).
+
+    Fatal: empty prompt; unknown preference or per-aspect label; a video that is missing,
+    undecodable (corrupt, truncated), has fewer than ``min_frames`` frames, or whose path leaves
+    the root or is absolute (unless allowed); identical videos; with ``same_shape``, videos of
+    different shapes; a duplicate row (same prompt, same two videos by content, same winner as
+    an earlier row). Warning: the same comparison with a different label than an earlier row
+    (annotators disagree; both rows are kept). A file used by many rows is decoded once.
+    """
+    root = dataset_root(root)
+    columns = ds.column_names
+    aspects = [c for c in columns if c.startswith(ASPECT_PREFIX)]
+    problems: list[Problem] = []
+    hashes: list[tuple[str, str] | None] = []
+    decoded: list | None = [] if keep_videos else None
+    counts = {p: 0 for p in PREFERENCES}
+    seen_files: dict[str, tuple[str, tuple] | str] = {}  # resolved path -> (hash, shape) or error
+    seen_pairs: dict[tuple, tuple[int, str]] = {}  # (prompt, sorted hashes) -> (first row, winner)
     shape = None
     for i, row in enumerate(ds.with_format("numpy")):
-        msgs = []
+        msgs: list[tuple[str, bool]] = []
         prompt = row["prompt"]
+        prompt = str(prompt) if isinstance(prompt, (str, np.str_)) else prompt
         if not isinstance(prompt, str) or not prompt.strip():
-            msgs.append("empty prompt")
+            msgs.append(("empty prompt", True))
         pref = row["preference"]
-        pref = str(pref) if isinstance(pref, str) else pref  # numpy format yields np.str_
+        pref = str(pref) if isinstance(pref, (str, np.str_)) else pref  # numpy format yields np.str_
         if pref not in PREFERENCES:
-            msgs.append(f"preference {pref!r} is not one of {PREFERENCES}")
-        videos = []
+            msgs.append((f"preference {pref!r} is not one of {PREFERENCES}", True))
+        else:
+            counts[pref] += 1
+        for col in aspects:
+            v = row[col]
+            v = str(v) if isinstance(v, (str, np.str_)) else v
+            if v not in PREFERENCES and v not in (None, ""):
+                msgs.append((f"{col} {v!r} is not one of {PREFERENCES} (or empty)", True))
+
+        infos, videos = [], []
         for col in ("video_a", "video_b"):
+            value = row[col]
+            name = video_label(value)
             try:
-                videos.append(_load_video(row[col], root, i, col))
-            except (ValueError, FileNotFoundError, OSError) as e:
-                msgs.append(f"{col}: {e}")
-        if len(videos) == 2:
-            va, vb = videos
-            if va.shape != vb.shape:
-                msgs.append(f"video_a {va.shape} and video_b {vb.shape} differ in shape")
-            elif np.array_equal(va, vb):
-                msgs.append("video_a and video_b are identical (chosen == rejected)")
-            elif shape is not None and va.shape != shape:
-                msgs.append(f"video shape {va.shape} differs from earlier rows {shape}")
-            shape = shape or va.shape
-        problems += [(i, m) for m in msgs]
-        decoded.append(None if msgs else (videos[0], videos[1]))
-    return problems, decoded
+                frames, digest, shp = _decode_checked(value, root, allow_absolute_paths, seen_files, keep_videos)
+            except (ValueError, OSError) as e:
+                text = str(e)
+                msgs.append((f"{col}: {text}" if name in text else f"{col}: {name}: {text}", True))
+                continue
+            if shp[0] < min_frames:
+                msgs.append((f"{col}: {name}: {shp[0]} frame(s), fewer than the {min_frames} needed", True))
+            infos.append((digest, shp, name))
+            videos.append(frames)
+        row_hashes = None
+        if len(infos) == 2:
+            (ha, sa, na), (hb, sb, nb) = infos
+            row_hashes = (ha, hb)
+            if same_shape and sa != sb:
+                msgs.append((f"video_a {sa} and video_b {sb} differ in shape ({na}, {nb})", True))
+            elif ha == hb:
+                msgs.append((f"video_a and video_b are identical (chosen == rejected): {na}, {nb}", True))
+            elif same_shape and shape is not None and sa != shape:
+                msgs.append((f"video shape {sa} differs from earlier rows {shape} ({na})", True))
+            shape = shape or sa
+            if pref in PREFERENCES and isinstance(prompt, str) and ha != hb:
+                key = (prompt.strip(), min(ha, hb), max(ha, hb))
+                winner = "tie" if pref == "tie" else (ha if pref == "a" else hb)
+                if key in seen_pairs:
+                    j, w = seen_pairs[key]
+                    if w == winner:
+                        msgs.append((f"duplicate of row {j} (same prompt, videos and label: {na}, {nb})", True))
+                    else:
+                        msgs.append((f"conflicting label with row {j} (same prompt and videos: {na}, {nb})", False))
+                else:
+                    seen_pairs[key] = (i, winner)
+        problems += [Problem(i, m, fatal) for m, fatal in msgs]
+        hashes.append(row_hashes)
+        if decoded is not None:
+            ok = len(videos) == 2 and not any(f for _, f in msgs)
+            decoded.append((videos[0], videos[1]) if ok else None)
+    return Report(source, len(hashes), problems, counts, hashes, decoded)
 
 
-def to_pairs(ds, source: str = "dataset", root: str | Path | None = None, bad_rows: str = "error") -> Pairs:
+def _decode_checked(value, root, allow_absolute_paths: bool, seen: dict, keep: bool):
+    """``(frames or None, content hash, shape)`` of one video value. Without ``keep``, a file
+    already seen (by resolved path) is not decoded again."""
+    key = None
+    if isinstance(value, (str, np.str_)) and not isinstance(root, HubRoot):
+        key = str(resolve_video_path(str(value), root, allow_absolute_paths))
+        cached = seen.get(key)
+        if isinstance(cached, str):
+            raise ValueError(cached)
+        if cached is not None and not keep:
+            return None, cached[0], cached[1]
+    try:
+        frames = load_video_value(value, root, allow_absolute_paths)
+    except (ValueError, OSError) as e:
+        if key is not None:
+            seen[key] = str(e)
+        raise
+    digest, shp = content_hash(frames), tuple(frames.shape)
+    if key is not None:
+        seen[key] = (digest, shp)
+    return (frames if keep else None), digest, shp
+
+
+def validate_rows(
+    ds,
+    source: str = "dataset",
+    root: str | Path | None = None,
+    *,
+    allow_absolute_paths: bool = False,
+    min_frames: int = 1,
+) -> tuple[list[tuple[int, str]], list]:
+    """Check every row; return ``(problems, decoded)`` where decoded[i] = (va, vb) or None.
+
+    ``problems`` lists the fatal problems as ``(row, message)``; see :func:`check_rows` for the
+    checks (and for warnings, which this leaves out). Keeps every decoded video in memory.
+    """
+    rep = check_rows(
+        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, keep_videos=True
+    )
+    return [(p.row, p.message) for p in rep.fatal], rep.decoded
+
+
+def to_pairs(
+    ds,
+    source: str = "dataset",
+    root: str | Path | None = None,
+    bad_rows: str = "error",
+    *,
+    allow_absolute_paths: bool = False,
+    min_frames: int = 1,
+) -> Pairs:
     """Validated chosen/rejected pairs. ``bad_rows``: ``error`` raises listing every bad row,
     ``skip`` skips and counts them. Ties are always skipped and counted."""
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     if len(ds) == 0:
         raise ValueError(f"{source}: the preference dataset is empty")
-    problems, decoded = validate_rows(ds, source, root)
+    problems, decoded = validate_rows(
+        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames
+    )
     if problems and bad_rows == "error":
         raise PreferenceDataError(source, problems)
     prompts, chosen, rejected, rows = [], [], [], []
@@ -149,3 +523,103 @@ def to_pairs(ds, source: str = "dataset", root: str | Path | None = None, bad_ro
     if not prompts:
         raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
     return Pairs(prompts, np.stack(chosen), np.stack(rejected), rows, skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# inspection
+
+
+def summarize(ds, root=None) -> dict:
+    """Counts and distributions of a preference dataset without decoding its videos: rows, labels,
+    tie share, per-aspect label counts, prompt lengths (words), and per distinct video its frame
+    count, duration and file size (read from the container; arrays: frames and bytes in memory).
+    Videos that cannot be read are counted under ``unreadable_videos``."""
+    from align.data.video import video_info
+
+    root = dataset_root(root)
+    prefs = [str(p) for p in ds["preference"]]
+    counts = {p: prefs.count(p) for p in PREFERENCES}
+    counts["other"] = len(prefs) - sum(counts.values())
+    labelled = counts["a"] + counts["b"] + counts["tie"]
+    prompts = [str(p or "") for p in ds["prompt"]]
+    aspects = {
+        c[len(ASPECT_PREFIX) :]: {p: [str(v) for v in ds[c]].count(p) for p in PREFERENCES}
+        for c in ds.column_names
+        if c.startswith(ASPECT_PREFIX)
+    }
+    frames, durations, sizes, unreadable = [], [], [], []
+    seen: set[str] = set()
+    for col in ("video_a", "video_b"):
+        for i, row in enumerate(ds.select_columns([col]).with_format("numpy")):
+            value = str(row[col]) if isinstance(row[col], np.str_) else row[col]
+            name = video_label(value)
+            if isinstance(value, str):
+                if value in seen:
+                    continue
+                seen.add(value)
+                try:
+                    info = video_info(resolve_video_path(value, root))
+                except (ValueError, OSError):
+                    unreadable.append(f"row {i} {col}: {name}")
+                    continue
+                frames.append(info["frames"])
+                sizes.append(info["bytes"])
+                if info["duration_s"] is not None:
+                    durations.append(info["duration_s"])
+            elif isinstance(value, dict) and value.get("bytes"):
+                sizes.append(len(value["bytes"]))
+            elif value is not None and not isinstance(value, dict):
+                arr = np.asarray(value)
+                if arr.ndim == 4:
+                    frames.append(int(arr.shape[0]))
+                    sizes.append(int(arr.nbytes))
+    lengths = [len(p.split()) for p in prompts]
+    return {
+        "rows": len(ds),
+        "counts": counts,
+        "tie_share": counts["tie"] / labelled if labelled else 0.0,
+        "aspects": aspects,
+        "unique_prompts": len(set(prompts)),
+        "prompt_words": lengths,
+        "video_frames": frames,
+        "video_seconds": durations,
+        "video_bytes": sizes,
+        "unreadable_videos": unreadable,
+    }
+
+
+def plot_summary(summary: dict, path: str | Path, title: str = "") -> Path:
+    """Histograms of prompt length, video length (frames, seconds) and file size, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("prompt_words", "prompt length (words)"),
+        ("video_frames", "video length (frames)"),
+        ("video_seconds", "video length (seconds)"),
+        ("video_bytes", "video size (KiB)"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, (key, label) in zip(axes, panels):
+        values = np.asarray(summary[key], dtype=float)
+        if key == "video_bytes":
+            values = values / 1024
+        if len(values):
+            ax.hist(values, bins=min(30, max(1, len(np.unique(values)))), color="#4477aa")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(label)
+        ax.set_ylabel("count")
+    c = summary["counts"]
+    counts = f"a={c['a']} b={c['b']} tie={c['tie']} (tie share {summary['tie_share']:.2f})"
+    fig.suptitle(f"{title}  rows={summary['rows']}  {counts}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -324,3 +324,154 @@ def _cut(draw: ImageDraw.ImageDraw, text: str, font, max_w: float) -> str:
     while text and draw.textlength(text + "..", font=font) > max_w:
         text = text[:-1]
     return text + ".."
+
+
+# --------------------------------------------------------------------------------------------
+# probing, in-memory decoding and frame preparation (for preference datasets and the latent cache)
+
+
+def video_info(path: str | Path) -> dict:
+    """What a video file holds, read from its container (no full decode when it records them).
+
+    Returns ``{"frames", "fps", "duration_s", "height", "width", "bytes"}``; ``fps`` and
+    ``duration_s`` are ``None`` when the file does not record a frame rate. WebM files often
+    store no frame count; their frames are then counted by demuxing packets (still no decode).
+    Raises ``ValueError`` naming the file if it is missing or not a video.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such video file")
+    size = path.stat().st_size
+    try:
+        if path.suffix.lower() == ".gif":
+            with Image.open(path) as im:
+                n = getattr(im, "n_frames", 1)
+                ms = im.info.get("duration") or 0
+                fps = 1000.0 / ms if ms else None
+                return {
+                    "frames": n,
+                    "fps": fps,
+                    "duration_s": n / fps if fps else None,
+                    "height": im.height,
+                    "width": im.width,
+                    "bytes": size,
+                }
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            n = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            return {
+                "frames": n,
+                "fps": fps,
+                "duration_s": n / fps if fps else None,
+                "height": stream.codec_context.height,
+                "width": stream.codec_context.width,
+                "bytes": size,
+            }
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
+
+
+def sniff_video_format(data: bytes) -> str | None:
+    """The suffix (``.mp4`` / ``.webm`` / ``.gif``) that the first bytes of a video file say, or None."""
+    if data[4:8] == b"ftyp":
+        return ".mp4"
+    if data[:4] == b"\x1aE\xdf\xa3":  # EBML header: Matroska / WebM
+        return ".webm"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return ".gif"
+    return None
+
+
+def decode_video_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode an encoded video held in memory (e.g. a dataset's ``bytes`` column) to uint8
+    ``(T, H, W, 3)``. Raises ``ValueError`` naming ``name`` when it is not a decodable video."""
+    import io
+
+    kind = sniff_video_format(bytes(data[:16]))
+    if kind is None:
+        raise ValueError(f"{name}: bytes are not an mp4, webm or gif video")
+    try:
+        if kind == ".gif":
+            with Image.open(io.BytesIO(data)) as im:
+                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+        else:
+            with av.open(io.BytesIO(data)) as container:
+                if not container.streams.video:
+                    raise ValueError("no video stream")
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
+    if not frames:
+        raise ValueError(f"{name}: video has no frames")
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError(f"{name}: frames change size mid-video")
+    return np.stack(frames)
+
+
+def sample_frame_indices(
+    total: int, num_frames: int, src_fps: float | None = None, target_fps: float | None = None
+) -> np.ndarray:
+    """Indices of ``num_frames`` frames out of ``total``.
+
+    Without ``target_fps``: spread uniformly over the whole video, first and last included (as
+    :func:`read_video` does). With ``target_fps`` (needs the file's ``src_fps``): every
+    ``src_fps / target_fps``-th frame from the start, so the clip plays at ``target_fps`` in real
+    time; the clip covers ``num_frames / target_fps`` seconds. Raises ``ValueError`` when the
+    video is too short for either rule.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if target_fps is None:
+        if total < num_frames:
+            raise ValueError(f"video has {total} frames, fewer than the {num_frames} needed")
+        return np.linspace(0, total - 1, num_frames).round().astype(int)
+    if not src_fps or src_fps <= 0 or target_fps <= 0:
+        raise ValueError(f"fps-aware sampling needs positive fps: source {src_fps}, target {target_fps}")
+    step = src_fps / target_fps
+    idx = np.floor(np.arange(num_frames) * step + 1e-6).astype(int)
+    if idx[-1] >= total:
+        need = num_frames / target_fps
+        raise ValueError(
+            f"video has {total} frames at {src_fps:g} fps ({total / src_fps:.2f} s), too short for "
+            f"{num_frames} frames at {target_fps:g} fps ({need:.2f} s)"
+        )
+    return idx
+
+
+def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scale uint8 frames ``(T, H, W, 3)`` so they cover ``height x width`` (keeping the aspect
+    ratio; bilinear with antialiasing), then cut the centre. A no-op when the size already matches."""
+    frames = _check_frames(frames, "resize_center_crop")
+    if height < 1 or width < 1:
+        raise ValueError(f"target size must be >= 1, got {height}x{width}")
+    _, h, w, _ = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def prepare_video(
+    frames: np.ndarray,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    src_fps: float | None = None,
+    target_fps: float | None = None,
+) -> np.ndarray:
+    """Bring decoded frames to a model's input: pick ``num_frames`` (uniformly, or fps-aware with
+    ``target_fps``), then resize / centre-crop to ``height x width``. ``None`` leaves that part alone."""
+    frames = _check_frames(frames, "prepare_video")
+    if num_frames is not None:
+        frames = frames[sample_frame_indices(len(frames), num_frames, src_fps, target_fps)]
+    if height is not None or width is not None:
+        frames = resize_center_crop(frames, height or frames.shape[1], width or frames.shape[2])
+    return frames

@@ -6,7 +6,12 @@ switched off, not a second copy of the weights.
 
 Saved LoRAs use the diffusers layout: ``pytorch_lora_weights.safetensors`` whose keys are
 the peft keys prefixed with ``transformer.`` (what ``pipeline.load_lora_weights`` reads),
-plus ``adapter_config.json`` with rank, alpha and targets.
+plus ``adapter_config.json`` with rank, alpha and targets. A denoiser whose peft keys already
+carry the component name (the diffusers wrappers: ``transformer.`` / ``unet.``) sets the class
+attribute ``lora_key_prefix = ""``; a ``lora_metadata`` dict on the denoiser is written to
+``adapter_config.json`` and checked on load. The safetensors header also carries diffusers'
+``lora_adapter_metadata`` (rank, alpha, adapted modules per component), so a pipeline loads
+an adapter with ``alpha != rank`` at the right scale.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -59,6 +65,8 @@ def attach_lora(
     inject_adapter_in_model(cfg, denoiser)
     for n, p in denoiser.named_parameters():
         p.requires_grad_("lora_" in n)
+        if "lora_" in n and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()  # peft gives LoRA the base dtype; train it in float32 (peft casts inputs)
     denoiser.lora_config = cfg  # kept for saving
     return denoiser
 
@@ -88,6 +96,21 @@ def adapters_disabled(denoiser: nn.Module) -> Iterator[nn.Module]:
             m.enable_adapters(True)
 
 
+def _diffusers_metadata(weights: dict, cfg: LoraConfig) -> dict[str, str]:
+    """safetensors header for diffusers' loaders: per component (``transformer``, ``unet``) the
+    rank, alpha, dropout and the exact module paths adapted (so alpha / rank is honoured)."""
+    meta: dict[str, object] = {}
+    for key in weights:
+        if ".lora_A." not in key:
+            continue
+        component, module = key.split(".lora_A.")[0].split(".", 1)
+        meta.setdefault(f"{component}.r", cfg.r)
+        meta.setdefault(f"{component}.lora_alpha", cfg.lora_alpha)
+        meta.setdefault(f"{component}.lora_dropout", cfg.lora_dropout)
+        meta.setdefault(f"{component}.target_modules", []).append(module)
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
+
+
 def save_lora(denoiser: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
     """Write the adapter (diffusers layout, safetensors) to directory ``path`` atomically."""
     path = Path(path)
@@ -96,14 +119,17 @@ def save_lora(denoiser: nn.Module, path: str | Path, metadata: dict | None = Non
     if not sd:
         raise ValueError("save_lora: the denoiser has no LoRA weights to save")
     cfg = denoiser.lora_config
+    prefix = getattr(denoiser, "lora_key_prefix", PREFIX)
+    weights = {prefix + k: v.detach().contiguous().cpu() for k, v in sd.items()}
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
     try:
-        save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / LORA_WEIGHTS))
+        save_file(weights, str(tmp / LORA_WEIGHTS), metadata=_diffusers_metadata(weights, cfg))
         conf = {
             "r": cfg.r,
             "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout,
             "target_modules": sorted(cfg.target_modules),
+            **getattr(denoiser, "lora_metadata", {}),
             **(metadata or {}),
         }
         (tmp / LORA_CONFIG).write_text(json.dumps(conf, indent=2))
@@ -124,9 +150,13 @@ def load_lora(denoiser: nn.Module, path: str | Path) -> nn.Module:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: not found; is {path} a vidalign LoRA directory?")
     conf = json.loads(cfile.read_text())
+    for key, value in getattr(denoiser, "lora_metadata", {}).items():  # e.g. which Wan 2.2 expert it adapts
+        if key in conf and conf[key] != value:
+            raise ValueError(f"{cfile}: LoRA trained with {key}={conf[key]!r}, this denoiser has {key}={value!r}")
     if not _tuner_layers(denoiser):
         attach_lora(denoiser, conf["r"], conf["lora_alpha"], conf.get("lora_dropout", 0.0), conf["target_modules"])
-    sd = {k.removeprefix(PREFIX): v for k, v in load_file(str(wfile)).items()}
+    prefix = getattr(denoiser, "lora_key_prefix", PREFIX)
+    sd = {k.removeprefix(prefix): v for k, v in load_file(str(wfile)).items()}
     result = set_peft_model_state_dict(denoiser, sd)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -1,0 +1,434 @@
+"""The annotation web app: a standard-library HTTP server, one page, a JSON API and the videos.
+
+Routes (everything else is 404):
+
+- ``GET /`` the page; ``GET /static/app.js``, ``/static/style.css`` its script and style.
+- ``GET /api/info``: number of pairs, labels per pair, aspects.
+- ``GET /api/next?annotator=NAME``: the pair to show (``null`` when done) and progress.
+- ``POST /api/label`` ``{"annotator", "pair_id", "choice", "aspects"?, "comment"?}``: ``choice``
+  and each aspect are ``left | right | tie`` as the annotator saw them (``choice`` may also be
+  ``skip``); the server maps them to the dataset's ``a``/``b`` with the side it chose. Answers
+  200 only after the label is committed; 400 for a malformed request, 404 for an unknown
+  pair, 409 for a second label of the same pair by the same annotator. Nothing is written
+  unless the answer is 200.
+- ``POST /api/undo`` ``{"annotator"}``: undo that annotator's last label; 409 if there is none.
+- ``GET /api/stats``: agreement statistics.
+- ``GET /media/<root>/<path>``: a video of a pair, from the dataset root (``data``) or the
+  cache (``cache``), with ``Range`` support (206) so that browsers can seek.
+
+Media requests are refused (403) when a path segment is empty, ``.`` or ``..`` (after
+percent-decoding), or when the path resolves, symlinks followed, outside its root; a path
+inside the root that is not a video of some pair is 404. Bound to a loopback address the
+server also checks the ``Host`` header (against DNS rebinding), and every POST must be
+``application/json`` from the same origin (a cross-site form cannot post labels).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from align.annotate.pairs import inside
+from align.annotate.stats import json_safe, store_stats
+from align.annotate.storage import ASPECTS, DuplicateLabelError, LabelStore, UnknownPairError
+
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+MIME = {".mp4": "video/mp4", ".webm": "video/webm", ".gif": "image/gif"}
+MAX_BODY = 64 * 1024
+MAX_COMMENT = 2000
+MAX_NAME = 64
+CHUNK = 256 * 1024
+SIDES = ("left", "right", "tie")
+
+
+class BadRequest(Exception):
+    """A request the client got wrong: answered with ``status`` and ``message``, nothing written."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class AnnotateApp:
+    """What the handler needs: the store, the served roots and the set of servable videos."""
+
+    def __init__(self, store: LabelStore, roots: dict[str, Path], per_pair: int = 1):
+        if per_pair < 1:
+            raise ValueError(f"labels per pair must be >= 1, got {per_pair}")
+        self.store = store
+        self.roots = {k: Path(os.path.realpath(v)) for k, v in roots.items()}
+        self.per_pair = per_pair
+        self.pairs = {p["id"]: p for p in store.pairs()}
+        self.media = {m for p in self.pairs.values() for m in (p["media_a"], p["media_b"])}
+        self.allowed_hosts: set[str] | None = None  # set by make_server for loopback binds
+        store.set_meta(per_pair=str(per_pair))
+
+    # ------------------------------------------------------------------------------------
+    # API
+
+    def info(self) -> dict:
+        return {"pairs": len(self.pairs), "per_pair": self.per_pair, "aspects": list(ASPECTS)}
+
+    def display(self, pair: dict, annotator: str) -> dict:
+        """A pair as the annotator sees it: the left/right sides chosen for them."""
+        left = self.store.left_video(annotator, pair["id"])
+        right = "b" if left == "a" else "a"
+        return {
+            "id": pair["id"],
+            "prompt": pair["prompt"],
+            "left": self._video(pair[f"media_{left}"]),
+            "right": self._video(pair[f"media_{right}"]),
+        }
+
+    @staticmethod
+    def _video(media: str) -> dict:
+        return {"url": "/media/" + media, "type": MIME.get(Path(media).suffix.lower(), "application/octet-stream")}
+
+    def next(self, annotator: str) -> dict:
+        pair, progress = self.store.next_pair(annotator, self.per_pair)
+        return {"pair": self.display(pair, annotator) if pair else None, "progress": progress}
+
+    def label(self, body: dict) -> dict:
+        """Validate a label request completely, then write it (one transaction)."""
+        annotator = _annotator(body.get("annotator"))
+        _only(body, {"annotator", "pair_id", "choice", "aspects", "comment"})
+        pid = body.get("pair_id")
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise BadRequest(400, f"pair_id must be an integer, got {pid!r}")
+        choice = body.get("choice")
+        if choice not in (*SIDES, "skip"):
+            raise BadRequest(400, f"choice must be one of left, right, tie, skip; got {choice!r}")
+        aspects = body.get("aspects") or {}
+        if not isinstance(aspects, dict):
+            raise BadRequest(400, "aspects must be an object")
+        for k, v in aspects.items():
+            if k not in ASPECTS:
+                raise BadRequest(400, f"unknown aspect {k!r}; aspects are {list(ASPECTS)}")
+            if v is not None and v not in SIDES:
+                raise BadRequest(400, f"aspect {k} must be left, right, tie or null; got {v!r}")
+        comment = body.get("comment", "")
+        if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+            raise BadRequest(400, f"comment must be a string of at most {MAX_COMMENT} characters")
+        if pid not in self.pairs:
+            raise BadRequest(404, f"no pair with id {pid}")
+        left = self.store.left_video(annotator, pid)
+        right = "b" if left == "a" else "a"
+        side = {"left": left, "right": right, "tie": "tie", "skip": "skip", None: None}
+        try:
+            label_id = self.store.add_label(
+                annotator, pid, side[choice], left, {k: side[v] for k, v in aspects.items()}, comment.strip()
+            )
+        except DuplicateLabelError as e:
+            raise BadRequest(409, str(e)) from None
+        except UnknownPairError as e:
+            raise BadRequest(404, str(e)) from None
+        return {"ok": True, "label_id": label_id, "progress": self.store.progress(annotator, self.per_pair)}
+
+    def undo(self, body: dict) -> dict:
+        annotator = _annotator(body.get("annotator"))
+        _only(body, {"annotator"})
+        undone = self.store.undo_last(annotator)
+        if undone is None:
+            raise BadRequest(409, f"{annotator} has no label to undo")
+        pair = self.pairs[undone["pair_id"]]
+        return {
+            "ok": True,
+            "undone": {"label_id": undone["id"], "pair_id": undone["pair_id"]},
+            "pair": self.display(pair, annotator),
+            "progress": self.store.progress(annotator, self.per_pair),
+        }
+
+    def stats(self) -> dict:
+        return json_safe(store_stats(self.store))
+
+    # ------------------------------------------------------------------------------------
+    # media
+
+    def media_file(self, path: str) -> Path:
+        """The file behind ``/media/<root>/<path>`` (``path`` percent-decoded), or BadRequest."""
+        root_name, _, rel = path.partition("/")
+        root = self.roots.get(root_name)
+        if root is None:
+            raise BadRequest(404, "no such media root")
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+            raise BadRequest(403, "refused: media paths are relative, without '.', '..' or empty segments")
+        real = inside(root.joinpath(*parts), root)
+        if real is None:
+            raise BadRequest(403, "refused: the path leads outside the media root")
+        if f"{root_name}/{real.relative_to(root).as_posix()}" not in self.media or not real.is_file():
+            raise BadRequest(404, "not a video of any pair")
+        return real
+
+
+def _annotator(name) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise BadRequest(400, "annotator must be a non-empty name")
+    name = name.strip()
+    if len(name) > MAX_NAME or any(not c.isprintable() for c in name):
+        raise BadRequest(400, f"annotator names are at most {MAX_NAME} printable characters")
+    return name
+
+
+def _only(body: dict, keys: set[str]) -> None:
+    extra = sorted(set(body) - keys)
+    if extra:
+        raise BadRequest(400, f"unknown field(s) {extra}")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
+    """``(first, last)`` byte positions (inclusive) of a single ``bytes=`` range, ``None`` to
+    send the whole file (no header, or one this server does not honour such as several
+    ranges, which HTTP allows), or ``"unsatisfiable"`` (answer 416)."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # the last N bytes
+        n = int(m[2])
+        return (max(0, size - n), size - 1) if n > 0 and size > 0 else "unsatisfiable"
+    first = int(m[1])
+    last = min(int(m[2]), size - 1) if m[2] else size - 1
+    if m[2] and int(m[2]) < first:
+        return None  # syntactically invalid: ignore the header
+    return (first, last) if first < size else "unsatisfiable"
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the :class:`AnnotateApp` in ``self.server.app``."""
+
+    server_version = "vidalign-annotate"
+    protocol_version = "HTTP/1.1"
+
+    @property
+    def app(self) -> AnnotateApp:
+        return self.server.app  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        if getattr(self.server, "verbose", False):
+            super().log_message(format, *args)
+
+    # ------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._handle(head=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._handle(head=True)
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            self._check_host()
+            body = self._json_body()
+            path = urlsplit(self.path).path
+            if path == "/api/label":
+                self._send_json(200, self.app.label(body))
+            elif path == "/api/undo":
+                self._send_json(200, self.app.undo(body))
+            else:
+                raise BadRequest(404, "no such endpoint")
+        except BadRequest as e:
+            self._send_json(e.status, {"ok": False, "error": e.message})
+        except Exception as e:  # a bug or a locked database: 500, never a silent success
+            self.close_connection = True
+            self._send_json(500, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            raise
+
+    def _handle(self, head: bool) -> None:
+        try:
+            self._check_host()
+            url = urlsplit(self.path)
+            path = url.path
+            if path in STATIC_FILES:
+                name, ctype = STATIC_FILES[path]
+                self._send_bytes(200, (STATIC / name).read_bytes(), ctype, head)
+            elif path == "/api/info":
+                self._send_json(200, self.app.info(), head)
+            elif path == "/api/next":
+                names = parse_qs(url.query).get("annotator", [])
+                self._send_json(200, self.app.next(_annotator(names[0] if names else None)), head)
+            elif path == "/api/stats":
+                self._send_json(200, self.app.stats(), head)
+            elif path.startswith("/media/"):
+                self._send_file(self.app.media_file(unquote(path[len("/media/") :])), head)
+            else:
+                raise BadRequest(404, "not found")
+        except BadRequest as e:
+            self._send_json(e.status, {"ok": False, "error": e.message}, head)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the browser stopped reading (e.g. seeking a video)
+        except Exception as e:  # a bug or a locked database: 500, then the traceback on stderr
+            self.close_connection = True
+            self._send_json(500, {"ok": False, "error": f"{type(e).__name__}: {e}"}, head)
+            raise
+
+    # ------------------------------------------------------------------------------------
+
+    def _check_host(self) -> None:
+        allowed = self.app.allowed_hosts
+        if allowed is not None and (self.headers.get("Host") or "").lower() not in allowed:
+            raise BadRequest(403, "Host not allowed (the app answers only to its loopback address)")
+
+    def _json_body(self) -> dict:
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise BadRequest(411, "a Content-Length is required")
+        n = int(length)
+        if n > MAX_BODY:
+            self.close_connection = True  # the body is not read: this connection cannot go on
+            raise BadRequest(413, f"request body over {MAX_BODY} bytes")
+        raw = self.rfile.read(n)
+        if ctype != "application/json":
+            raise BadRequest(415, "POST bodies must be application/json")
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != (self.headers.get("Host") or "").lower():
+            raise BadRequest(403, "cross-origin request refused")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRequest(400, f"body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(400, "body must be a JSON object")
+        return body
+
+    def _send_json(self, status: int, obj, head: bool = False) -> None:
+        data = json.dumps(json_safe(obj), allow_nan=False).encode()
+        self._send_bytes(status, data, "application/json", head)
+
+    def _send_bytes(self, status: int, data: bytes, ctype: str, head: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def _send_file(self, path: Path, head: bool) -> None:
+        size = path.stat().st_size
+        rng = parse_range(self.headers.get("Range"), size)
+        if rng == "unsatisfiable":
+            self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        first, last = rng if rng else (0, size - 1)
+        length = last - first + 1 if size else 0
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Type", MIME.get(path.suffix.lower(), "application/octet-stream"))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(length))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if rng:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+        self.end_headers()
+        if head:
+            return
+        with open(path, "rb") as f:
+            f.seek(first)
+            left = length
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                left -= len(chunk)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def host_warning(host: str) -> str | None:
+    """The warning to print when binding ``host`` exposes the app beyond this machine."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: --host {host} is not a loopback address: anyone who can reach this machine can watch "
+        "the videos and add labels (the app has no authentication)"
+    )
+
+
+def make_server(app: AnnotateApp, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> ThreadingHTTPServer:
+    """A threading HTTP server for ``app`` bound to ``host:port`` (0: any free port); not started."""
+    server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
+    server = server_class((host, port), Handler)
+    server.daemon_threads = True
+    server.app = app  # type: ignore[attr-defined]
+    server.verbose = verbose  # type: ignore[attr-defined]
+    port = server.server_address[1]
+    if is_loopback(host):
+        app.allowed_hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+    return server
+
+
+def start_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+    """Serve in a daemon thread (tests, notebooks); stop with ``server.shutdown()``."""
+    t = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True, name="vidalign-annotate")
+    t.start()
+    return t
+
+
+def serve(
+    pairs: str | Path,
+    db: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    per_pair: int = 1,
+    root: str | Path | None = None,
+    cache_format: str = "webm",
+    verbose: bool = False,
+) -> None:
+    """Load ``pairs`` into the database ``db`` (first time) or check them (later), then serve
+    until interrupted. Converted videos go to ``<db name>.videos/`` beside the database."""
+    from align.annotate.pairs import load_pairs
+
+    warning = host_warning(host)
+    if warning:
+        print(warning, file=sys.stderr)
+    db = Path(db)
+    cache = db.parent / f"{db.stem}.videos"
+    source = load_pairs(pairs, cache, root=root, cache_format=cache_format)
+    store = LabelStore(db)
+    store.sync_pairs(source.pairs, source.source, source.kind)
+    app = AnnotateApp(store, source.roots, per_pair)
+    server = make_server(app, host, port, verbose)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"{len(app.pairs)} pairs, {per_pair} label(s) each; labels in {db}", flush=True)
+    print(f"serving on http://{shown}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,480 @@
+"""A disk cache of VAE latents and prompt states, so DPO epochs neither decode nor encode videos.
+
+The VAE and the text encoder are frozen during alignment, so a video's latents depend only on
+its pixels, the VAE weights and how pixels were prepared; a prompt's states only on its text
+and the text encoder. The cache stores them once, in safetensors shards:
+
+    <cache_dir>/video-<fingerprint[:16]>/fingerprint.json        what the fingerprint covers
+    <cache_dir>/video-<fingerprint[:16]>/shard-<id>.safetensors  {content hash: latents}
+    <cache_dir>/prompt-<fingerprint[:16]>/...                      {sha256(prompt): states}
+
+- Keys: the *content hash* of a video's decoded uint8 frames (:func:`content_hash`; the same
+  video stored twice, or as a file and as an array, is one entry) and of a prompt's UTF-8 text.
+- Namespace: the *model fingerprint*, a hash of the VAE's state dict, its scaling factors, the
+  model class and the preprocessing parameters (frames, size, fps) for videos; of the text
+  encoders' state dicts and the context length for prompts. Change any of them and the lookup
+  lands in a new, empty namespace: stale latents are never read (old namespaces stay on disk
+  until deleted). Every shard also records its fingerprint in its header, checked on open.
+- Shards are written to a temp name and renamed, so a crash leaves no half shard; a shard that
+  cannot be opened (damaged on disk) is reported with a warning, ignored, and its entries are
+  encoded again. Several processes may fill one cache at once: each writes its own shards.
+- Reading is lazy: :class:`LatentPairDataset` holds only keys and shard names and reads each
+  item with ``safetensors.safe_open`` (memory-mapped), so a dataset larger than RAM trains; the
+  OS page cache keeps what fits.
+
+Entry points: :func:`cached_latents` (the trainer: pairs already decoded by ``to_pairs``)
+and :func:`build_latent_cache` (streaming from a dataset: one batch of videos in memory at a
+time, for datasets whose pixels do not fit in RAM; also ``vidalign data cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from align.data.preference import (
+    PreferenceDataError,
+    check_rows,
+    content_hash,
+    dataset_root,
+    load_video_value,
+    resolve_video_path,
+)
+from align.data.video import from_uint8, prepare_video, video_info
+
+CACHE_VERSION = 1
+SHARD_BYTES = 256 << 20  # a shard is written once this much is buffered
+MAX_OPEN_SHARDS = 64  # open safe_open handles kept per dataset (per DataLoader worker)
+PREPROCESSING_KEYS = ("num_frames", "height", "width", "fps")
+
+
+# --------------------------------------------------------------------------------------------
+# keys and fingerprints
+
+
+def prompt_hash(prompt: str) -> str:
+    """SHA-256 of a prompt's UTF-8 text."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict: every name, dtype, shape and byte, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def normalize_preprocessing(preprocessing: dict | None) -> dict:
+    """The preprocessing parameters that matter, without ``None`` values (``{}`` = frames used as
+    decoded). Unknown keys are an error naming them."""
+    pre = {k: v for k, v in (preprocessing or {}).items() if v is not None}
+    unknown = sorted(set(pre) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown preprocessing key(s) {unknown}; use {list(PREPROCESSING_KEYS)}")
+    return {k: (float(v) if k == "fps" else int(v)) for k, v in sorted(pre.items())}
+
+
+def video_fingerprint(model, preprocessing: dict | None = None) -> tuple[str, dict]:
+    """``(fingerprint, what it covers)`` for video latents of ``model``: its VAE's state dict and
+    scaling factors, the model class, how pixels reach the VAE, and the preprocessing."""
+    vae = getattr(model, "vae", None)
+    if not isinstance(vae, torch.nn.Module):
+        raise ValueError(f"{type(model).__name__}: the latent cache needs the model's VAE as `model.vae`")
+    scaling = {}
+    for holder in (getattr(model, "cfg", None), getattr(vae, "config", None)):
+        for k in ("scaling_factor", "shift_factor"):
+            v = getattr(holder, k, None) if holder is not None else None
+            if v is None and isinstance(holder, dict):
+                v = holder.get(k)
+            if v is not None:
+                scaling[k] = float(v)
+    meta = {
+        "cache_version": CACHE_VERSION,
+        "kind": "video",
+        "model_class": type(model).__name__,
+        "vae_sha256": module_digest(vae),
+        "scaling": scaling,
+        "pixels": "uint8 frames -> from_uint8 -> [-1, 1] (B, C, T, H, W) -> model.encode_video (default args)",
+        "preprocessing": normalize_preprocessing(preprocessing),
+    }
+    return _digest(meta), meta
+
+
+def text_fingerprint(model) -> tuple[str, dict]:
+    """``(fingerprint, what it covers)`` for prompt states: the text encoders' state dicts, the
+    context length and the model class."""
+    encoders = {
+        name: module_digest(m)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        if isinstance(m := getattr(model, name, None), torch.nn.Module)
+    }
+    if not encoders:
+        raise ValueError(f"{type(model).__name__}: the latent cache needs the text encoder as `model.text_encoder`")
+    meta = {
+        "cache_version": CACHE_VERSION,
+        "kind": "prompt",
+        "model_class": type(model).__name__,
+        "text_encoders_sha256": encoders,
+        "context_length": getattr(getattr(model, "cfg", None), "context_length", None),
+    }
+    return _digest(meta), meta
+
+
+# --------------------------------------------------------------------------------------------
+# the shard store
+
+
+class ShardStore:
+    """Tensors under hash keys in safetensors shards of one directory (one fingerprint)."""
+
+    def __init__(self, directory: str | Path, fingerprint: str, meta: dict, shard_bytes: int = SHARD_BYTES):
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+        self.shard_bytes = shard_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta_file = self.dir / "fingerprint.json"
+        if meta_file.is_file():
+            found = json.loads(meta_file.read_text()).get("fingerprint")
+            if found != fingerprint:
+                raise ValueError(f"{self.dir}: holds fingerprint {found}, not {fingerprint}; do not reuse its folders")
+        else:
+            _atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, **meta}, indent=2, default=str))
+        self.where: dict[str, Path] = {}
+        self.bad_shards: list[str] = []
+        self._scanned: set[Path] = set()
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self.refresh()
+
+    @classmethod
+    def open(cls, cache_dir: str | Path, kind: str, fingerprint: str, meta: dict, **kw) -> ShardStore:
+        return cls(Path(cache_dir) / f"{kind}-{fingerprint[:16]}", fingerprint, meta, **kw)
+
+    def refresh(self) -> None:
+        """Read the keys of every shard (headers only). Unreadable shards are warned about and skipped."""
+        for f in sorted(self.dir.glob("shard-*.safetensors")):
+            if f in self._scanned:
+                continue
+            self._scanned.add(f)
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    found = (h.metadata() or {}).get("fingerprint")
+                    if found != self.fingerprint:
+                        raise ValueError(f"fingerprint {found} in the header, expected {self.fingerprint}")
+                    keys = list(h.keys())
+            except Exception as e:  # safetensors raises its own error type for damaged files
+                self.bad_shards.append(str(f))
+                warnings.warn(
+                    f"latent cache: ignoring unreadable shard {f} ({e}); its entries are re-encoded", stacklevel=2
+                )
+                continue
+            for k in keys:
+                self.where.setdefault(k, f)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where or key in self._buffer
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Buffer one entry; a shard is written when the buffer passes ``shard_bytes``."""
+        if key in self:
+            return
+        t = tensor.detach().to("cpu").contiguous().clone()
+        self._buffer[key] = t
+        self._buffered += t.numel() * t.element_size()
+        if self._buffered >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write the buffered entries as one new shard (temp name, then rename)."""
+        if not self._buffer:
+            return None
+        name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        try:
+            save_file(self._buffer, str(tmp), metadata={"fingerprint": self.fingerprint})
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._scanned.add(final)
+        for k in self._buffer:
+            self.where.setdefault(k, final)
+        self._buffer, self._buffered = {}, 0
+        return final
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._buffer:
+            return self._buffer[key]
+        with safe_open(str(self.where[key]), framework="pt") as h:
+            return h.get_tensor(key)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the lazy dataset
+
+
+class LatentPairDataset(torch.utils.data.Dataset):
+    """``(latents_chosen, latents_rejected, prompt_states)`` per pair, read lazily from shards.
+
+    Holds only shard names and keys; each item opens its shards with ``safe_open`` (an LRU of
+    ``MAX_OPEN_SHARDS`` handles, memory-mapped) and copies out three tensors. Items match what
+    ``align.train.encode_pairs`` puts in its ``TensorDataset``, so the trainer is unchanged.
+    Picklable (handles are reopened in each DataLoader worker). ``stats`` says what was reused.
+    """
+
+    def __init__(self, files: list[str], items: list[tuple[int, str, int, str, int, str]], stats: dict | None = None):
+        self.files = files
+        self.items = items
+        self.stats = stats or {}
+        self._handles: OrderedDict[int, object] = OrderedDict()
+
+    @classmethod
+    def from_stores(cls, vstore: ShardStore, tstore: ShardStore, keys: Iterable[tuple[str, str, str]], stats=None):
+        """One item per ``(chosen hash, rejected hash, prompt hash)``; every key must be stored (flushed)."""
+        files: list[str] = []
+        index: dict[Path, int] = {}
+
+        def loc(store: ShardStore, key: str) -> tuple[int, str]:
+            f = store.where[key]
+            if f not in index:
+                index[f] = len(files)
+                files.append(str(f))
+            return index[f], key
+
+        items = [(*loc(vstore, w), *loc(vstore, lo), *loc(tstore, p)) for w, lo, p in keys]
+        return cls(files, items, stats)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _tensor(self, file_idx: int, key: str) -> torch.Tensor:
+        h = self._handles.get(file_idx)
+        if h is None:
+            h = safe_open(self.files[file_idx], framework="pt")
+            self._handles[file_idx] = h
+            if len(self._handles) > MAX_OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(file_idx)
+        return h.get_tensor(key)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fw, kw, fl, kl, fp, kp = self.items[i]
+        return self._tensor(fw, kw), self._tensor(fl, kl), self._tensor(fp, kp)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+
+# --------------------------------------------------------------------------------------------
+# filling the cache
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    return torch.device(dev) if dev is not None else next(model.denoiser.parameters()).device
+
+
+@torch.no_grad()
+def _encode_videos(model, store: ShardStore, todo: Iterable[tuple[str, Callable[[], np.ndarray]]], batch_size: int):
+    """Encode ``(key, load frames)`` entries in batches of ``batch_size`` and store the latents."""
+    device = _model_device(model)
+    batch: list[tuple[str, np.ndarray]] = []
+    n = 0
+
+    def run():
+        x = from_uint8(np.stack([f for _, f in batch])).to(device)
+        for (k, _), z in zip(batch, model.encode_video(x)):
+            store.put(k, z)
+
+    for key, load in todo:
+        batch.append((key, load()))
+        if len(batch) == batch_size:
+            run()
+            n += len(batch)
+            batch = []
+    if batch:
+        run()
+        n += len(batch)
+    return n
+
+
+@torch.no_grad()
+def _encode_prompts(model, store: ShardStore, prompts: list[str], batch_size: int) -> tuple[list[str], int]:
+    """Keys of ``prompts``; the states of those not stored yet are encoded and stored."""
+    keys = [prompt_hash(p) for p in prompts]
+    todo = list({k: p for k, p in zip(keys, prompts) if k not in store}.items())
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        states = model.encode_prompts([p for _, p in chunk])
+        if not isinstance(states, torch.Tensor):
+            raise TypeError(f"the latent cache stores tensor prompt states, not {type(states).__name__}")
+        for (k, _), s in zip(chunk, states):
+            store.put(k, s)
+    return keys, len(todo)
+
+
+def _open_stores(model, cache_dir, preprocessing, shard_bytes):
+    vfp, vmeta = video_fingerprint(model, preprocessing)
+    tfp, tmeta = text_fingerprint(model)
+    vstore = ShardStore.open(cache_dir, "video", vfp, vmeta, shard_bytes=shard_bytes)
+    tstore = ShardStore.open(cache_dir, "prompt", tfp, tmeta, shard_bytes=shard_bytes)
+    return vstore, tstore
+
+
+def cached_latents(
+    model, pairs, cache_dir: str | Path, batch_size: int = 32, shard_bytes: int = SHARD_BYTES
+) -> LatentPairDataset:
+    """The cached counterpart of ``align.train.encode_pairs``: latents of ``pairs.chosen`` /
+    ``pairs.rejected`` and prompt states, encoded only where ``cache_dir`` does not hold them
+    yet, returned as a lazy :class:`LatentPairDataset` with the same items. Videos are used as
+    decoded (preprocessing ``{}``), so a cache built by :func:`build_latent_cache` without
+    preprocessing serves the trainer too."""
+    vstore, tstore = _open_stores(model, cache_dir, None, shard_bytes)
+    hw = [content_hash(v) for v in pairs.chosen]
+    hl = [content_hash(v) for v in pairs.rejected]
+    first: dict[str, np.ndarray] = {}
+    for h, v in zip(hw + hl, list(pairs.chosen) + list(pairs.rejected)):
+        if h not in vstore:
+            first.setdefault(h, v)
+    hits = len(set(hw + hl)) - len(first)
+    n_enc = _encode_videos(model, vstore, ((h, lambda v=v: v) for h, v in first.items()), batch_size)
+    pkeys, p_enc = _encode_prompts(model, tstore, list(pairs.prompts), batch_size)
+    vstore.flush()
+    tstore.flush()
+    stats = {
+        "videos_encoded": n_enc,
+        "videos_reused": hits,
+        "prompts_encoded": p_enc,
+        "prompts_reused": len(set(pkeys)) - p_enc,
+        "bad_shards": vstore.bad_shards + tstore.bad_shards,
+        "video_dir": str(vstore.dir),
+        "prompt_dir": str(tstore.dir),
+    }
+    return LatentPairDataset.from_stores(vstore, tstore, zip(hw, hl, pkeys), stats)
+
+
+def build_latent_cache(
+    model,
+    ds,
+    cache_dir: str | Path,
+    source: str = "dataset",
+    root=None,
+    *,
+    preprocessing: dict | None = None,
+    bad_rows: str = "error",
+    allow_absolute_paths: bool = False,
+    min_frames: int = 1,
+    batch_size: int = 16,
+    shard_bytes: int = SHARD_BYTES,
+) -> LatentPairDataset:
+    """Validate ``ds`` and fill the cache from it, streaming: at most one batch of decoded videos
+    is in memory at any time, so datasets whose pixels exceed RAM can be cached and trained.
+
+    ``preprocessing`` (``num_frames``, ``height``, ``width``, ``fps``; see
+    :func:`align.data.video.prepare_video`) brings videos to the model's input; it is part of the
+    fingerprint. With it, videos of different sizes are allowed. Bad rows raise
+    :class:`PreferenceDataError` (``bad_rows="error"``) or are skipped and counted (``"skip"``);
+    ties are skipped and counted. Videos are decoded once to validate and hash them, and again
+    only where the cache misses. Returns the pairs as a :class:`LatentPairDataset`; its
+    ``stats`` holds the counts and ``rows`` the source row of each pair.
+    """
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    if len(ds) == 0:
+        raise ValueError(f"{source}: the preference dataset is empty")
+    pre = normalize_preprocessing(preprocessing)
+    root = dataset_root(root)
+    report = check_rows(
+        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, same_shape=not pre
+    )
+    if report.fatal and bad_rows == "error":
+        raise PreferenceDataError(source, [(p.row, p.message) for p in report.fatal])
+    bad = report.bad_rows
+    vstore, tstore = _open_stores(model, cache_dir, pre, shard_bytes)
+
+    prefs = [str(p) for p in ds["preference"]]
+    prompts = [str(p) for p in ds["prompt"]]
+    rows, keys, where = [], [], {}
+    skipped = {"bad_row": len(bad), "tie": 0}
+    for i, (pref, hashes) in enumerate(zip(prefs, report.hashes)):
+        if i in bad:
+            continue
+        if pref == "tie":
+            skipped["tie"] += 1
+            continue
+        ha, hb = hashes
+        keys.append((ha, hb) if pref == "a" else (hb, ha))
+        rows.append(i)
+        for h, col in ((ha, "video_a"), (hb, "video_b")):
+            if h not in vstore:
+                where.setdefault(h, (i, col))
+    if not rows:
+        raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
+
+    rows_np = ds.with_format("numpy")
+
+    def load(i: int, col: str) -> np.ndarray:
+        value = rows_np[i][col]
+        frames = load_video_value(value, root, allow_absolute_paths)
+        if not pre:
+            return frames
+        src_fps = None
+        if "fps" in pre:
+            if not isinstance(value, str):
+                raise ValueError(f"{source}: row {i} {col}: fps-aware sampling needs a video file that records its fps")
+            src_fps = video_info(resolve_video_path(value, root, allow_absolute_paths))["fps"]
+        try:
+            return prepare_video(
+                frames, pre.get("num_frames"), pre.get("height"), pre.get("width"), src_fps, pre.get("fps")
+            )
+        except ValueError as e:
+            raise ValueError(f"{source}: row {i} {col}: {e}") from None
+
+    hits = len({h for k in keys for h in k}) - len(where)
+    n_enc = _encode_videos(model, vstore, ((h, lambda i=i, c=c: load(i, c)) for h, (i, c) in where.items()), batch_size)
+    pkeys, p_enc = _encode_prompts(model, tstore, [prompts[i] for i in rows], batch_size)
+    vstore.flush()
+    tstore.flush()
+    stats = {
+        "pairs": len(rows),
+        "skipped": skipped,
+        "warnings": [str(p) for p in report.warnings],
+        "videos_encoded": n_enc,
+        "videos_reused": hits,
+        "prompts_encoded": p_enc,
+        "prompts_reused": len(set(pkeys)) - p_enc,
+        "bad_shards": vstore.bad_shards + tstore.bad_shards,
+        "video_dir": str(vstore.dir),
+        "prompt_dir": str(tstore.dir),
+    }
+    out = LatentPairDataset.from_stores(vstore, tstore, ((w, lo, p) for (w, lo), p in zip(keys, pkeys)), stats)
+    out.rows = rows
+    return out

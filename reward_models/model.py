@@ -1,0 +1,294 @@
+"""A CLIP-based video reward model on an open_clip backbone.
+
+A video is scored against its prompt like PickScore scores an image, extended over time:
+
+1. sample ``num_frames`` (K) frames: ``uniform`` (evenly spaced, deterministic) or ``random``
+   (sorted random indices from a seeded generator; training-time augmentation);
+2. resize them to the backbone's image size and normalise with its mean/std; encode each
+   frame with the image tower -> ``(B, K, D)``;
+3. pool over time: ``mean`` (order-blind), or ``temporal`` — a small transformer layer over
+   the K frame embeddings plus learned time positions, then mean, added to the frame mean
+   (so it starts as ``mean`` and can learn motion cues such as direction);
+4. ``score = logit_scale * cos(video, text)`` (PickScore), plus, when ``learned_head``, an
+   MLP on ``[v * t, v - t]`` of the normalised embeddings (starts at zero).
+
+Optional ``aspects`` (e.g. ``["visual_quality", "motion", "text_alignment"]``) get their own
+linear heads on the same features, trained when the data has per-aspect labels.
+
+Weights: any open_clip model name; ``pretrained`` is an open_clip tag (downloads, as
+open_clip does), a local file (``.safetensors``, or a torch file loaded with
+``weights_only=True`` — never a pickle), or ``None`` (random init, for tests and the demo's
+own pretraining). A saved reward model is a directory with ``reward_config.json`` and
+``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_DIR = Path(__file__).parent / "configs"  # model configs as data: vidalign-tiny-clip.json
+
+
+@dataclass
+class RewardModelConfig:
+    """Everything that defines a reward model; saved as ``reward_config.json``."""
+
+    model_name: str = "vidalign-tiny-clip"  # any open_clip model name
+    pretrained: str | None = None  # open_clip tag, a local weights file, or None
+    num_frames: int = 4  # K frames per video
+    frame_sampling: str = "uniform"  # uniform | random
+    pooling: str = "temporal"  # mean | temporal
+    learned_head: bool = True
+    aspects: list = field(default_factory=list)  # names of per-aspect heads
+
+    def __post_init__(self) -> None:
+        if self.frame_sampling not in ("uniform", "random"):
+            raise ValueError(f"frame_sampling must be 'uniform' or 'random', got {self.frame_sampling!r}")
+        if self.pooling not in ("mean", "temporal"):
+            raise ValueError(f"pooling must be 'mean' or 'temporal', got {self.pooling!r}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RewardModelConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown RewardModelConfig keys: {unknown}")
+        return cls(**d)
+
+
+def sample_frame_indices(
+    num_video_frames: int, k: int, mode: str = "uniform", generator: torch.Generator | None = None
+) -> list[int]:
+    """K frame indices of a video with ``num_video_frames`` frames, in temporal order.
+
+    ``uniform``: the centres of K equal segments (deterministic). ``random``: K distinct
+    sorted indices drawn with ``generator`` (deterministic under a seed). A video shorter
+    than K frames is an error (the caller names the file)."""
+    if num_video_frames < k:
+        raise ValueError(f"video has {num_video_frames} frames, fewer than num_frames={k}")
+    if mode == "uniform":
+        return [int((i + 0.5) * num_video_frames / k) for i in range(k)]
+    perm = torch.randperm(num_video_frames, generator=generator)[:k]
+    return sorted(int(i) for i in perm)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never an arbitrary pickle
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _create_backbone(cfg: RewardModelConfig):
+    """An open_clip model and its tokenizer. Local weights are loaded here; a tag is left to open_clip."""
+    import open_clip
+
+    if str(CONFIG_DIR) not in [str(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
+        open_clip.add_model_config(CONFIG_DIR)
+    if cfg.model_name not in open_clip.list_models():
+        raise ValueError(f"reward model: unknown open_clip model name {cfg.model_name!r}")
+    local = Path(cfg.pretrained) if cfg.pretrained else None
+    is_file = local is not None and (local.suffix in (".safetensors", ".pt", ".pth", ".bin") or local.exists())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import logging
+
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip logs a warning for random init
+        try:
+            model = open_clip.create_model(cfg.model_name, pretrained=None if is_file else cfg.pretrained)
+        finally:
+            logging.getLogger().setLevel(level)
+    if is_file:
+        if not local.is_file():
+            raise FileNotFoundError(f"reward model weights {local}: no such file")
+        missing, unexpected = model.load_state_dict(_load_weights(local), strict=False)
+        if unexpected or len(missing) > 0:
+            raise ValueError(f"reward model weights {local} do not fit {cfg.model_name}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, open_clip.get_tokenizer(cfg.model_name)
+
+
+class VideoRewardModel(nn.Module):
+    """Scores ``(video, prompt)`` pairs; see the module docstring."""
+
+    def __init__(self, cfg: RewardModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.clip, self.tokenizer = _create_backbone(cfg)
+        pcfg = getattr(self.clip.visual, "preprocess_cfg", {})
+        size = getattr(self.clip.visual, "image_size", pcfg.get("size", 224))
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.register_buffer("mean", torch.tensor(pcfg.get("mean", (0.481, 0.458, 0.408))).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(pcfg.get("std", (0.269, 0.261, 0.276))).view(1, 3, 1, 1), False)
+        self.context_length = int(getattr(self.tokenizer, "context_length", 77))
+        d = int(self.clip.text_projection.shape[1]) if hasattr(self.clip, "text_projection") else 512
+        self.embed_dim = d
+        k = cfg.num_frames
+        if cfg.pooling == "temporal":
+            self.time_pos = nn.Parameter(torch.zeros(1, k, d))
+            self.temporal = nn.TransformerEncoderLayer(d, nhead=max(1, d // 32), dim_feedforward=2 * d,
+                                                       batch_first=True, norm_first=True, dropout=0.0)
+            self.temporal_out = nn.Linear(d, d)
+            nn.init.zeros_(self.temporal_out.weight)
+            nn.init.zeros_(self.temporal_out.bias)
+        if cfg.learned_head:
+            self.head = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 1))
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+        self.aspect_heads = nn.ModuleDict({a: nn.Linear(2 * d, 1) for a in cfg.aspects})
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    # -- inputs ----------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids; a prompt longer than the context is truncated with a warning."""
+        for i, p in enumerate(prompts):
+            n = len(self.tokenizer.encode(p)) + 2 if hasattr(self.tokenizer, "encode") else 0
+            if n > self.context_length:
+                warnings.warn(f"reward model: prompt {i} has {n} tokens, truncated to {self.context_length}",
+                              stacklevel=2)
+        return self.tokenizer(prompts)
+
+    def frames(self, videos, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pick K frames and preprocess: uint8 ``(B, T, H, W, C)`` arrays/tensors or float
+        ``(B, C, T, H, W)`` in [-1, 1] -> normalised ``(B, K, 3, h, w)``."""
+        if isinstance(videos, np.ndarray) or (isinstance(videos, torch.Tensor) and videos.dtype == torch.uint8):
+            x = torch.as_tensor(np.asarray(videos) if isinstance(videos, np.ndarray) else videos)
+            if x.dim() != 5 or x.shape[-1] != 3:
+                raise ValueError(f"reward model: uint8 videos must be (B, T, H, W, 3), got {tuple(x.shape)}")
+            x = x.permute(0, 1, 4, 2, 3).float() / 255.0  # (B, T, 3, H, W) in [0, 1]
+        else:
+            if videos.dim() != 5 or videos.shape[1] != 3:
+                raise ValueError(f"reward model: float videos must be (B, 3, T, H, W), got {tuple(videos.shape)}")
+            x = ((videos.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
+        if not torch.isfinite(x).all():
+            raise ValueError("reward model: videos contain NaN or inf")
+        B, T = x.shape[:2]
+        idx = sample_frame_indices(T, self.cfg.num_frames, self.cfg.frame_sampling, generator)
+        x = x[:, idx].reshape(B * len(idx), *x.shape[2:]).to(self.device)
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        return x.reshape(B, len(idx), 3, *self.image_size)
+
+    # -- scoring ---------------------------------------------------------------------
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Preprocessed frames ``(B, K, 3, h, w)`` -> normalised video embeddings ``(B, D)``."""
+        B, K = frames.shape[:2]
+        f = self.clip.encode_image(frames.flatten(0, 1)).view(B, K, -1)
+        v = f.mean(dim=1)
+        if self.cfg.pooling == "temporal":
+            v = v + self.temporal_out(self.temporal(f + self.time_pos[:, :K]).mean(dim=1))
+        return F.normalize(v, dim=-1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(ids.to(self.device)), dim=-1)
+
+    def forward(self, frames: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"score": (B,), "<aspect>": (B,) ...}`` for preprocessed frames and token ids."""
+        v, t = self.encode_video(frames), self.encode_text(ids)
+        score = self.clip.logit_scale.exp() * (v * t).sum(-1)
+        feats = torch.cat([v * t, v - t], dim=-1)
+        if self.cfg.learned_head:
+            score = score + self.head(feats).squeeze(-1)
+        out = {"score": score}
+        for name, head in self.aspect_heads.items():
+            out[name] = head(feats).squeeze(-1)
+        return out
+
+    @torch.no_grad()
+    def score(self, videos, prompts: list[str], batch_size: int = 64, seed: int = 0) -> np.ndarray:
+        """Scores ``(N,)`` of videos for their prompts. Each video's score depends only on
+        that video and prompt (eval mode, per-video frame sampling seeded by ``seed``), not on
+        what else is in the batch."""
+        if len(videos) != len(prompts):
+            raise ValueError(f"reward model: {len(videos)} videos but {len(prompts)} prompts")
+        if len(prompts) == 0:
+            raise ValueError("reward model: nothing to score (empty prompt list)")
+        was_training = self.training
+        self.eval()
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            gen = torch.Generator().manual_seed(seed) if self.cfg.frame_sampling == "random" else None
+            frames = self.frames(videos[i : i + batch_size], generator=gen)
+            out.append(self(frames, self.tokenize(list(prompts[i : i + batch_size])))["score"].float().cpu())
+        self.train(was_training)
+        s = torch.cat(out).numpy()
+        if not np.isfinite(s).all():
+            raise ValueError(f"reward model produced non-finite scores for rows {np.where(~np.isfinite(s))[0][:10]}")
+        return s
+
+    # -- persistence -----------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
+        """``reward_config.json`` + ``model.safetensors``, written to a temp dir and renamed."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
+        try:
+            cfg = asdict(self.cfg)
+            cfg["pretrained"] = None  # the weights are in model.safetensors
+            (tmp / "reward_config.json").write_text(json.dumps({**cfg, **(extra or {})}, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            os.chmod(tmp, 0o755)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu") -> VideoRewardModel:
+        path = Path(path)
+        if not (path / "reward_config.json").is_file():
+            raise FileNotFoundError(f"reward model {path}: no reward_config.json (train one with `vidalign reward train`)")
+        d = json.loads((path / "reward_config.json").read_text())
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(RewardModelConfig)}}
+        model = cls(RewardModelConfig.from_dict(d))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model.to(device).eval()
+
+
+def bt_loss(score_a: torch.Tensor, score_b: torch.Tensor, preference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Bradley–Terry loss with ties as a soft target.
+
+    ``preference`` holds 1 (a preferred), 0 (b preferred) or 0.5 (tie). With
+    ``p = sigmoid(s_a - s_b)`` the loss is the binary cross-entropy ``-(y log p + (1-y)
+    log(1-p))``: a tie pulls the two scores together (its minimum is at ``s_a = s_b``).
+    We chose this over Rao–Kupper / Davidson, which add a tie parameter: with the soft
+    target the scores stay a plain BT scale (usable as RWR rewards), and its minimum
+    for ties is exactly where a tie should sit. Returns ``loss``, ``acc`` (over non-tie
+    pairs; NaN when there are none) and ``margin`` (mean ``s_a - s_b`` signed by the label).
+    """
+    if not (score_a.shape == score_b.shape == preference.shape) or score_a.dim() != 1:
+        raise ValueError(f"bt_loss: expected three (B,) tensors, got {score_a.shape}, {score_b.shape}, {preference.shape}")
+    diff = score_a - score_b
+    y = preference.to(diff.dtype)
+    loss = F.binary_cross_entropy_with_logits(diff, y)
+    decided = y != 0.5
+    acc = ((diff > 0) == (y > 0.5))[decided].float().mean() if decided.any() else torch.tensor(float("nan"))
+    sign = torch.where(y > 0.5, 1.0, torch.where(y < 0.5, -1.0, 0.0))
+    return {"loss": loss, "acc": acc.detach(), "margin": (diff * sign).mean().detach()}
+
+
+def logit_to_prob(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))

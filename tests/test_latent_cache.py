@@ -1,0 +1,243 @@
+"""The latent cache: same latents as encoding in memory, reuse across runs, invalidation when the
+VAE or preprocessing changes, damaged shards, lazy reading, streaming build, and training."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL, make_preference_rows
+from safetensors.torch import load_file
+from test_data_formats import clip
+
+from align.config import TrainConfig
+from align.data import latent_cache as lc
+from align.data.latent_cache import (
+    build_latent_cache,
+    cached_latents,
+    text_fingerprint,
+    video_fingerprint,
+)
+from align.data.preference import PreferenceDataError, load_preference_dataset, to_pairs
+from align.data.video import write_video
+from align.models import load_model
+from align.models.tiny_sora import TinySora, TinySoraConfig
+from align.train import encode_pairs, train
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = TinySora(TinySoraConfig(**SMALL)).eval()
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return to_pairs(datasets.Dataset.from_dict(make_preference_rows(8)))
+
+
+class CountingEncoder:
+    """Wraps model.encode_video to count the videos it encodes."""
+
+    def __init__(self, model):
+        self.model, self.n = model, 0
+        self.orig = model.encode_video
+
+    def __call__(self, x):
+        self.n += x.shape[0]
+        return self.orig(x)
+
+
+def _counting(model, monkeypatch) -> CountingEncoder:
+    c = CountingEncoder(model)
+    monkeypatch.setattr(model, "encode_video", c)
+    return c
+
+
+def test_cached_latents_match_encode_pairs_and_are_reused(model, pairs, tmp_path, monkeypatch):
+    ref = encode_pairs(model, pairs)
+    counter = _counting(model, monkeypatch)
+    data = cached_latents(model, pairs, tmp_path / "cache")
+    assert counter.n == 16 and data.stats["videos_encoded"] == 16 and data.stats["prompts_encoded"] == 1
+    assert len(data) == len(ref) == 8
+    for i in range(8):
+        for got, want in zip(data[i], ref[i]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the second run encodes nothing and writes no shard
+    shards = sorted((tmp_path / "cache").rglob("shard-*.safetensors"))
+    again = cached_latents(model, pairs, tmp_path / "cache")
+    assert counter.n == 16 and again.stats["videos_reused"] == 16 and again.stats["prompts_reused"] == 1
+    assert sorted((tmp_path / "cache").rglob("shard-*.safetensors")) == shards
+    torch.testing.assert_close(again[3][1], data[3][1])
+    # shards are plain safetensors, keyed by content hash, with the fingerprint in the header
+    fp, meta = video_fingerprint(model)
+    vdir = tmp_path / "cache" / f"video-{fp[:16]}"
+    assert json.loads((vdir / "fingerprint.json").read_text())["fingerprint"] == fp
+    assert meta["preprocessing"] == {} and "vae_sha256" in meta
+    keys = set().union(*(load_file(f).keys() for f in vdir.glob("shard-*.safetensors")))
+    assert len(keys) == 16 and all(len(k) == 64 for k in keys)
+
+
+def test_fingerprint_changes_with_vae_scaling_and_preprocessing_only(model):
+    fp, _ = video_fingerprint(model)
+    tfp, _ = text_fingerprint(model)
+    assert video_fingerprint(model)[0] == fp  # deterministic
+    assert video_fingerprint(model, {"num_frames": 8, "height": 32})[0] != fp
+    assert video_fingerprint(model, {"num_frames": None})[0] == fp  # None = not set
+    with pytest.raises(ValueError, match=r"unknown preprocessing key\(s\) \['size'\]"):
+        video_fingerprint(model, {"size": 32})
+    other = TinySora(TinySoraConfig(**SMALL))
+    other.vae.load_state_dict(model.vae.state_dict())
+    other.text_encoder.load_state_dict(model.text_encoder.state_dict())
+    assert video_fingerprint(other)[0] == fp and text_fingerprint(other)[0] == tfp  # the denoiser does not count
+    other.cfg.scaling_factor = 0.5
+    assert video_fingerprint(other)[0] != fp
+    other.cfg.scaling_factor = model.cfg.scaling_factor
+    with torch.no_grad():
+        next(iter(other.vae.parameters()))[0].add_(1e-3)
+    assert video_fingerprint(other)[0] != fp
+    with torch.no_grad():
+        next(iter(other.text_encoder.parameters()))[0].add_(1e-3)
+    assert text_fingerprint(other)[0] != tfp
+
+
+def test_a_changed_vae_invalidates_the_cache(model, pairs, tmp_path, monkeypatch):
+    cached_latents(model, pairs, tmp_path / "c")
+    changed = TinySora(TinySoraConfig(**SMALL)).eval()
+    changed.text_encoder.load_state_dict(model.text_encoder.state_dict())
+    counter = _counting(changed, monkeypatch)
+    data = cached_latents(changed, pairs, tmp_path / "c")
+    assert counter.n == 16 and data.stats["videos_reused"] == 0  # stale latents are never read
+    assert data.stats["prompts_reused"] == 1  # the text encoder did not change
+    torch.testing.assert_close(data[0][0], encode_pairs(changed, pairs)[0][0], rtol=1e-5, atol=1e-6)
+    assert len(list((tmp_path / "c").glob("video-*"))) == 2
+
+
+def test_damaged_shard_is_ignored_and_reencoded(model, pairs, tmp_path, monkeypatch):
+    want = cached_latents(model, pairs, tmp_path / "c")[5][0]
+    (shard,) = (tmp_path / "c").glob("video-*/shard-*.safetensors")
+    raw = shard.read_bytes()
+    shard.unlink()  # a new file: tensors read before may still map the old one
+    shard.write_bytes(raw[:100])  # truncated on disk
+    counter = _counting(model, monkeypatch)
+    with pytest.warns(UserWarning, match="ignoring unreadable shard"):
+        data = cached_latents(model, pairs, tmp_path / "c")
+    assert counter.n == 16 and data.stats["bad_shards"] == [str(shard)]
+    torch.testing.assert_close(data[5][0], want)
+
+
+def test_lazy_dataset_reads_from_many_small_shards(model, pairs, tmp_path, monkeypatch):
+    monkeypatch.setattr(lc, "MAX_OPEN_SHARDS", 2)
+    one = model.latent_shape[0] * int(np.prod(model.latent_shape[1:])) * 4
+    data = cached_latents(model, pairs, tmp_path / "c", batch_size=4, shard_bytes=3 * one)
+    assert len(list((tmp_path / "c").glob("video-*/shard-*"))) >= 5
+    # nothing but names and keys is held in memory
+    assert not any(isinstance(v, torch.Tensor) for v in vars(data).values())
+    assert all(isinstance(x, (int, str)) for item in data.items for x in item)
+    ref = encode_pairs(model, pairs)
+    clone = pickle.loads(pickle.dumps(data))  # DataLoader workers get a copy without open handles
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0)).tolist()
+    loader = torch.utils.data.DataLoader(clone, batch_size=3, sampler=order)
+    got = torch.cat([b[0] for b in loader])
+    torch.testing.assert_close(got, torch.stack([ref[i][0] for i in order]), rtol=1e-5, atol=1e-6)
+    assert len(clone._handles) <= 2
+
+
+def _mp4_dataset(tmp_path, n=4, frames=8, size=32):
+    root = tmp_path / "ds"
+    for i in range(2 * n):
+        write_video(root / "videos" / f"v{i}.mp4", clip(i, frames=frames, size=size))
+    recs = [
+        {"prompt": f"prompt {i % 2}", "video_a": f"videos/v{2 * i}.mp4", "video_b": f"videos/v{2 * i + 1}.mp4"}
+        for i in range(n)
+    ]
+    for i, r in enumerate(recs):
+        r["preference"] = ["a", "b", "tie", "b"][i % 4]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(root / "prefs.jsonl")
+
+
+def test_streaming_build_serves_the_trainer(model, tmp_path, monkeypatch):
+    src = _mp4_dataset(tmp_path)
+    ds = load_preference_dataset(src)
+    data = build_latent_cache(model, ds, tmp_path / "c", src, src, batch_size=2)
+    assert data.rows == [0, 1, 3] and data.stats["skipped"] == {"bad_row": 0, "tie": 1}
+    assert data.stats["videos_encoded"] == 6 and data.stats["prompts_encoded"] == 2  # the tie's videos are not needed
+    # the trainer's path (to_pairs + cached_latents) finds everything already cached
+    counter = _counting(model, monkeypatch)
+    from_pairs = cached_latents(model, to_pairs(ds, root=src), tmp_path / "c")
+    assert counter.n == 0 and from_pairs.stats["videos_reused"] == 6
+    for i in range(3):
+        for a, b in zip(data[i], from_pairs[i]):
+            torch.testing.assert_close(a, b)
+
+
+def test_streaming_build_with_preprocessing_and_bad_rows(model, tmp_path):
+    src = _mp4_dataset(tmp_path, frames=16, size=48)  # not the model's 8x32x32
+    lines = (tmp_path / "ds" / "prefs.jsonl").read_text().splitlines()
+    bad = json.loads(lines[0]) | {"video_b": "videos/missing.mp4"}
+    (tmp_path / "ds" / "prefs.jsonl").write_text("\n".join([json.dumps(bad), *lines[1:]]) + "\n")
+    ds = load_preference_dataset(src)
+    pre = {"num_frames": 8, "height": 32, "width": 32, "fps": 8}
+    with pytest.raises(PreferenceDataError, match=r"row 0: video_b: .*missing.mp4: no such video file"):
+        build_latent_cache(model, ds, tmp_path / "c", src, src, preprocessing=pre)
+    data = build_latent_cache(model, ds, tmp_path / "c", src, src, preprocessing=pre, bad_rows="skip")
+    assert data.rows == [1, 3] and data.stats["skipped"] == {"bad_row": 1, "tie": 1}
+    assert data[0][0].shape == model.latent_shape
+    fp, meta = video_fingerprint(model, pre)
+    assert meta["preprocessing"] == {"fps": 8.0, "height": 32, "num_frames": 8, "width": 32}
+    assert (tmp_path / "c" / f"video-{fp[:16]}").is_dir()
+    with pytest.raises(ValueError, match=r"too short for 8 frames at 1 fps"):
+        build_latent_cache(model, ds, tmp_path / "c", src, src, preprocessing=pre | {"fps": 1}, bad_rows="skip")
+
+
+def test_train_with_the_cache_matches_training_without(tiny_model_dir, pref_dataset_dir, tmp_path):
+    def cfg(name, **kw):
+        base = dict(
+            model=str(tiny_model_dir),
+            dataset=pref_dataset_dir,
+            output_dir=str(tmp_path),
+            name=name,
+            max_steps=2,
+            train_batch_size=4,
+            learning_rate=1e-2,
+            lora_rank=4,
+            lora_alpha=4.0,
+            checkpointing_steps=0,
+            progress=False,
+            beta=50.0,
+        )
+        return TrainConfig(**(base | kw))
+
+    plain = train(cfg("plain"))
+    cached = train(cfg("cached", latent_cache_dir=str(tmp_path / "cache")))
+    shards = sorted((tmp_path / "cache").rglob("shard-*.safetensors"))
+    assert shards
+    a = load_file(plain / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(cached / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # a fresh load of the model finds everything the cached run wrote (the same fingerprints)
+    again = cached_latents(
+        load_model(tiny_model_dir), to_pairs(load_preference_dataset(pref_dataset_dir)), tmp_path / "cache"
+    )
+    assert again.stats["videos_encoded"] == 0 and again.stats["videos_reused"] == 16
+    assert sorted((tmp_path / "cache").rglob("shard-*.safetensors")) == shards
+
+
+def test_cli_cache_encodes_once(tiny_model_dir, tmp_path, capsys):
+    from align.cli import main
+
+    src = _mp4_dataset(tmp_path)
+    cache = tmp_path / "cache"
+    assert main(["data", "cache", src, "--model", str(tiny_model_dir), "--cache-dir", str(cache)]) == 0
+    assert "3 pairs (skipped {'bad_row': 0, 'tie': 1}); videos encoded 6, reused 0" in capsys.readouterr().out
+    assert main(["data", "cache", src, "--model", str(tiny_model_dir), "--cache-dir", str(cache)]) == 0
+    assert "videos encoded 0, reused 6; prompts encoded 0, reused 2" in capsys.readouterr().out

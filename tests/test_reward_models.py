@@ -1,0 +1,200 @@
+"""CLIP-based video reward model: BT-with-ties loss, scoring invariances, frame sampling,
+training on a separable toy set, persistence, bad input, and the CLI."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from align.cli import main
+from reward_models.model import RewardModelConfig, VideoRewardModel, bt_loss, sample_frame_indices
+from reward_models.train import PairData, RewardTrainConfig, _setup_finetune, evaluate, train_reward_model
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return VideoRewardModel(RewardModelConfig(**kw))
+
+
+def _solid(color, n=1, T=8, seed=0):
+    rng = np.random.default_rng(seed)
+    base = np.zeros((n, T, 32, 32, 3), np.float32) + np.array(color, np.float32)
+    return np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_bt_loss_by_hand_with_ties():
+    sa, sb = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 0.0])
+    nl = lambda x: -math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    for y, want in ((1.0, nl(1)), (0.0, nl(-1)), (0.5, 0.5 * (nl(1) + nl(-1)))):
+        out = bt_loss(sa, sb, torch.full((3,), y))
+        assert abs(out["loss"].item() - want) < 1e-6
+    out = bt_loss(torch.tensor([2.0, 0.0, 3.0]), torch.tensor([1.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 0.5]))
+    assert out["acc"].item() == 0.5  # the tie is left out of the accuracy
+    assert abs(out["margin"].item() - (1.0 - 1.0 + 0.0) / 3) < 1e-6
+    # a tie's loss is smallest where the scores are equal
+    t = torch.tensor([0.5])
+    assert bt_loss(torch.tensor([0.0]), torch.tensor([0.0]), t)["loss"] < bt_loss(torch.tensor([0.3]), torch.tensor([0.0]), t)["loss"]
+    with pytest.raises(ValueError, match="three"):
+        bt_loss(sa, sb[:2], torch.ones(3))
+
+
+def test_frame_sampling_is_deterministic():
+    assert sample_frame_indices(8, 4, "uniform") == [1, 3, 5, 7]
+    a = sample_frame_indices(16, 4, "random", torch.Generator().manual_seed(3))
+    b = sample_frame_indices(16, 4, "random", torch.Generator().manual_seed(3))
+    assert a == b and a == sorted(a) and len(set(a)) == 4
+    with pytest.raises(ValueError, match="fewer than num_frames=4"):
+        sample_frame_indices(3, 4)
+
+
+def test_scores_do_not_depend_on_batch_composition():
+    m = _model()
+    videos = np.concatenate([_solid((255, 0, 0), 3, seed=1), _solid((0, 0, 255), 2, seed=2)])
+    prompts = ["a red square moving left on a black background"] * 3 + ["a blue circle moving up on a gray background"] * 2
+    all_scores = m.score(videos, prompts, batch_size=4)
+    alone = m.score(videos[3:4], prompts[3:4])
+    np.testing.assert_allclose(all_scores[3], alone[0], rtol=1e-5, atol=1e-5)
+    shuffled = m.score(videos[::-1].copy(), prompts[::-1], batch_size=2)
+    np.testing.assert_allclose(all_scores, shuffled[::-1], rtol=1e-5, atol=1e-5)
+    # float (B, C, T, H, W) in [-1, 1] input gives the same scores as uint8
+    x = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    np.testing.assert_allclose(m.score(x, prompts), all_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_is_named():
+    m = _model()
+    with pytest.raises(ValueError, match="fewer than num_frames"):
+        m.score(_solid((255, 0, 0), 1, T=2), ["p"])
+    nan = torch.full((1, 3, 8, 32, 32), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        m.score(nan, ["p"])
+    with pytest.raises(ValueError, match="2 prompts"):
+        m.score(_solid((255, 0, 0), 1), ["p", "q"])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = m.score(_solid((255, 0, 0), 1), [" ".join(["red"] * 40)])
+    assert any("truncated" in str(x.message) for x in w) and np.isfinite(s).all()
+    with pytest.raises(ValueError, match="unknown open_clip model name"):
+        VideoRewardModel(RewardModelConfig(model_name="no-such-clip"))
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModelConfig(pooling="max")
+
+
+def test_save_load_and_local_weights(tmp_path):
+    m = _model(aspects=["motion"])
+    v, p = _solid((0, 255, 0), 2), ["a green square moving up on a navy background"] * 2
+    m.save_pretrained(tmp_path / "rm")
+    m2 = VideoRewardModel.from_pretrained(tmp_path / "rm")
+    np.testing.assert_allclose(m.score(v, p), m2.score(v, p), rtol=1e-6)
+    # backbone weights from a local file: safetensors, or torch with weights_only=True
+    from safetensors.torch import save_file
+
+    save_file({k: t.contiguous() for k, t in m.clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    torch.save(m.clip.state_dict(), tmp_path / "clip.pt")
+    for f in ("clip.safetensors", "clip.pt"):
+        m3 = VideoRewardModel(RewardModelConfig(pretrained=str(tmp_path / f), aspects=["motion"]))
+        assert all(torch.equal(a, b) for a, b in zip(m3.clip.state_dict().values(), m.clip.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        VideoRewardModel(RewardModelConfig(pretrained=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(FileNotFoundError, match="reward_config.json"):
+        VideoRewardModel.from_pretrained(tmp_path)
+
+
+def _toy_pairs(n, seed):
+    """Prompt names a colour; the video of that colour is preferred (separable)."""
+    rng = np.random.default_rng(seed)
+    cols = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
+    names = list(cols)
+    prompts, va, vb, y = [], [], [], []
+    for i in range(n):
+        want, other = rng.choice(3, 2, replace=False)
+        good, bad = _solid(cols[names[want]], seed=2 * i + seed), _solid(cols[names[other]], seed=2 * i + 1 + seed)
+        a_first = rng.random() < 0.5
+        prompts.append(f"a {names[want]} square moving left on a black background")
+        va.append((good if a_first else bad)[0])
+        vb.append((bad if a_first else good)[0])
+        y.append(1.0 if a_first else 0.0)
+    return PairData(prompts, np.stack(va), np.stack(vb), np.array(y, np.float32))
+
+
+def test_a_few_steps_on_a_separable_toy_set_beat_chance():
+    m = _model(pooling="mean")
+    train, held = _toy_pairs(48, 0), _toy_pairs(30, 100)
+    params = _setup_finetune(m, "full", 4)
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    for step in range(20):
+        idx = np.arange(16) + (step % 3) * 16
+        ids = m.tokenize([train.prompts[i] for i in idx])
+        out = bt_loss(m(m.frames(train.video_a[idx]), ids)["score"], m(m.frames(train.video_b[idx]), ids)["score"],
+                      torch.from_numpy(train.target[idx]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert evaluate(m, held)["accuracy"] >= 0.8
+    assert any(not torch.equal(before[n], p) for n, p in m.named_parameters())
+
+
+def test_head_and_lora_modes_freeze_the_backbone():
+    m = _model()
+    params = _setup_finetune(m, "head", 4)
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert names and all(not n.startswith("clip.") or n == "clip.logit_scale" for n in names)
+    assert len(params) == len(names)
+    m = _model()
+    _setup_finetune(m, "lora", 4)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable)
+    assert not any(n.startswith("clip.") and "lora_" not in n and n != "clip.logit_scale" for n in trainable)
+    with pytest.raises(ValueError, match="finetune"):
+        _setup_finetune(_model(), "half", 4)
+
+
+def _save_toy_dataset(path, n, seed, tie_every=0):
+    import datasets
+
+    d = _toy_pairs(n, seed)
+    prefs = ["a" if t == 1.0 else "b" for t in d.target]
+    if tie_every:
+        prefs = ["tie" if i % tie_every == 0 else p for i, p in enumerate(prefs)]
+    datasets.Dataset.from_dict({"prompt": d.prompts, "video_a": list(d.video_a), "video_b": list(d.video_b),
+                                "preference": prefs, "preference_color": prefs}).save_to_disk(str(path))
+    return str(path)
+
+
+def test_train_eval_score_cli(tmp_path, capsys):
+    data = _save_toy_dataset(tmp_path / "toy", 60, 0, tie_every=7)
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text(f"dataset: {data}\noutput_dir: {tmp_path}\nname: rm\nepochs: 2\nbatch_size: 16\n"
+                      "learning_rate: 0.0003\nmodel: {pooling: mean, aspects: [color]}\nprogress: false\n")
+    assert main(["reward", "train", str(recipe), "--eval_fraction", "0.3"]) == 0
+    best = tmp_path / "rm" / "best"
+    assert (best / "model.safetensors").is_file()
+    lines = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_accuracy" in r for r in lines) == 2
+    summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert summary["train_pairs"] + summary["eval_pairs"] == 60
+    capsys.readouterr()
+    assert main(["reward", "eval", data, "--model", str(best), "--out", str(tmp_path / "ev")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 60 and res["ties"] == 9 and 0 <= res["accuracy"] <= 1
+    assert (tmp_path / "ev" / "calibration.png").stat().st_size > 0
+    from align.data.video import write_video
+
+    write_video(tmp_path / "red.gif", _solid((255, 0, 0))[0])
+    write_video(tmp_path / "blue.gif", _solid((0, 0, 255))[0])
+    assert main(["reward", "score", "--model", str(best), "--prompt", "a red square moving left on a black "
+                 "background", "--video", str(tmp_path / "red.gif"), str(tmp_path / "blue.gif")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["reward", "score", "--model", str(best), "--prompt", "p", "--video", str(tmp_path / "nope.mp4")]) == 2
+    assert "nope.mp4" in capsys.readouterr().err
+
+
+def test_train_needs_prompts_in_both_splits(tmp_path):
+    data = _save_toy_dataset(tmp_path / "toy", 6, 0)
+    with pytest.raises(ValueError, match="cannot be split"):
+        train_reward_model(RewardTrainConfig(dataset=data, output_dir=str(tmp_path), eval_fraction=0.0,
+                                             progress=False))
