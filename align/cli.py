@@ -52,6 +52,10 @@ def cmd_demo(args) -> int:
     from align.demo import run_demo
 
     report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, model=args.model)
+    for method in ("DPO", "RWR"):
+        w = report["winrate"]["oracle"][method]
+        print(f"{method} vs base, oracle win rate {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
+    print(f"reward model held-out accuracy vs oracle {report['reward_model']['accuracy']:.3f}")
     wr = report["winrate"]["oracle"]
     print(
         f"DPO vs base, oracle win rate {wr['rate']:.3f} (95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, "

@@ -1,13 +1,14 @@
 """DPO epoch time with the latent cache vs without, on the tiny model, as ratios measured in one run.
 
-    python -m bench.latent_cache [--pairs 64] [--batch 8] [--epochs 3] [--threads N] [--out bench/latent_cache.json]
+    python -m bench.latent_cache [--pairs 64] [--batch 8] [--epochs 5] [--threads N] [--out bench/latent_cache.json]
 
 The data: ``--pairs`` pairs of synthetic-world videos written as mp4 files with a JSONL index,
 as users bring them, in two scenarios:
 
 - ``model_resolution``: the files already hold the model's input (8 frames of 32x32): the
   least a cache can save, only the decode and the VAE.
-- ``larger_source``: the files are 16 frames of 128x128 at 16 fps, brought to the model's
+- ``source_128px`` / ``source_256px``: the files are 16 frames of 128x128 at 16 fps / 32
+  frames of 256x256 at 24 fps (still far below real 480p-720p clips), brought to the model's
   8 frames at 8 fps and 32x32 by :func:`align.data.video.prepare_video` (fps-aware sampling,
   resize and centre crop): what real data needs, and what the cache also saves.
 
@@ -23,9 +24,11 @@ reference forward) over all pairs; what differs is where the latents come from:
 - ``in_memory``: one ``TensorDataset`` of latents (what ``align.train`` does when everything
   fits in RAM), for reference: the cache should cost about as much as holding latents in memory.
 
-Epochs of the three kinds are interleaved and their medians compared, so that load on a shared
-CPU hits all of them alike (on a busy machine, ``--threads 1`` also steadies the numbers).
-The results are the ratios ``no_cache / cache`` (goal: >= 3x).
+Epochs of the three kinds are interleaved, and the ratio compares each kind's fastest epoch
+(the one least disturbed by other load on a shared CPU; medians are reported too). The results
+are the ratios ``no_cache / cache`` (goal: >= 3x). The cache cannot make an epoch faster than
+its DPO steps, so the ratio is (decode + prepare + VAE + steps) / steps: it grows with the
+size of the source videos, while the tiny denoiser's step cost stays the same.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from align.train import dpo_step_losses
 SCENARIOS = {
     # name: (frames in the file, size in the file, fps of the file, preprocessing for the model)
     "model_resolution": (8, 32, 8, None),
-    "larger_source": (16, 128, 16, {"num_frames": 8, "height": 32, "width": 32, "fps": 8}),
+    "source_128px": (16, 128, 16, {"num_frames": 8, "height": 32, "width": 32, "fps": 8}),
+    "source_256px": (32, 256, 24, {"num_frames": 8, "height": 32, "width": 32, "fps": 8}),
 }
 
 
@@ -122,14 +126,17 @@ def run_scenario(model, step, tmp: Path, name: str, args) -> dict:
             fn()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    saved = med["no_cache"] - med["cache"]
+    best = {k: min(v) for k, v in times.items()}
+    saved = best["no_cache"] - best["cache"]
     return {
         "files": {"frames": frames, "size": size, "fps": fps, "preprocessing": pre},
         "epoch_seconds": times,
         "median_epoch_seconds": med,
+        "best_epoch_seconds": best,
         "build_seconds": t_build,
-        "no_cache / cache": med["no_cache"] / med["cache"],
-        "cache / in_memory": med["cache"] / med["in_memory"],
+        "no_cache / cache": best["no_cache"] / best["cache"],
+        "no_cache / cache (medians)": med["no_cache"] / med["cache"],
+        "cache / in_memory": best["cache"] / best["in_memory"],
         "cache_pays_off_after_epochs": t_build / saved if saved > 0 else None,
     }
 
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="pairs per DPO step")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of each kind (medians are compared)")
+    ap.add_argument("--epochs", type=int, default=5, help="epochs of each kind (the fastest are compared)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {list(SCENARIOS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default="bench/latent_cache.json")
@@ -177,10 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     for name, s in scenarios.items():
-        med = {k: round(v, 3) for k, v in s["median_epoch_seconds"].items()}
+        best = {k: round(v, 3) for k, v in s["best_epoch_seconds"].items()}
+        medians = s["no_cache / cache (medians)"]
         print(
-            f"{name:18s} no_cache / cache {s['no_cache / cache']:5.2f}x   cache / in_memory "
-            f"{s['cache / in_memory']:4.2f}x   (median epoch s {med}; build {s['build_seconds']:.2f} s)"
+            f"{name:17s} no_cache / cache {s['no_cache / cache']:5.2f}x (medians {medians:.2f}x)"
+            f"   cache / in_memory {s['cache / in_memory']:4.2f}x   (fastest epoch s {best}; "
+            f"build {s['build_seconds']:.2f} s)"
         )
     print(f"written to {out}")
     return res

@@ -6,6 +6,9 @@ A video is scored against its prompt like PickScore scores an image, extended ov
    (sorted random indices from a seeded generator; training-time augmentation);
 2. resize them to the backbone's image size and normalise with its mean/std; encode each
    frame with the image tower -> ``(B, K, D)``;
+   With ``motion_frame`` one more image joins them: ``0.5 + 0.5 * (last - first)``, the
+   signed change over the clip, so that a frame-level backbone can see where things moved
+   (a departure from PickScore-style frame averaging, for motion-sensitive preferences);
 3. pool over time: ``mean`` (order-blind), or ``temporal`` — a small transformer layer over
    the K frame embeddings plus learned time positions, then mean, added to the frame mean
    (so it starts as ``mean`` and can learn motion cues such as direction);
@@ -53,6 +56,7 @@ class RewardModelConfig:
     pooling: str = "temporal"  # mean | temporal
     learned_head: bool = True
     aspects: list = field(default_factory=list)  # names of per-aspect heads
+    motion_frame: bool = True  # add the signed difference of the last and first sampled frames
 
     def __post_init__(self) -> None:
         if self.frame_sampling not in ("uniform", "random"):
@@ -138,7 +142,7 @@ class VideoRewardModel(nn.Module):
         self.context_length = int(getattr(self.tokenizer, "context_length", 77))
         d = int(self.clip.text_projection.shape[1]) if hasattr(self.clip, "text_projection") else 512
         self.embed_dim = d
-        k = cfg.num_frames
+        k = cfg.num_frames + int(cfg.motion_frame)
         if cfg.pooling == "temporal":
             self.time_pos = nn.Parameter(torch.zeros(1, k, d))
             self.temporal = nn.TransformerEncoderLayer(d, nhead=max(1, d // 32), dim_feedforward=2 * d,
@@ -182,18 +186,22 @@ class VideoRewardModel(nn.Module):
             raise ValueError("reward model: videos contain NaN or inf")
         B, T = x.shape[:2]
         idx = sample_frame_indices(T, self.cfg.num_frames, self.cfg.frame_sampling, generator)
-        x = x[:, idx].reshape(B * len(idx), *x.shape[2:]).to(self.device)
+        x = x[:, idx]
+        if self.cfg.motion_frame:  # where the content went (bright) and came from (dark), as one more image
+            x = torch.cat([x, (0.5 + 0.5 * (x[:, -1:] - x[:, :1])).clamp(0, 1)], dim=1)
+        k = x.shape[1]
+        x = x.reshape(B * k, *x.shape[2:]).to(self.device)
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
-        return x.reshape(B, len(idx), 3, *self.image_size)
+        return x.reshape(B, k, 3, *self.image_size)
 
     # -- scoring ---------------------------------------------------------------------
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Preprocessed frames ``(B, K, 3, h, w)`` -> normalised video embeddings ``(B, D)``."""
         B, K = frames.shape[:2]
         f = self.clip.encode_image(frames.flatten(0, 1)).view(B, K, -1)
-        v = f.mean(dim=1)
+        v = f.mean(dim=1)  # (with a motion frame, it is averaged in like a frame)
         if self.cfg.pooling == "temporal":
             v = v + self.temporal_out(self.temporal(f + self.time_pos[:, :K]).mean(dim=1))
         return F.normalize(v, dim=-1)

@@ -221,7 +221,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = open(run_dir / "metrics.jsonl", "w")
-    best, t0 = -1.0, time.time()
+    best, best_eval, t0 = -1.0, {}, time.time()
     n = len(tr_idx)
     steps_per_epoch = max(1, n // cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"reward ({cfg.name})", disable=not cfg.progress)
@@ -247,16 +247,18 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
             metrics.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + s, "loss": out["loss"].item(),
                                       "acc": out["acc"].item()}) + "\n")
         ev = evaluate(model, eval_data)
+        ev["epoch"] = epoch
         rec = {"epoch": epoch, "eval_accuracy": ev["accuracy"], "eval_accuracy_with_ties": ev["accuracy_with_ties"]}
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
         if ev["accuracy"] > best:
-            best = ev["accuracy"]
+            best, best_eval = ev["accuracy"], ev
             _save(model, run_dir / "best", {"trained_on": cfg.dataset, "epoch": epoch, "eval_accuracy": best})
     bar.close()
     metrics.close()
     summary = {"train_pairs": len(tr_idx), "eval_pairs": len(ev_idx), "skipped_rows": data.skipped,
-               "best_eval_accuracy": best, "train_s": time.time() - t0, "config": asdict(cfg)}
+               "best_eval_accuracy": best, "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),
+               "calibration": best_eval.get("calibration"), "best_epoch": best_eval.get("epoch"), "train_s": time.time() - t0, "config": asdict(cfg)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return run_dir
 

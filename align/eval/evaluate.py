@@ -60,3 +60,13 @@ def oracle_winrate(samples: PairedSamples, tie_margin: float = 0.005, seed: int 
         for k in attrs
     }
     return out
+
+
+def reward_winrate(reward_model, base: np.ndarray, aligned: np.ndarray, prompts: list[str], tie_margin: float = 0.0,
+                   seed: int = 0) -> dict:
+    """Win rate of aligned over base videos (same prompts and seeds) judged by a reward model."""
+    old = reward_model.score(base, prompts)
+    new = reward_model.score(aligned, prompts)
+    out = win_rate(new.tolist(), old.tolist(), tie_margin=tie_margin, seed=seed)
+    out["mean_score"] = {"base": float(old.mean()), "aligned": float(new.mean())}
+    return out

@@ -92,12 +92,12 @@ def _winrate_rows(winrate: dict):
     for judge, entry in winrate.items():
         if not isinstance(entry, dict):
             continue
-        if "rate" in entry:
+        methods = [(m, wr) for m, wr in entry.items() if isinstance(wr, dict) and "rate" in wr]
+        if methods:  # judge -> method -> dict (a top-level "rate" then repeats the first method)
+            for method, wr in methods:
+                yield f"{method} ({judge})", wr
+        elif "rate" in entry:
             yield str(judge), entry
-        else:
-            for method, wr in entry.items():
-                if isinstance(wr, dict) and "rate" in wr:
-                    yield f"{method} ({judge})", wr
 
 
 def _score_table(wr: dict) -> str:
