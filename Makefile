@@ -33,6 +33,7 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.latent_cache
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check align reward_models tests bench

@@ -44,7 +44,9 @@ class TrainConfig:
 
     model: str = REQUIRED  # a TinySora directory (see `vidalign pretrain`), a diffusers directory or hub id
     model_options: dict = field(default_factory=dict)  # load_model options (dtype, frames, height, width, ...)
-    dataset: str = ""  # dpo: a preference dataset; rwr: a scored-samples dataset (unused online)
+    # dpo: a preference dataset in any layout `vidalign data validate` reads; rwr: a scored-samples
+    # dataset (unused by online RWR, which samples the policy). Checked when training starts.
+    dataset: str = ""
     name: str = "dpo"
     output_dir: str = "runs"
     objective: str = "dpo"  # dpo (preference pairs) | rwr (scored samples, or online with a reward model)
@@ -69,8 +71,12 @@ class TrainConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
-    train_batch_size: int = 16  # pairs per process per micro-step
+    train_batch_size: int = 16  # pairs per process per micro-step (derived from effective_batch_size when set)
+    # pairs per optimizer step over all processes and accumulation steps; must divide by
+    # processes x gradient_accumulation_steps. 0 = train_batch_size x processes x accumulation
+    effective_batch_size: int = 0
     gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # for denoisers with enable_gradient_checkpointing()
     max_steps: int = 200
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -83,6 +89,8 @@ class TrainConfig:
     # model fingerprint, read lazily); None = encode in memory at every start
     latent_cache_dir: str | None = None
     progress: bool = True
+    resume: str | None = None  # "latest" (the run's newest checkpoint, if any) or a checkpoint-<step> directory
+    report_to: list = field(default_factory=list)  # tensorboard, wandb: used when installed; metrics.jsonl always
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -64,7 +64,7 @@ class DemoConfig:
     rwr_max_weight: float = 0.7
     rwr_learning_rate: float = 1e-3
     reward_pretrain_steps: int = 300
-    reward_epochs: int = 6
+    reward_epochs: int = 4
     reward_learning_rate: float = 3e-4
     eval_seeds_per_prompt: int = 5
     heldout_fraction: float = 0.2

@@ -1,9 +1,9 @@
 """DPO epoch time with the latent cache vs without, on the tiny model, as ratios measured in one run.
 
-    python -m bench.latent_cache [--pairs 64] [--batch 8] [--epochs 5] [--threads N] [--out bench/latent_cache.json]
+    python -m bench.latent_cache [--pairs 64] [--batch 8] [--epochs 5] [--threads 1] [--out FILE]
 
 The data: ``--pairs`` pairs of synthetic-world videos written as mp4 files with a JSONL index,
-as users bring them, in two scenarios:
+as users bring them, in three scenarios:
 
 - ``model_resolution``: the files already hold the model's input (8 frames of 32x32): the
   least a cache can save, only the decode and the VAE.
@@ -25,10 +25,12 @@ reference forward) over all pairs; what differs is where the latents come from:
   fits in RAM), for reference: the cache should cost about as much as holding latents in memory.
 
 Epochs of the three kinds are interleaved, and the ratio compares each kind's fastest epoch
-(the one least disturbed by other load on a shared CPU; medians are reported too). The results
-are the ratios ``no_cache / cache`` (goal: >= 3x). The cache cannot make an epoch faster than
-its DPO steps, so the ratio is (decode + prepare + VAE + steps) / steps: it grows with the
-size of the source videos, while the tiny denoiser's step cost stays the same.
+(the one least disturbed by other load on a shared CPU; medians are reported too). Torch runs
+one thread by default (``--threads``): on a shared 2-core machine, two threads per process made
+single epochs up to 40x slower at random; one thread keeps them within ~20% of each other.
+The results are the ratios ``no_cache / cache`` (goal: >= 3x). The cache cannot make an epoch
+faster than its DPO steps, so the ratio is (decode + prepare + VAE + steps) / steps: it grows
+with the size of the source videos, while the tiny denoiser's step cost stays the same.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="pairs per DPO step")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of each kind (the fastest are compared)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {list(SCENARIOS)}")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     ap.add_argument("--out", default="bench/latent_cache.json")
     args = ap.parse_args(argv)
     if args.threads:

@@ -56,7 +56,7 @@ class RewardModelConfig:
     pooling: str = "temporal"  # mean | temporal
     learned_head: bool = True
     aspects: list = field(default_factory=list)  # names of per-aspect heads
-    motion_frame: bool = True  # add the signed difference of the last and first sampled frames
+    motion_frame: bool = False  # add the signed difference of the last and first sampled frames
 
     def __post_init__(self) -> None:
         if self.frame_sampling not in ("uniform", "random"):

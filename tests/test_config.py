@@ -27,8 +27,8 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_missing_required_key_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"missing required key\(s\) \['dataset'\]"):
-        load_config(TrainConfig, _recipe(tmp_path, "model: m\n"))
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['model'\]"):
+        load_config(TrainConfig, _recipe(tmp_path, "dataset: d\n"))
 
 
 def test_malformed_values(tmp_path):
