@@ -34,6 +34,7 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.latent_cache
+	$(BIN)/python -m bench.distributed
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check align reward_models tests bench

@@ -336,12 +336,15 @@ def cmd_data_samples(args) -> int:
     k = args.samples_per_prompt
     ps = [p for p in prompts for _ in range(k)]
     model = load_model(args.model)
-    videos = to_uint8(generate(model, ps, [args.seed + i for i in range(len(ps))], args.steps, args.guidance,
-                               progress=True))
+    videos = to_uint8(
+        generate(model, ps, [args.seed + i for i in range(len(ps))], args.steps, args.guidance, progress=True)
+    )
     rewards = VideoRewardModel.from_pretrained(args.reward_model).score(videos, ps)
     scored_samples_dataset(ps, videos, rewards, [i // k for i in range(len(ps))]).save_to_disk(args.out)
-    print(f"wrote {len(ps)} scored samples ({len(prompts)} prompts x {k}) to {args.out}; "
-          f"reward mean {rewards.mean():.3f} std {rewards.std():.3f}")
+    print(
+        f"wrote {len(ps)} scored samples ({len(prompts)} prompts x {k}) to {args.out}; "
+        f"reward mean {rewards.mean():.3f} std {rewards.std():.3f}"
+    )
     return 0
 
 
@@ -460,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("dataset")
     rev.add_argument("--model", required=True)
     rev.add_argument("--out", default="runs/reward_eval")
-    rev.add_argument("--tie-threshold", type=float, default=0.1, help="|score difference| below which a tie is predicted")
+    rev.add_argument(
+        "--tie-threshold", type=float, default=0.1, help="|score difference| below which a tie is predicted"
+    )
     rev.add_argument("--skip-bad-rows", action="store_true")
     rsc = rsub.add_parser("score", help="score video files against a prompt")
     rsc.add_argument("--model", required=True)

@@ -44,6 +44,7 @@ from align.train import load_aligned, train
 from reward_models.model import RewardModelConfig, VideoRewardModel
 from reward_models.train import RewardTrainConfig, contrastive_pretrain, plot_calibration, train_reward_model
 
+
 @dataclasses.dataclass
 class DemoConfig:
     """Budgets of the demo. ``quick()`` shrinks every one of them."""
@@ -118,8 +119,13 @@ def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
     return model.save_pretrained(path, {"pretrained_on": "synthetic world (contrastive)"})
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str | Path = "runs/cache",
-             progress: bool = True, model: str | Path | None = None) -> dict:
+def run_demo(
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    cache_dir: str | Path = "runs/cache",
+    progress: bool = True,
+    model: str | Path | None = None,
+) -> dict:
     """Run the demo end to end; returns the report dict (also written to ``out``).
 
     ``model``: a TinySora directory to align instead of pretraining one."""
@@ -149,9 +155,15 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     train_prompts = [s.prompt for s in train_scenes] * cfg.pair_rounds
     base_model = load_model(model_dir)
     k = cfg.samples_per_prompt
-    all_prompts, videos, totals = sample_groups(base_model, train_prompts, k, seed=cfg.seed + 1,
-                                                num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                                                progress=progress)
+    all_prompts, videos, totals = sample_groups(
+        base_model,
+        train_prompts,
+        k,
+        seed=cfg.seed + 1,
+        num_steps=cfg.sample_steps,
+        guidance_scale=cfg.guidance_scale,
+        progress=progress,
+    )
     dpo_data, reward_data = out / "preference_data", out / "reward_data"
     pairs = pairs_from_groups(all_prompts, videos, totals, "best_worst", seed=cfg.seed)
     pairs.save_to_disk(str(dpo_data))
@@ -161,9 +173,16 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
 
     # 3. reward model on the oracle's labels
     t0 = time.time()
-    rcfg = RewardTrainConfig(dataset=str(reward_data), output_dir=str(out), name="reward_model",
-                             init_from=str(backbone), epochs=cfg.reward_epochs,
-                             learning_rate=cfg.reward_learning_rate, seed=cfg.seed, progress=progress)
+    rcfg = RewardTrainConfig(
+        dataset=str(reward_data),
+        output_dir=str(out),
+        name="reward_model",
+        init_from=str(backbone),
+        epochs=cfg.reward_epochs,
+        learning_rate=cfg.reward_learning_rate,
+        seed=cfg.seed,
+        progress=progress,
+    )
     rm_run = train_reward_model(rcfg)
     rm_summary = json.loads((rm_run / "summary.json").read_text())
     reward_model = VideoRewardModel.from_pretrained(rm_run / "best")
@@ -171,9 +190,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
 
     # 4a. DPO with LoRA
     t0 = time.time()
-    common = dict(model=str(model_dir), output_dir=str(out), learning_rate=cfg.learning_rate,
-                  lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), train_batch_size=cfg.dpo_batch_size,
-                  seed=cfg.seed, checkpointing_steps=0, progress=progress)
+    common = dict(
+        model=str(model_dir),
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=float(cfg.lora_rank),
+        train_batch_size=cfg.dpo_batch_size,
+        seed=cfg.seed,
+        checkpointing_steps=0,
+        progress=progress,
+    )
     dpo_run = train(TrainConfig(dataset=str(dpo_data), name="dpo", beta=cfg.beta, max_steps=cfg.dpo_steps, **common))
     timings["dpo"] = time.time() - t0
 
@@ -182,10 +209,20 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     rewards = reward_model.score(videos, all_prompts)
     samples_dir = out / "rwr_samples"
     scored_samples_dataset(all_prompts, videos, rewards, [i // k for i in range(len(all_prompts))]).save_to_disk(
-        str(samples_dir))
+        str(samples_dir)
+    )
     common["learning_rate"] = cfg.rwr_learning_rate
-    rwr_run = train(TrainConfig(dataset=str(samples_dir), name="rwr", objective="rwr", max_steps=cfg.rwr_steps,
-                                rwr_temperature=cfg.rwr_temperature, rwr_max_weight=cfg.rwr_max_weight, **common))
+    rwr_run = train(
+        TrainConfig(
+            dataset=str(samples_dir),
+            name="rwr",
+            objective="rwr",
+            max_steps=cfg.rwr_steps,
+            rwr_temperature=cfg.rwr_temperature,
+            rwr_max_weight=cfg.rwr_max_weight,
+            **common,
+        )
+    )
     timings["rwr"] = time.time() - t0
 
     # 5. paired evaluation on held-out prompts: same seeds for base and both aligned models
@@ -194,8 +231,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
     seeds = [10_000 + i for i in range(len(prompts))]
 
     def sample(m, desc):
-        return to_uint8(generate(m, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, progress=progress,
-                                 desc=desc))
+        return to_uint8(generate(m, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, progress=progress, desc=desc))
 
     eval_videos = {"base": sample(base_model, "eval base")}
     for name, run in (("DPO", dpo_run), ("RWR", rwr_run)):
@@ -206,15 +242,23 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
         new, old = [s["total"] for s in scores[name]], [s["total"] for s in scores["base"]]
         wr = win_rate(new, old, tie_margin=0.005, seed=cfg.seed)
         wr["mean_score"] = {"base": float(np.mean(old)), "aligned": float(np.mean(new))}
-        wr["per_attribute"] = {a: {"base": float(np.mean([s[a] for s in scores["base"]])),
-                                   "aligned": float(np.mean([s[a] for s in scores[name]]))}
-                               for a in scores["base"][0] if a != "total"}
+        wr["per_attribute"] = {
+            a: {
+                "base": float(np.mean([s[a] for s in scores["base"]])),
+                "aligned": float(np.mean([s[a] for s in scores[name]])),
+            }
+            for a in scores["base"][0]
+            if a != "total"
+        }
         winrate["oracle"][name] = wr
-        winrate["reward_model"][name] = reward_winrate(reward_model, eval_videos["base"], eval_videos[name], prompts,
-                                                       seed=cfg.seed)
+        winrate["reward_model"][name] = reward_winrate(
+            reward_model, eval_videos["base"], eval_videos[name], prompts, seed=cfg.seed
+        )
     # backward-compatible top level: judge -> DPO's fields; per method under its name
-    winrate = {j: {**{f: winrate[j]["DPO"][f] for f in ("rate", "ci95", "n", "ties", "wins", "losses")}, **winrate[j]}
-               for j in winrate}
+    winrate = {
+        j: {**{f: winrate[j]["DPO"][f] for f in ("rate", "ci95", "n", "ties", "wins", "losses")}, **winrate[j]}
+        for j in winrate
+    }
     # the reward model's agreement with the oracle on the held-out eval comparisons
     rm_base = reward_model.score(eval_videos["base"], prompts)
     agree = []
@@ -231,18 +275,26 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
         "training_curves_dpo": plot_training_curves(dpo_run / "metrics.jsonl", out / "training_curves_dpo.png"),
         "training_curves_rwr": plot_training_curves(rwr_run / "metrics.jsonl", out / "training_curves_rwr.png"),
         "winrates": plot_winrates(
-            {f"{m} vs base ({j.replace('_', ' ')})": winrate[j][m] for j in ("oracle", "reward_model")
-             for m in ("DPO", "RWR")}, out / "winrates.png"),
-        "score_histogram": plot_score_histograms({n: [s["total"] for s in sc] for n, sc in scores.items()},
-                                                 out / "oracle_scores.png"),
+            {
+                f"{m} vs base ({j.replace('_', ' ')})": winrate[j][m]
+                for j in ("oracle", "reward_model")
+                for m in ("DPO", "RWR")
+            },
+            out / "winrates.png",
+        ),
+        "score_histogram": plot_score_histograms(
+            {n: [s["total"] for s in sc] for n, sc in scores.items()}, out / "oracle_scores.png"
+        ),
     }
     if rm_eval.get("calibration"):
         arts["reward_calibration"] = plot_calibration(rm_eval["calibration"], out / "reward_calibration.png")
     pick = np.arange(0, len(prompts), max(1, cfg.eval_seeds_per_prompt))[:8]
     arts["grid"] = write_grid_gif(
-        [[eval_videos[n][i] for n in ("base", "DPO", "RWR")] for i in pick], out / "base_vs_aligned.gif",
+        [[eval_videos[n][i] for n in ("base", "DPO", "RWR")] for i in pick],
+        out / "base_vs_aligned.gif",
         row_labels=[prompts[i].removeprefix("a ").replace(" background", "") for i in pick],
-        col_labels=["base", "DPO", "RWR"])
+        col_labels=["base", "DPO", "RWR"],
+    )
     timings["total"] = time.time() - t_all
     report = {
         "winrate": winrate,
@@ -255,8 +307,14 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache_dir: str 
             "agreement_with_oracle_on_eval_comparisons": float(np.mean(agree)) if agree else None,
         },
         "timings_s": {k_: round(v, 1) for k_, v in timings.items()},
-        "data": {"pairs": len(prefs), "ties": prefs.count("tie"), "train_prompts": len(set(train_prompts)),
-                 "samples": len(all_prompts), "heldout_prompts": len(heldout_scenes), "comparisons": len(prompts)},
+        "data": {
+            "pairs": len(prefs),
+            "ties": prefs.count("tie"),
+            "train_prompts": len(set(train_prompts)),
+            "samples": len(all_prompts),
+            "heldout_prompts": len(heldout_scenes),
+            "comparisons": len(prompts),
+        },
         "config": {"quick": quick, **{k_: v for k_, v in dataclasses.asdict(cfg).items() if k_ != "pretrain"}},
         "artifacts": {k_: Path(v).name for k_, v in arts.items()},
     }

@@ -1,4 +1,4 @@
-"""The alignment training loop: Diffusion-DPO with LoRA, on accelerate.
+"""The alignment training loop: Diffusion-DPO / RWR with LoRA, on accelerate (+ DeepSpeed).
 
 Read top to bottom: load the generator and freeze it, attach LoRA to the denoiser, turn the
 preference dataset into (chosen, rejected) latent pairs once (the VAE and text encoder are
@@ -6,9 +6,18 @@ frozen, so their outputs are cached in memory), then for each step noise both vi
 pair with the *same* noise and timestep, compute per-sample errors of the policy and of the
 reference (= the same denoiser with adapters off) and minimise the DPO loss.
 
+Distributed runs (``accelerate launch``, DDP or DeepSpeed ZeRO-2/3): only the denoiser (with
+its LoRA) is prepared by accelerate; the frozen VAE and text encoder stay outside the engine
+(moved with ``.to()``, built outside ZeRO-3 partitioning). The recipe states the
+``effective_batch_size`` in pairs; each optimizer step consumes the same global batch and the
+same noise whatever the number of processes: every process walks one seeded index stream and
+one seeded noise generator and takes its slice, so 1 and N processes compute the same update.
+
 A run writes ``<output_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl``,
 ``checkpoint-<step>/`` (atomic: temp dir + rename; the last ``checkpoints_total_limit``
-kept) and the final LoRA in ``lora/`` (diffusers layout, safetensors).
+kept; LoRA, optimizer, LR scheduler, per-process RNG states and the data position) and the
+final LoRA in ``lora/`` (diffusers layout, safetensors). ``resume: latest`` continues from the
+newest checkpoint; on SIGTERM a checkpoint is written before the process exits.
 """
 
 from __future__ import annotations
@@ -16,12 +25,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import signal
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, save_config
@@ -33,11 +44,26 @@ from align.models.lora import adapters_disabled, attach_lora, load_lora, lora_pa
 from align.objectives import diffusion_dpo_loss, per_sample_mse, rwr_loss, rwr_weights
 
 OBJECTIVES = ("dpo", "rwr")
+# TrainConfig keys a resumed run may change; every other key must match the checkpoint's recipe
+RESUME_FREE_KEYS = (
+    "max_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "log_every",
+    "progress",
+    "resume",
+    "report_to",
+    "output_dir",
+    "latent_cache_dir",
+    "bad_rows",
+    "gradient_checkpointing",
+)
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An Accelerator. Launched on CPU with several processes (``accelerate launch
-    --num_processes N``), it uses the gloo backend; otherwise accelerate would see one process."""
+    """An Accelerator. Launched on CPU with several processes (``accelerate launch --multi_gpu
+    --num_processes N`` without GPUs, or DeepSpeed), it runs as MULTI_CPU over gloo; without
+    ``cpu=True`` and the gloo handler accelerate would not synchronise the processes."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -46,8 +72,48 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
+        cpu=multi_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true",
         kwargs_handlers=handlers,
     )
+
+
+def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+    """Pairs per process per micro-step. With ``effective_batch_size`` set, it is derived from it
+    and must divide evenly by processes x accumulation steps; otherwise ``train_batch_size``."""
+    if cfg.effective_batch_size <= 0:
+        return cfg.train_batch_size
+    div = num_processes * cfg.gradient_accumulation_steps
+    if cfg.effective_batch_size % div:
+        raise ValueError(
+            f"effective_batch_size {cfg.effective_batch_size} is not divisible by {num_processes} process(es) x "
+            f"{cfg.gradient_accumulation_steps} gradient_accumulation_steps = {div}; choose a multiple of {div}"
+        )
+    return cfg.effective_batch_size // div
+
+
+def check_zero3_layout(model) -> None:
+    """ZeRO-3 partitions every parameter of the prepared module (the denoiser). The frozen VAE /
+    text encoders are called outside the engine, so they must be separate modules that share no
+    parameter with the denoiser; a model built otherwise is refused with the offending part named."""
+    parts = model.components() if hasattr(model, "components") else model.modules()
+    den = model.denoiser
+    den_params = {id(p) for p in den.parameters()}
+    den_modules = {id(m) for m in den.modules()}
+    for name, mod in parts.items():
+        if mod is None or mod is den or name in ("denoiser", "transformer", "transformer_2", "unet"):
+            continue
+        if id(mod) in den_modules:
+            raise ValueError(
+                f"DeepSpeed ZeRO-3: frozen part {name!r} is a submodule of the denoiser; ZeRO-3 would "
+                "partition it and calls outside the engine would see empty weights. Use ZeRO-2 or DDP."
+            )
+        shared = [n for n, p in mod.named_parameters() if id(p) in den_params]
+        if shared:
+            raise ValueError(
+                f"DeepSpeed ZeRO-3: frozen part {name!r} shares parameter {shared[0]!r} with the "
+                "denoiser (tied weights); ZeRO-3 cannot partition it for one and not the other. "
+                "Use ZeRO-2 or DDP."
+            )
 
 
 @torch.no_grad()
@@ -61,16 +127,29 @@ def encode_pairs(model, pairs, batch_size: int = 64) -> TensorDataset:
     return TensorDataset(torch.cat(lw), torch.cat(ll), torch.cat(txt))
 
 
-def dpo_step_losses(model, denoiser, base, batch, beta: float, loss_type: str, generator=None) -> dict:
+def _shared_draws(model, shape, generator, shard: tuple[int, int], device):
+    """Noise and timesteps for the *global* batch (``shape[0] * world`` samples) from
+    ``generator``, sliced to this process's part: every process draws the same numbers, so the
+    update does not depend on the number of processes."""
+    rank, world = shard
+    n = shape[0]
+    noise = torch.randn((n * world, *shape[1:]), generator=generator)[rank * n : (rank + 1) * n].to(device)
+    t = model.scheduler.sample_timesteps(n * world, generator=generator, device=device)[rank * n : (rank + 1) * n]
+    return noise, t
+
+
+def dpo_step_losses(
+    model, denoiser, base, batch, beta: float, loss_type: str, generator=None, shard: tuple[int, int] = (0, 1)
+) -> dict:
     """DPO terms for one batch of pairs. Noise and timestep are shared within a pair.
 
     ``denoiser`` is the (possibly DDP/DeepSpeed-wrapped) policy; ``base`` the unwrapped
-    module, run with its adapters off as the reference.
+    module, run with its adapters off as the reference. ``shard = (rank, world)``: the batch is
+    this process's slice of a global batch ``world`` times larger (see ``_shared_draws``).
     """
     lat_w, lat_l, cond = batch
     sched = model.scheduler
-    noise = torch.randn(lat_w.shape, generator=generator).to(lat_w.device)
-    t = sched.sample_timesteps(lat_w.shape[0], generator=generator, device=lat_w.device)
+    noise, t = _shared_draws(model, lat_w.shape, generator, shard, lat_w.device)
     x0 = torch.cat([lat_w, lat_l])
     noise2, t2, cond2 = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([cond, cond])
     x_t = sched.add_noise(x0, noise2, t2)
@@ -83,26 +162,239 @@ def dpo_step_losses(model, denoiser, base, batch, beta: float, loss_type: str, g
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, denoiser, optimizer, lr_scheduler, limit: int) -> Path:
-    """``checkpoint-<step>/``: LoRA (safetensors), optimizer, LR scheduler, RNG and step; atomic."""
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoint-<step>/`` directories of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    denoiser,
+    optimizer,
+    lr_scheduler,
+    limit: int,
+    accelerator=None,
+    state: dict | None = None,
+    generator: torch.Generator | None = None,
+) -> Path:
+    """``checkpoint-<step>/``: LoRA (safetensors), optimizer, LR scheduler, RNG and step; atomic
+    (written to ``.checkpoint-<step>.tmp`` and renamed); only the last ``limit`` are kept.
+
+    Without ``accelerator`` (one process) ``denoiser`` is the unwrapped module. With it, every
+    process must call this: ``denoiser`` is the prepared module (a DeepSpeed engine saves its
+    own optimizer shards, collectively), each process writes its RNG states
+    (``rng_state_<rank>.pt``: torch and ``generator``), the main process the rest.
+    ``state`` (step, data position, recipe) goes to ``trainer_state.json``.
+    """
+    run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".checkpoint-{step}.tmp"))
+    rank = accelerator.process_index if accelerator else 0
+    main = accelerator.is_main_process if accelerator else True
+    barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
+    deepspeed = accelerator is not None and _uses_deepspeed(accelerator)
+    unwrapped = accelerator.unwrap_model(denoiser) if accelerator else denoiser
+    tmp = run_dir / f".checkpoint-{step}.tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
     try:
-        save_lora(denoiser, tmp / "lora")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with _gathered_lora(unwrapped, accelerator):
+            if main:
+                save_lora(unwrapped, tmp / "lora")
+        if deepspeed:
+            denoiser.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        elif main:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if generator is not None:
+            rng["gen"] = generator.get_state()
+        torch.save(rng, tmp / (f"rng_state_{rank}.pt" if accelerator else "rng_state.pt"))
+        if main:
+            torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=1))
+        barrier()
+        if main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpts = _checkpoints(run_dir)
+            for old in ckpts[: max(0, len(ckpts) - limit)]:
+                shutil.rmtree(old)
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp)
-    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[: max(0, len(ckpts) - limit)]:
-        shutil.rmtree(old)
+    barrier()
     return final
+
+
+def _uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this launch; None when DeepSpeed is not used."""
+    if not _uses_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage or 0)
+
+
+def _gathered_lora(module, accelerator):
+    """Under ZeRO-3, a context in which the (partitioned) LoRA parameters are whole on every
+    process (entered by all of them); otherwise nothing."""
+    if accelerator is None or zero_stage(accelerator) != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(lora_parameters(module)), modifier_rank=None)
+
+
+def recipe_fingerprint(cfg: TrainConfig) -> dict:
+    """The config values a checkpoint must agree on to be resumed (all but ``RESUME_FREE_KEYS``)."""
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE_KEYS}
+
+
+def find_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: ``latest`` (None when the run has none yet, so the
+    same command starts or continues a run) or a ``checkpoint-<step>`` directory."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        ckpts = _checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def check_resumable(ckpt: Path, cfg: TrainConfig, num_processes: int, stage: int | None) -> dict:
+    """``trainer_state.json`` of ``ckpt``, after checking it comes from this recipe and an
+    equivalent launch; raises ValueError naming the first key that differs."""
+    st = json.loads((ckpt / "trainer_state.json").read_text())
+    theirs, ours = st.get("recipe"), json.loads(json.dumps(recipe_fingerprint(cfg)))
+    if theirs is None:
+        raise ValueError(f"{ckpt}: no recipe recorded in trainer_state.json; cannot check it belongs to this run")
+    for k in sorted(set(theirs) | set(ours)):
+        if theirs.get(k) != ours.get(k):
+            raise ValueError(
+                f"{ckpt} is from another recipe: {k!r} is {theirs.get(k)!r} there and {ours.get(k)!r} here "
+                f"(only {', '.join(RESUME_FREE_KEYS)} may change on resume)"
+            )
+    if st.get("num_processes") != num_processes or st.get("zero_stage") != stage:
+        raise ValueError(
+            f"{ckpt} was written by {st.get('num_processes')} process(es) with ZeRO stage {st.get('zero_stage')}; "
+            f"this launch has {num_processes} with ZeRO stage {stage}. Resume with the same launch config."
+        )
+    return st
+
+
+def _load_checkpoint(ckpt: Path, denoiser, optimizer, lr_scheduler, accelerator, generator) -> None:
+    """Restore what ``save_checkpoint`` wrote into the prepared objects of this process."""
+    base = accelerator.unwrap_model(denoiser)
+    if _uses_deepspeed(accelerator):
+        denoiser.load_checkpoint(
+            str(ckpt / "deepspeed"),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    else:
+        load_lora(base, ckpt / "lora")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    rng = torch.load(ckpt / f"rng_state_{accelerator.process_index}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["gen"])
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state tensors held by this process (under ZeRO, its partition)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def _index_stream(n: int, global_batch: int, seed: int, start: int = 0):
+    """Indices of global batch ``start``, ``start + 1``, ...: consecutive slices of an endless
+    concatenation of seeded permutations of ``range(n)`` (epoch ``e`` uses seed ``seed + e``).
+    A position is just a batch count, so resuming skips ahead without replaying batches."""
+    pos, cache = start * global_batch, {}
+
+    def perm(e):
+        if e not in cache:
+            cache.clear()
+            cache[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+        return cache[e]
+
+    while True:
+        idx = [int(perm((pos + i) // n)[(pos + i) % n]) for i in range(global_batch)]
+        pos += global_batch
+        yield idx
+
+
+def _shard_batches(data, micro: int, rank: int, world: int, seed: int, start: int, device):
+    """This process's micro-batches: slice ``rank`` of each global batch of ``micro * world``."""
+    for idx in _index_stream(len(data), micro * world, seed, start):
+        batch = default_collate([data[i] for i in idx[rank * micro : (rank + 1) * micro]])
+        yield tuple(x.to(device) for x in batch)
+
+
+class _Trackers:
+    """TensorBoard / Weights & Biases, each only when listed in ``report_to`` *and* installed;
+    a requested but missing one is reported once and skipped. metrics.jsonl is always written."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, active: bool):
+        self.tb = self.wandb = None
+        wanted = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to or [])
+        if not active:
+            return
+        for name in wanted:
+            if name in ("none", ""):
+                continue
+            if name not in ("tensorboard", "wandb"):
+                raise ValueError(f"report_to: unknown tracker {name!r}; use tensorboard, wandb or none")
+            try:
+                if name == "tensorboard":
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                else:
+                    import dataclasses
+
+                    import wandb
+
+                    self.wandb = wandb.init(
+                        project="vidalign",
+                        name=cfg.name,
+                        dir=str(run_dir),
+                        config=dataclasses.asdict(cfg),
+                        resume="allow",
+                    )
+            except ImportError:
+                print(f"[vidalign] report_to {name}: not installed, skipped (metrics.jsonl is still written)")
+
+    def log(self, rec: dict, step: int) -> None:
+        scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _dpo_data(cfg: TrainConfig, model) -> tuple[object, dict]:
@@ -117,8 +409,9 @@ def _dpo_data(cfg: TrainConfig, model) -> tuple[object, dict]:
 def encode_scored(model, prompts: list[str], videos, rewards, groups, cfg: TrainConfig, batch_size: int = 64):
     """Latents, prompt states and RWR weights (softmax of reward / temperature within each
     group, clipped) of scored samples, as a TensorDataset ``(latents, cond, weight)``."""
-    w = rwr_weights(torch.as_tensor(rewards, dtype=torch.float32), torch.as_tensor(groups),
-                    cfg.rwr_temperature, cfg.rwr_max_weight)
+    w = rwr_weights(
+        torch.as_tensor(rewards, dtype=torch.float32), torch.as_tensor(groups), cfg.rwr_temperature, cfg.rwr_max_weight
+    )
     lat, txt = [], []
     for i in range(0, len(prompts), batch_size):
         lat.append(model.encode_video(from_uint8(videos[i : i + batch_size]).to(model.device)).cpu())
@@ -134,12 +427,12 @@ def _rwr_offline_data(cfg: TrainConfig, model) -> tuple[object, dict]:
     return data, {"samples": len(s.prompts), "groups": int(len(set(s.groups.tolist()))), "skipped": s.skipped}
 
 
-def rwr_step_losses(model, denoiser, batch, generator=None) -> dict:
-    """RWR terms for one batch ``(latents, cond, weight)``: weighted denoising loss."""
+def rwr_step_losses(model, denoiser, batch, generator=None, shard: tuple[int, int] = (0, 1)) -> dict:
+    """RWR terms for one batch ``(latents, cond, weight)``: weighted denoising loss.
+    ``shard`` as in ``dpo_step_losses``."""
     lat, cond, w = batch
     sched = model.scheduler
-    noise = torch.randn(lat.shape, generator=generator).to(lat.device)
-    t = sched.sample_timesteps(lat.shape[0], generator=generator, device=lat.device)
+    noise, t = _shared_draws(model, lat.shape, generator, shard, lat.device)
     err = per_sample_mse(denoiser(sched.add_noise(lat, noise, t), t, cond), sched.target(lat, noise, t))
     return rwr_loss(err, w.to(err.dtype))
 
@@ -185,10 +478,37 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, gen):
         r += 1
 
 
+def _configure_deepspeed(accelerator, cfg: TrainConfig, micro: int) -> None:
+    """Fill the DeepSpeed config's ``auto`` batch / clipping values from the recipe (there is no
+    DataLoader for accelerate to read them from) and refuse values that contradict it."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    gas, world = cfg.gradient_accumulation_steps, accelerator.num_processes
+    want = {
+        "train_micro_batch_size_per_gpu": micro,
+        "train_batch_size": micro * gas * world,
+        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+    }
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto" or (key == "train_batch_size" and key not in ds):
+            ds[key] = value
+        elif have != value:
+            raise ValueError(
+                f"DeepSpeed config: {key} is {have} but the recipe implies {value} "
+                f"({micro} pairs per process x {gas} accumulation x {world} processes); "
+                f'set it to "auto"'
+            )
+    have = ds.get("gradient_accumulation_steps", "auto")
+    if have not in ("auto", gas):
+        raise ValueError(
+            f'DeepSpeed config: gradient_accumulation_steps is {have}, the recipe says {gas}; set it to "auto"'
+        )
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run alignment as configured (``objective``: ``dpo`` on a preference dataset, ``rwr``
     on a scored-samples dataset, or online ``rwr`` with a reward model); returns the run
-    directory."""
+    directory. With ``resume`` set, continues from a checkpoint of the same recipe."""
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     online = cfg.objective == "rwr" and cfg.online
@@ -196,17 +516,36 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"recipe key `dataset` is required for objective {cfg.objective!r} (unless online RWR)")
     if online and not cfg.reward_model:
         raise ValueError("online RWR needs `reward_model` (a directory from `vidalign reward train`)")
+    if online and cfg.resume:
+        raise ValueError(
+            "resume is not supported for online RWR (its sample buffer is not checkpointed); "
+            "start a new run, e.g. from the checkpoint's LoRA"
+        )
     accelerator = make_accelerator(cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = micro_batch_size(cfg, world)
+    stage = zero_stage(accelerator)
     run_dir = Path(cfg.output_dir) / cfg.name
+    ckpt = find_checkpoint(cfg, run_dir)
+    resumed = check_resumable(ckpt, cfg, world, stage) if ckpt else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    # offline: one noise stream shared by all processes (each takes its slice); online: per process
+    gen = torch.Generator().manual_seed(cfg.seed + (rank if online else 0))
     t_start = time.time()
 
-    model = load_model(cfg.model, device=accelerator.device, **cfg.model_options)
+    no_zero_init = (
+        accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False)
+        if stage is not None
+        else nullcontext()
+    )
+    with no_zero_init:  # frozen parts are built whole, outside ZeRO-3 partitioning
+        model = load_model(cfg.model, device=accelerator.device, **cfg.model_options)
     model.requires_grad_(False)
+    if stage == 3:
+        check_zero3_layout(model)
     if cfg.objective == "dpo":
         data, info = _dpo_data(cfg, model)
     elif not online:
@@ -217,90 +556,164 @@ def train(cfg: TrainConfig) -> Path:
         data, info = None, {"online": True}
         reward_model = VideoRewardModel.from_pretrained(cfg.reward_model, device=accelerator.device)
     attach_lora(model.denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        if not hasattr(model.denoiser, "enable_gradient_checkpointing"):
+            raise ValueError(
+                f"gradient_checkpointing: the denoiser of {cfg.model} does not support it "
+                "(diffusers transformers do; pass it for them via model_options)"
+            )
+        model.denoiser.enable_gradient_checkpointing()
     model.denoiser.train()
 
     optimizer = torch.optim.AdamW(lora_parameters(model.denoiser), lr=cfg.learning_rate, weight_decay=0.0)
     warm = max(1, cfg.lr_warmup_steps)
+    # stepped once per optimizer step by this loop (not prepared: accelerate would step it once per process)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    if online:
-        denoiser, optimizer, lr_scheduler = accelerator.prepare(model.denoiser, optimizer, lr_scheduler)
-        batches = _online_batches(cfg, model, reward_model, accelerator, gen)
-    else:
-        loader = DataLoader(
-            data,
-            batch_size=cfg.train_batch_size,
-            shuffle=True,
-            drop_last=len(data) >= cfg.train_batch_size,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(model.denoiser, optimizer, loader, lr_scheduler)
-
-        def _repeat(loader):
-            while True:
-                yield from loader
-
-        batches = _repeat(loader)
+    if stage is not None:
+        _configure_deepspeed(accelerator, cfg, micro)
+    denoiser, optimizer = accelerator.prepare(model.denoiser, optimizer)
     base = accelerator.unwrap_model(denoiser)
+    step, micro_step = 0, 0
+    if ckpt is not None:
+        _load_checkpoint(ckpt, denoiser, optimizer, lr_scheduler, accelerator, gen)
+        step, micro_step = resumed["step"], resumed["micro_step"]
+    if online:
+        batches = _online_batches(cfg, model, reward_model, accelerator, gen)
+        shard = (0, 1)
+    else:
+        batches = _shard_batches(data, micro, rank, world, cfg.seed, micro_step, accelerator.device)
+        shard = (rank, world)
+    info.update(
+        num_processes=world,
+        zero_stage=stage,
+        micro_batch_size=micro,
+        effective_batch_size=micro * world * cfg.gradient_accumulation_steps,
+    )
     if accelerator.is_main_process:
-        print(f"[vidalign] {cfg.objective}{' (online)' if online else ''}: {json.dumps(info)}")
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(total=cfg.max_steps, desc=f"{cfg.objective} ({cfg.name})",
-               disable=not (cfg.progress and accelerator.is_main_process))
-    keys = ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff") if cfg.objective == "dpo" else (
-        "loss", "weighted_err", "mean_err", "ess")
-    step, t_step, n_micro = 0, time.time(), 0
+        print(
+            f"[vidalign] {cfg.objective}{' (online)' if online else ''}: {json.dumps(info)}"
+            + (f"; resuming from {ckpt} (step {step})" if ckpt else "")
+        )
+    metrics_path = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process and ckpt is not None and metrics_path.exists():
+        # drop records a killed run wrote after its last checkpoint; the resumed run rewrites them
+        kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    metrics_f = open(metrics_path, "a") if accelerator.is_main_process else None
+    trackers = _Trackers(cfg, run_dir, accelerator.is_main_process)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc=f"{cfg.objective} ({cfg.name})",
+        disable=not (cfg.progress and accelerator.is_main_process),
+    )
+    keys = (
+        ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff")
+        if cfg.objective == "dpo"
+        else ("loss", "weighted_err", "mean_err", "ess")
+    )
+
+    stop = threading.Event()  # set by SIGTERM: checkpoint at the end of this step, then exit
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    state = {"recipe": recipe_fingerprint(cfg), "num_processes": world, "zero_stage": stage}
+    t_step, n_micro, step_times = time.time(), 0, []
     sums: dict[str, float] = {}
     round_info: dict = {}
-    while step < cfg.max_steps:
-        batch = next(batches)
-        if isinstance(batch, dict):  # online RWR: a new round of samples
-            round_info = batch
-            continue
-        with accelerator.accumulate(denoiser):
-            if cfg.objective == "dpo":
-                out = dpo_step_losses(model, denoiser, base, batch, cfg.beta, cfg.loss_type, generator=gen)
-                loss = out["loss"] + cfg.sft_weight * out["err_w"].mean()
-            else:
-                out = rwr_step_losses(model, denoiser, batch, generator=gen)
-                loss = out["loss"]
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(denoiser.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+    try:
+        while step < cfg.max_steps:
+            batch = next(batches)
+            if isinstance(batch, dict):  # online RWR: a new round of samples
+                round_info = batch
+                continue
+            with accelerator.accumulate(denoiser):
+                if cfg.objective == "dpo":
+                    out = dpo_step_losses(
+                        model, denoiser, base, batch, cfg.beta, cfg.loss_type, generator=gen, shard=shard
+                    )
+                    loss = out["loss"] + cfg.sft_weight * out["err_w"].mean()
+                else:
+                    out = rwr_step_losses(model, denoiser, batch, generator=gen, shard=shard)
+                    loss = out["loss"]
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(denoiser.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            for k in keys:
+                sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+            n_micro += 1
+            if not accelerator.sync_gradients:
+                continue
             lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        for k in keys:
-            sums[k] = sums.get(k, 0.0) + float(out[k].detach())
-        n_micro += 1
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        avg = torch.tensor([sums[k] / n_micro for k in keys], device=accelerator.device)
-        avg = accelerator.reduce(avg, reduction="mean")
-        rec = {"step": step, **{k: float(v) for k, v in zip(keys, avg)}, **round_info}
-        rec["lr"] = lr_scheduler.get_last_lr()[0]
-        rec["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-        rec["step_time_s"] = time.time() - t_step
-        sums, n_micro, t_step = {}, 0, time.time()
-        if accelerator.is_main_process:
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-            bar.update(1)
-            post = {"loss": f"{rec['loss']:.4f}"}
-            if "implicit_acc" in rec:
-                post["acc"] = f"{rec['implicit_acc']:.2f}"
-            bar.set_postfix(post)
-            if cfg.checkpointing_steps > 0 and step % cfg.checkpointing_steps == 0:
-                unwrapped = accelerator.unwrap_model(denoiser)
-                save_checkpoint(run_dir, step, unwrapped, optimizer, lr_scheduler, cfg.checkpoints_total_limit)
-    bar.close()
+            step += 1
+            avg = torch.tensor([sums[k] / n_micro for k in keys], device=accelerator.device)
+            avg = accelerator.reduce(avg, reduction="mean")
+            rec = {"step": step, **{k: float(v) for k, v in zip(keys, avg)}, **round_info}
+            rec["lr"] = lr_scheduler.get_last_lr()[0]
+            rec["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+            rec["step_time_s"] = time.time() - t_step
+            step_times.append(rec["step_time_s"])
+            sums, n_micro = {}, 0
+            if "optimizer_state_bytes_per_rank" not in info:
+                per_rank = accelerator.gather(
+                    torch.tensor([optimizer_state_bytes(optimizer)], device=accelerator.device)
+                )
+                info["optimizer_state_bytes_per_rank"] = [int(b) for b in per_rank.tolist()]
+            if accelerator.is_main_process:
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    metrics_f.write(json.dumps(rec) + "\n")
+                    metrics_f.flush()
+                    trackers.log(rec, step)
+                bar.update(1)
+                post = {"loss": f"{rec['loss']:.4f}"}
+                if "implicit_acc" in rec:
+                    post["acc"] = f"{rec['implicit_acc']:.2f}"
+                post["s/step"] = f"{rec['step_time_s']:.3f}"
+                bar.set_postfix(post)
+            stopping = stop.is_set()
+            if world > 1:  # every process must agree, since saving is collective
+                stopping = bool(
+                    accelerator.reduce(
+                        torch.tensor([float(stopping)], device=accelerator.device), reduction="sum"
+                    ).item()
+                )
+            if stopping or (cfg.checkpointing_steps > 0 and step % cfg.checkpointing_steps == 0):
+                save_checkpoint(
+                    run_dir,
+                    step,
+                    denoiser,
+                    optimizer,
+                    lr_scheduler,
+                    cfg.checkpoints_total_limit,
+                    accelerator=accelerator,
+                    state={**state, "micro_step": micro_step},
+                    generator=gen,
+                )
+            if stopping:
+                raise SystemExit(
+                    f"[vidalign] SIGTERM: stopped at step {step}, checkpoint written to "
+                    f"{run_dir / f'checkpoint-{step}'}; continue with --resume latest"
+                )
+            t_step = time.time()
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        bar.close()
+        trackers.close()
+        if metrics_f is not None:
+            metrics_f.close()
     accelerator.wait_for_everyone()
+    with _gathered_lora(base, accelerator):
+        if accelerator.is_main_process:
+            save_lora(base, run_dir / "lora", {"base_model": str(cfg.model)})
     if accelerator.is_main_process:
-        metrics_f.close()
-        save_lora(accelerator.unwrap_model(denoiser), run_dir / "lora", {"base_model": str(cfg.model)})
         info["train_s"] = time.time() - t_start
+        later = step_times[1:] or step_times
+        info["step_time_s_mean"] = sum(later) / len(later) if later else None
         (run_dir / "summary.json").write_text(json.dumps(info, indent=2))
     accelerator.end_training()
     return run_dir

@@ -122,8 +122,10 @@ def _create_backbone(cfg: RewardModelConfig):
             raise FileNotFoundError(f"reward model weights {local}: no such file")
         missing, unexpected = model.load_state_dict(_load_weights(local), strict=False)
         if unexpected or len(missing) > 0:
-            raise ValueError(f"reward model weights {local} do not fit {cfg.model_name}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"reward model weights {local} do not fit {cfg.model_name}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     return model, open_clip.get_tokenizer(cfg.model_name)
 
 
@@ -145,8 +147,9 @@ class VideoRewardModel(nn.Module):
         k = cfg.num_frames + int(cfg.motion_frame)
         if cfg.pooling == "temporal":
             self.time_pos = nn.Parameter(torch.zeros(1, k, d))
-            self.temporal = nn.TransformerEncoderLayer(d, nhead=max(1, d // 32), dim_feedforward=2 * d,
-                                                       batch_first=True, norm_first=True, dropout=0.0)
+            self.temporal = nn.TransformerEncoderLayer(
+                d, nhead=max(1, d // 32), dim_feedforward=2 * d, batch_first=True, norm_first=True, dropout=0.0
+            )
             self.temporal_out = nn.Linear(d, d)
             nn.init.zeros_(self.temporal_out.weight)
             nn.init.zeros_(self.temporal_out.bias)
@@ -166,8 +169,9 @@ class VideoRewardModel(nn.Module):
         for i, p in enumerate(prompts):
             n = len(self.tokenizer.encode(p)) + 2 if hasattr(self.tokenizer, "encode") else 0
             if n > self.context_length:
-                warnings.warn(f"reward model: prompt {i} has {n} tokens, truncated to {self.context_length}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"reward model: prompt {i} has {n} tokens, truncated to {self.context_length}", stacklevel=2
+                )
         return self.tokenizer(prompts)
 
     def frames(self, videos, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -268,7 +272,9 @@ class VideoRewardModel(nn.Module):
     def from_pretrained(cls, path: str | Path, device="cpu") -> VideoRewardModel:
         path = Path(path)
         if not (path / "reward_config.json").is_file():
-            raise FileNotFoundError(f"reward model {path}: no reward_config.json (train one with `vidalign reward train`)")
+            raise FileNotFoundError(
+                f"reward model {path}: no reward_config.json (train one with `vidalign reward train`)"
+            )
         d = json.loads((path / "reward_config.json").read_text())
         d = {k: v for k, v in d.items() if k in {f.name for f in fields(RewardModelConfig)}}
         model = cls(RewardModelConfig.from_dict(d))
@@ -288,7 +294,9 @@ def bt_loss(score_a: torch.Tensor, score_b: torch.Tensor, preference: torch.Tens
     pairs; NaN when there are none) and ``margin`` (mean ``s_a - s_b`` signed by the label).
     """
     if not (score_a.shape == score_b.shape == preference.shape) or score_a.dim() != 1:
-        raise ValueError(f"bt_loss: expected three (B,) tensors, got {score_a.shape}, {score_b.shape}, {preference.shape}")
+        raise ValueError(
+            f"bt_loss: expected three (B,) tensors, got {score_a.shape}, {score_b.shape}, {preference.shape}"
+        )
     diff = score_a - score_b
     y = preference.to(diff.dtype)
     loss = F.binary_cross_entropy_with_logits(diff, y)

@@ -66,8 +66,13 @@ class PairData:
 
     def subset(self, idx) -> PairData:
         idx = np.asarray(idx, dtype=int)
-        return PairData([self.prompts[i] for i in idx], self.video_a[idx], self.video_b[idx], self.target[idx],
-                        {k: v[idx] for k, v in self.aspects.items()})
+        return PairData(
+            [self.prompts[i] for i in idx],
+            self.video_a[idx],
+            self.video_b[idx],
+            self.target[idx],
+            {k: v[idx] for k, v in self.aspects.items()},
+        )
 
 
 def load_pairs(path: str, bad_rows: str = "error") -> PairData:
@@ -128,13 +133,25 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
     p = 1 / (1 + np.exp(-d))
     bins = np.clip((p * 10).astype(int), 0, 9)
     calib = [
-        {"bin": b / 10, "predicted": float(p[bins == b].mean()), "observed": float(y[bins == b].mean()),
-         "n": int((bins == b).sum())}
-        for b in range(10) if (bins == b).any()
+        {
+            "bin": b / 10,
+            "predicted": float(p[bins == b].mean()),
+            "observed": float(y[bins == b].mean()),
+            "n": int((bins == b).sum()),
+        }
+        for b in range(10)
+        if (bins == b).any()
     ]
-    return {"accuracy": acc, "accuracy_with_ties": float((pred3 == y).mean()), "n": int(len(y)),
-            "n_decided": int(decided.sum()), "ties": int((~decided).sum()), "calibration": calib,
-            "score_a": sa.tolist(), "score_b": sb.tolist()}
+    return {
+        "accuracy": acc,
+        "accuracy_with_ties": float((pred3 == y).mean()),
+        "n": int(len(y)),
+        "n_decided": int(decided.sum()),
+        "ties": int((~decided).sum()),
+        "calibration": calib,
+        "score_a": sa.tolist(),
+        "score_b": sb.tolist(),
+    }
 
 
 def plot_calibration(calibration: list[dict], path: str | Path) -> Path:
@@ -210,8 +227,10 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
     data = load_pairs(cfg.dataset, cfg.bad_rows)
     tr_idx, ev_idx = split_by_prompt(data.prompts, cfg.eval_fraction, cfg.seed)
     if not tr_idx or not ev_idx:
-        raise ValueError(f"{cfg.dataset}: {len(set(data.prompts))} prompts cannot be split into train and "
-                         f"held-out parts with eval_fraction={cfg.eval_fraction}")
+        raise ValueError(
+            f"{cfg.dataset}: {len(set(data.prompts))} prompts cannot be split into train and "
+            f"held-out parts with eval_fraction={cfg.eval_fraction}"
+        )
     train_data, eval_data = data.subset(tr_idx), data.subset(ev_idx)
     if cfg.init_from:
         model = VideoRewardModel.from_pretrained(cfg.init_from)
@@ -244,8 +263,17 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
             opt.step()
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss'].item():.3f}", acc=f"{out['acc'].item():.2f}")
-            metrics.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + s, "loss": out["loss"].item(),
-                                      "acc": out["acc"].item()}) + "\n")
+            metrics.write(
+                json.dumps(
+                    {
+                        "epoch": epoch,
+                        "step": epoch * steps_per_epoch + s,
+                        "loss": out["loss"].item(),
+                        "acc": out["acc"].item(),
+                    }
+                )
+                + "\n"
+            )
         ev = evaluate(model, eval_data)
         ev["epoch"] = epoch
         rec = {"epoch": epoch, "eval_accuracy": ev["accuracy"], "eval_accuracy_with_ties": ev["accuracy_with_ties"]}
@@ -256,15 +284,31 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
             _save(model, run_dir / "best", {"trained_on": cfg.dataset, "epoch": epoch, "eval_accuracy": best})
     bar.close()
     metrics.close()
-    summary = {"train_pairs": len(tr_idx), "eval_pairs": len(ev_idx), "skipped_rows": data.skipped,
-               "best_eval_accuracy": best, "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),
-               "calibration": best_eval.get("calibration"), "best_epoch": best_eval.get("epoch"), "train_s": time.time() - t0, "config": asdict(cfg)}
+    summary = {
+        "train_pairs": len(tr_idx),
+        "eval_pairs": len(ev_idx),
+        "skipped_rows": data.skipped,
+        "best_eval_accuracy": best,
+        "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),
+        "calibration": best_eval.get("calibration"),
+        "best_epoch": best_eval.get("epoch"),
+        "train_s": time.time() - t0,
+        "config": asdict(cfg),
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return run_dir
 
 
-def contrastive_pretrain(model: VideoRewardModel, videos: np.ndarray, prompts: list[str], steps: int,
-                         batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> list[float]:
+def contrastive_pretrain(
+    model: VideoRewardModel,
+    videos: np.ndarray,
+    prompts: list[str],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """CLIP's symmetric InfoNCE on (video, caption) pairs; captions that repeat within a
     batch are not counted as negatives of each other. Returns the loss per step."""
     gen = torch.Generator().manual_seed(seed)

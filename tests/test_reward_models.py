@@ -36,7 +36,10 @@ def test_bt_loss_by_hand_with_ties():
     assert abs(out["margin"].item() - (1.0 - 1.0 + 0.0) / 3) < 1e-6
     # a tie's loss is smallest where the scores are equal
     t = torch.tensor([0.5])
-    assert bt_loss(torch.tensor([0.0]), torch.tensor([0.0]), t)["loss"] < bt_loss(torch.tensor([0.3]), torch.tensor([0.0]), t)["loss"]
+    assert (
+        bt_loss(torch.tensor([0.0]), torch.tensor([0.0]), t)["loss"]
+        < bt_loss(torch.tensor([0.3]), torch.tensor([0.0]), t)["loss"]
+    )
     with pytest.raises(ValueError, match="three"):
         bt_loss(sa, sb[:2], torch.ones(3))
 
@@ -53,7 +56,9 @@ def test_frame_sampling_is_deterministic():
 def test_scores_do_not_depend_on_batch_composition():
     m = _model()
     videos = np.concatenate([_solid((255, 0, 0), 3, seed=1), _solid((0, 0, 255), 2, seed=2)])
-    prompts = ["a red square moving left on a black background"] * 3 + ["a blue circle moving up on a gray background"] * 2
+    prompts = ["a red square moving left on a black background"] * 3 + [
+        "a blue circle moving up on a gray background"
+    ] * 2
     all_scores = m.score(videos, prompts, batch_size=4)
     alone = m.score(videos[3:4], prompts[3:4])
     np.testing.assert_allclose(all_scores[3], alone[0], rtol=1e-5, atol=1e-5)
@@ -129,8 +134,11 @@ def test_a_few_steps_on_a_separable_toy_set_beat_chance():
     for step in range(20):
         idx = np.arange(16) + (step % 3) * 16
         ids = m.tokenize([train.prompts[i] for i in idx])
-        out = bt_loss(m(m.frames(train.video_a[idx]), ids)["score"], m(m.frames(train.video_b[idx]), ids)["score"],
-                      torch.from_numpy(train.target[idx]))
+        out = bt_loss(
+            m(m.frames(train.video_a[idx]), ids)["score"],
+            m(m.frames(train.video_b[idx]), ids)["score"],
+            torch.from_numpy(train.target[idx]),
+        )
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -160,16 +168,25 @@ def _save_toy_dataset(path, n, seed, tie_every=0):
     prefs = ["a" if t == 1.0 else "b" for t in d.target]
     if tie_every:
         prefs = ["tie" if i % tie_every == 0 else p for i, p in enumerate(prefs)]
-    datasets.Dataset.from_dict({"prompt": d.prompts, "video_a": list(d.video_a), "video_b": list(d.video_b),
-                                "preference": prefs, "preference_color": prefs}).save_to_disk(str(path))
+    datasets.Dataset.from_dict(
+        {
+            "prompt": d.prompts,
+            "video_a": list(d.video_a),
+            "video_b": list(d.video_b),
+            "preference": prefs,
+            "preference_color": prefs,
+        }
+    ).save_to_disk(str(path))
     return str(path)
 
 
 def test_train_eval_score_cli(tmp_path, capsys):
     data = _save_toy_dataset(tmp_path / "toy", 60, 0, tie_every=7)
     recipe = tmp_path / "rm.yaml"
-    recipe.write_text(f"dataset: {data}\noutput_dir: {tmp_path}\nname: rm\nepochs: 2\nbatch_size: 16\n"
-                      "learning_rate: 0.0003\nmodel: {pooling: mean, aspects: [color]}\nprogress: false\n")
+    recipe.write_text(
+        f"dataset: {data}\noutput_dir: {tmp_path}\nname: rm\nepochs: 2\nbatch_size: 16\n"
+        "learning_rate: 0.0003\nmodel: {pooling: mean, aspects: [color]}\nprogress: false\n"
+    )
     assert main(["reward", "train", str(recipe), "--eval_fraction", "0.3"]) == 0
     best = tmp_path / "rm" / "best"
     assert (best / "model.safetensors").is_file()
@@ -186,8 +203,22 @@ def test_train_eval_score_cli(tmp_path, capsys):
 
     write_video(tmp_path / "red.gif", _solid((255, 0, 0))[0])
     write_video(tmp_path / "blue.gif", _solid((0, 0, 255))[0])
-    assert main(["reward", "score", "--model", str(best), "--prompt", "a red square moving left on a black "
-                 "background", "--video", str(tmp_path / "red.gif"), str(tmp_path / "blue.gif")]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "score",
+                "--model",
+                str(best),
+                "--prompt",
+                "a red square moving left on a black background",
+                "--video",
+                str(tmp_path / "red.gif"),
+                str(tmp_path / "blue.gif"),
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert main(["reward", "score", "--model", str(best), "--prompt", "p", "--video", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
@@ -196,5 +227,4 @@ def test_train_eval_score_cli(tmp_path, capsys):
 def test_train_needs_prompts_in_both_splits(tmp_path):
     data = _save_toy_dataset(tmp_path / "toy", 6, 0)
     with pytest.raises(ValueError, match="cannot be split"):
-        train_reward_model(RewardTrainConfig(dataset=data, output_dir=str(tmp_path), eval_fraction=0.0,
-                                             progress=False))
+        train_reward_model(RewardTrainConfig(dataset=data, output_dir=str(tmp_path), eval_fraction=0.0, progress=False))

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import PROMPT
 from safetensors.torch import load_file
 
 from align.cli import main
 from align.config import TrainConfig
 from align.data.samples import load_scored_samples, scored_samples_dataset
 from align.train import train
-from conftest import PROMPT
 from reward_models.model import RewardModelConfig, VideoRewardModel
 
 
@@ -28,9 +28,21 @@ def _samples(tmp_path, n=8, bad=None):
 
 
 def _cfg(model_dir, out, **kw):
-    base = dict(model=str(model_dir), output_dir=str(out), name="rwr", objective="rwr", max_steps=3,
-                train_batch_size=4, learning_rate=1e-2, lora_rank=4, lora_alpha=4.0, checkpointing_steps=0,
-                progress=False, rwr_temperature=1.0, rwr_max_weight=0.5)
+    base = dict(
+        model=str(model_dir),
+        output_dir=str(out),
+        name="rwr",
+        objective="rwr",
+        max_steps=3,
+        train_batch_size=4,
+        learning_rate=1e-2,
+        lora_rank=4,
+        lora_alpha=4.0,
+        checkpointing_steps=0,
+        progress=False,
+        rwr_temperature=1.0,
+        rwr_max_weight=0.5,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -64,9 +76,21 @@ def test_online_rwr_with_a_reward_model(tiny_model_dir, tmp_path):
     rm.save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\na blue circle moving up on a gray background\n")
-    run = train(_cfg(tiny_model_dir, tmp_path, name="online", online=True, reward_model=str(tmp_path / "rm"),
-                     prompts_file=str(prompts), online_prompts_per_round=2, online_samples_per_prompt=2,
-                     online_steps_per_round=2, max_steps=4, sample_steps=2))
+    run = train(
+        _cfg(
+            tiny_model_dir,
+            tmp_path,
+            name="online",
+            online=True,
+            reward_model=str(tmp_path / "rm"),
+            prompts_file=str(prompts),
+            online_prompts_per_round=2,
+            online_samples_per_prompt=2,
+            online_steps_per_round=2,
+            max_steps=4,
+            sample_steps=2,
+        )
+    )
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 0, 1, 1]  # a fresh round of samples every 2 steps
     assert all(np.isfinite(r["reward_mean"]) for r in lines)
@@ -83,7 +107,26 @@ def test_data_samples_cli(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     VideoRewardModel(RewardModelConfig(pooling="mean")).save_pretrained(tmp_path / "rm")
     out = tmp_path / "scored"
-    assert main(["data", "samples", "--model", str(tiny_model_dir), "--reward-model", str(tmp_path / "rm"),
-                 "--prompt", PROMPT, "--samples-per-prompt", "3", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "samples",
+                "--model",
+                str(tiny_model_dir),
+                "--reward-model",
+                str(tmp_path / "rm"),
+                "--prompt",
+                PROMPT,
+                "--samples-per-prompt",
+                "3",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = load_scored_samples(str(out))
     assert len(s.prompts) == 3 and s.groups.tolist() == [0, 0, 0] and np.isfinite(s.rewards).all()

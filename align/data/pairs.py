@@ -17,8 +17,15 @@ from align.data.video import to_uint8
 from align.sample import generate
 
 
-def sample_groups(model, prompts: list[str], samples_per_prompt: int, seed: int = 0, num_steps: int = 20,
-                  guidance_scale: float = 4.0, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+def sample_groups(
+    model,
+    prompts: list[str],
+    samples_per_prompt: int,
+    seed: int = 0,
+    num_steps: int = 20,
+    guidance_scale: float = 4.0,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``k`` samples per prompt (consecutive rows form a group) and their oracle totals:
     ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``."""
     if not prompts:
@@ -50,8 +57,14 @@ def _dataset(rows: dict, shape):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-def pairs_from_groups(prompts: list[str], videos: np.ndarray, totals: np.ndarray, which: str = "best_worst",
-                      tie_margin: float = 0.01, seed: int = 0):
+def pairs_from_groups(
+    prompts: list[str],
+    videos: np.ndarray,
+    totals: np.ndarray,
+    which: str = "best_worst",
+    tie_margin: float = 0.01,
+    seed: int = 0,
+):
     """A preference dataset from scored groups: ``best_worst`` (one pair per group, as DPO
     uses) or ``all`` (every pair within a group: k(k-1)/2, as a reward model can use).
     The a/b order is randomised; ties are labelled, not dropped."""
@@ -90,6 +103,7 @@ def oracle_preference_dataset(
 ):
     """Best-vs-worst pairs of ``samples_per_prompt`` samples per prompt, judged by the oracle:
     a ``datasets.Dataset`` in the project's schema, videos as uint8 arrays."""
-    all_prompts, videos, totals = sample_groups(model, prompts, samples_per_prompt, seed, num_steps, guidance_scale,
-                                                progress)
+    all_prompts, videos, totals = sample_groups(
+        model, prompts, samples_per_prompt, seed, num_steps, guidance_scale, progress
+    )
     return pairs_from_groups(all_prompts, videos, totals, "best_worst", tie_margin, seed)

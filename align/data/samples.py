@@ -33,7 +33,9 @@ def scored_samples_dataset(prompts: list[str], videos: np.ndarray, rewards, grou
     if not prompts:
         raise ValueError("scored_samples_dataset: empty prompt list")
     if not (len(prompts) == len(videos) == len(rewards)):
-        raise ValueError(f"scored_samples_dataset: {len(prompts)} prompts, {len(videos)} videos, {len(rewards)} rewards")
+        raise ValueError(
+            f"scored_samples_dataset: {len(prompts)} prompts, {len(videos)} videos, {len(rewards)} rewards"
+        )
     T, H, W, C = videos.shape[1:]
     cols = {"prompt": list(prompts), "video": list(videos), "reward": [float(r) for r in rewards]}
     feats = {

@@ -62,8 +62,9 @@ def oracle_winrate(samples: PairedSamples, tie_margin: float = 0.005, seed: int 
     return out
 
 
-def reward_winrate(reward_model, base: np.ndarray, aligned: np.ndarray, prompts: list[str], tie_margin: float = 0.0,
-                   seed: int = 0) -> dict:
+def reward_winrate(
+    reward_model, base: np.ndarray, aligned: np.ndarray, prompts: list[str], tie_margin: float = 0.0, seed: int = 0
+) -> dict:
     """Win rate of aligned over base videos (same prompts and seeds) judged by a reward model."""
     old = reward_model.score(base, prompts)
     new = reward_model.score(aligned, prompts)
