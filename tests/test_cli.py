@@ -25,10 +25,22 @@ def test_demo_quick_end_to_end(tmp_path):
     wr = report["winrate"]["oracle"]
     assert 0.0 <= wr["rate"] <= 1.0 and wr["ci95"][0] <= wr["rate"] <= wr["ci95"][1]
     assert wr["n"] == report["data"]["comparisons"] > 0 and 0 <= wr["ties"] <= wr["n"]
-    assert {"pretrain", "pairs", "dpo", "eval", "total"} <= set(report["timings_s"])
-    for name in ("report.md", "training_curves.png", "winrates.png", "base_vs_dpo.gif"):
+    assert {"pretrain", "pairs", "reward_model", "dpo", "rwr", "eval", "total"} <= set(report["timings_s"])
+    for name in (
+        "report.md",
+        "training_curves_dpo.png",
+        "training_curves_rwr.png",
+        "winrates.png",
+        "base_vs_aligned.gif",
+    ):
         assert (out / name).stat().st_size > 0, name
-    assert (out / "dpo" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    for run in ("dpo", "rwr"):
+        assert (out / run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    for judge in ("oracle", "reward_model"):
+        for method in ("DPO", "RWR"):
+            w = report["winrate"][judge][method]
+            assert w["n"] == wr["n"] and w["ci95"][0] <= w["rate"] <= w["ci95"][1]
+    assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
     # a second run reuses the cached pretrained model
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

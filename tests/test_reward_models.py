@@ -168,15 +168,14 @@ def _save_toy_dataset(path, n, seed, tie_every=0):
     prefs = ["a" if t == 1.0 else "b" for t in d.target]
     if tie_every:
         prefs = ["tie" if i % tie_every == 0 else p for i, p in enumerate(prefs)]
-    datasets.Dataset.from_dict(
-        {
-            "prompt": d.prompts,
-            "video_a": list(d.video_a),
-            "video_b": list(d.video_b),
-            "preference": prefs,
-            "preference_color": prefs,
-        }
-    ).save_to_disk(str(path))
+    video = datasets.Array4D((8, 32, 32, 3), "uint8")  # typed, so rows decode as arrays, fast
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {"prompt": text, "video_a": video, "video_b": video, "preference": text, "preference_color": text}
+    )
+    rows = {"prompt": d.prompts, "video_a": list(d.video_a), "video_b": list(d.video_b), "preference": prefs}
+    rows["preference_color"] = prefs
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
     return str(path)
 
 
