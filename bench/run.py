@@ -59,18 +59,19 @@ def main(argv: list[str] | None = None) -> dict:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(full_params, lr=1e-4)
 
-    def sft_step():
+    def sft_step(optimizer):
+        """One denoising step on the 2B videos of the pairs, updating ``optimizer``'s parameters."""
         x0 = torch.cat([lat_w, lat_l])
         n = torch.randn(x0.shape, generator=gen)
         t = sched.sample_timesteps(2 * B, generator=gen)
         loss = per_sample_mse(
             m.denoiser(sched.add_noise(x0, n, t), t, torch.cat([cond, cond])), sched.target(x0, n, t)
         ).mean()
-        opt.zero_grad()
+        optimizer.zero_grad()
         loss.backward()
-        opt.step()
+        optimizer.step()
 
-    t_full = _time(sft_step, args.repeats)
+    t_full = _time(lambda: sft_step(opt), args.repeats)
     m.denoiser.requires_grad_(False)
 
     attach_lora(m.denoiser, rank=8, alpha=8)
@@ -82,19 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["loss"].backward()
         lora_opt.step()
 
-    def lora_sft_step():
-        x0 = torch.cat([lat_w, lat_l])
-        n = torch.randn(x0.shape, generator=gen)
-        t = sched.sample_timesteps(2 * B, generator=gen)
-        loss = per_sample_mse(
-            m.denoiser(sched.add_noise(x0, n, t), t, torch.cat([cond, cond])), sched.target(x0, n, t)
-        ).mean()
-        lora_opt.zero_grad()
-        loss.backward()
-        lora_opt.step()
-
     t_dpo = _time(dpo_step, args.repeats)
-    t_sft = _time(lora_sft_step, args.repeats)
+    t_sft = _time(lambda: sft_step(lora_opt), args.repeats)
     prompts, seeds = [PROMPT] * B, list(range(B))
     t_cfg = _time(lambda: generate(m, prompts, seeds, num_steps=10, guidance_scale=4.0), max(1, args.repeats // 2))
     t_plain = _time(lambda: generate(m, prompts, seeds, num_steps=10, guidance_scale=1.0), max(1, args.repeats // 2))
