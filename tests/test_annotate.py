@@ -10,6 +10,7 @@ import http.client
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from conftest import make_preference_rows, save_rows
@@ -661,6 +663,48 @@ def test_killed_server_keeps_acknowledged_labels_and_cli_exports_them(tmp_path, 
         want[pid] = {"left": left, "right": "b" if left == "a" else "a", "tie": "tie"}[choice]
     assert got == want
     assert main(["annotate", "stats", "--db", str(tmp_path / "nope.sqlite")]) == 2
+
+
+def test_all_mode_export_of_several_annotators_passes_validation(served, tmp_path, capsys):
+    """Three annotators label every pair through the HTTP API; ``export --mode all`` writes one
+    row per label. Rows that agree but come from different annotators are votes, not
+    duplicates: ``data validate`` passes (disagreements are warnings) and DPO gets every vote.
+    A row copied verbatim (same annotator too) is still a fatal duplicate."""
+    client, app, _ = served(per_pair=3)
+
+    def side(pair: dict, want: str) -> str:
+        left = "a" if pair["left"]["url"] == "/media/" + app.pairs[pair["id"]]["media_a"] else "b"
+        return "tie" if want == "tie" else ("left" if want == left else "right")
+
+    # ann0 and ann1 prefer video a everywhere; ann2 agrees on even pair ids and prefers b on odd
+    votes = {"ann0": lambda pid: "a", "ann1": lambda pid: "a", "ann2": lambda pid: "b" if pid % 2 else "a"}
+    for name, want in votes.items():
+        while (pair := client.next(name)["pair"]) is not None:
+            status, data = client.label(name, pair["id"], side(pair, want(pair["id"])))
+            assert status == 200, data
+    out = tmp_path / "all"
+    assert main(["annotate", "export", "--db", str(tmp_path / "labels.sqlite"), str(out), "--mode", "all"]) == 0
+    ds = load_preference_dataset(out)
+    assert len(ds) == 12 and sorted(set(ds["pair_id"])) == [1, 2, 3, 4]
+    assert sorted(ds["annotator"]) == ["ann0"] * 4 + ["ann1"] * 4 + ["ann2"] * 4
+    capsys.readouterr()
+    assert main(["data", "validate", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "0 problem(s) in 0 row(s), 2 warning(s)" in text and "warning: conflicting label with row" in text
+    pairs = to_pairs(ds, source=str(out), root=out)
+    assert pairs.rows == list(range(12)) and pairs.skipped == {"bad_row": 0, "tie": 0}
+
+    # the same label of the same annotator twice is a duplicate row
+    dup = tmp_path / "dup"
+    datasets.concatenate_datasets([ds, ds.select([0])]).save_to_disk(str(dup))
+    shutil.copytree(out / "videos", dup / "videos")
+    assert main(["data", "validate", str(dup)]) == 1
+    text = capsys.readouterr().out
+    who = ds["annotator"][0]
+    assert f"row 12: duplicate of row 0 (same prompt, videos and label, annotator '{who}':" in text
+    assert "1 problem(s) in 1 row(s), 2 warning(s)" in text
+    with pytest.raises(PreferenceDataError, match="row 12: duplicate of row 0"):
+        to_pairs(load_preference_dataset(dup), source=str(dup), root=dup)
 
 
 def test_host_warning_only_for_non_loopback():

@@ -9,8 +9,10 @@ Two modes:
   Each aspect (``preference_<aspect>``, the schema's per-aspect columns) is decided the same
   way among the labels that gave it (empty if none did).
 - ``all``: one row per label, with its annotator, the side video a was shown on
-  (``shown_left``), the comment and the time. A pair labelled alike by two annotators appears
-  twice; the schema's validation reports such rows as duplicates, so train DPO on ``majority``.
+  (``shown_left``), the comment and the time. A pair labelled by three annotators appears three
+  times: the schema's validation keys duplicates by the ``annotator`` column too, so these rows
+  are votes, not duplicates, and DPO or a reward model trains on each (a pair labelled alike
+  by all weighs more than a split one; ``majority`` gives every pair one row instead).
 
 Video files are copied (``videos="copy"``) or symlinked (``"symlink"``) into ``OUT/videos/``
 and named relative to ``OUT``, the dataset root, as the schema wants. Pairs whose videos were

@@ -107,11 +107,11 @@ def _pairs_from_dataset(path: Path, base: Path, data_root: Path, conv: _Converte
     inside ``data_root``), a ``{"bytes", "path"}`` dict (a ``datasets.Video`` column: bytes are
     decoded and cached, a bare path is a path), or a decoded array (cached). ``source_row`` is
     set for rows with any non-file video, so that the export can take those from the dataset."""
-    from align.data.preference import PreferenceDataError, load_preference_dataset, load_video_value
+    from align.data.preference import PreferenceDataError, load_preference_dataset, load_video_value, value_reader
 
     ds = load_preference_dataset(path)
     arrays = {c: _is_array(ds.features[c]) for c in ("video_a", "video_b")}
-    numpy_ds = ds.with_format("numpy", columns=[c for c, a in arrays.items() if a]) if any(arrays.values()) else None
+    readers = {c: value_reader(ds, c) for c, a in arrays.items() if a}  # nested lists too, read fast
     values = {c: None if a else ds[c] for c, a in arrays.items()}
     problems: list[tuple[int, str]] = []
     pairs = []
@@ -119,7 +119,7 @@ def _pairs_from_dataset(path: Path, base: Path, data_root: Path, conv: _Converte
         msgs = [] if isinstance(prompt, str) and prompt.strip() else ["empty prompt"]
         media, files = {}, {}
         for col in ("video_a", "video_b"):
-            value = numpy_ds[i][col] if arrays[col] else values[col][i]
+            value = readers[col](i) if arrays[col] else values[col][i]
             if isinstance(value, dict) and not value.get("bytes"):
                 value = value.get("path")  # a datasets.Video entry that only names its file
             try:

@@ -40,6 +40,9 @@ import numpy as np
 REQUIRED_COLUMNS = ("prompt", "video_a", "video_b", "preference")
 PREFERENCES = ("a", "b", "tie")
 ASPECT_PREFIX = "preference_"  # per-aspect label columns: preference_<aspect> in PREFERENCES (or empty)
+# who gave a row's label: rows that agree in prompt, videos and label but differ in one of these
+# are several votes (e.g. `vidalign annotate export --mode all`), not a duplicate
+LABELLER_COLUMNS = ("annotator", "source")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 PAIR_FOLDER_FILES = ("prompt.txt", "preference.txt")  # plus a.<ext> and b.<ext>
@@ -278,7 +281,14 @@ def video_label(value) -> str:
         return str(value.get("path") or "<embedded bytes>")
     if isinstance(value, (bytes, bytearray)):
         return "<embedded bytes>"
-    return f"<array {getattr(np.asarray(value), 'shape', '?')}>"
+    if value is None:
+        return "<none>"
+    if isinstance(value, np.ndarray):
+        return f"<array {value.shape}>"
+    try:
+        return f"<array {np.asarray(value).shape}>"
+    except ValueError:  # nested lists of uneven lengths
+        return "<nested lists>"
 
 
 def load_video_value(value, root=None, allow_absolute_paths: bool = False) -> np.ndarray:
@@ -294,7 +304,10 @@ def load_video_value(value, root=None, allow_absolute_paths: bool = False) -> np
         return read_video(resolve_video_path(str(value), root, allow_absolute_paths))
     if value is None:
         raise ValueError("no video (empty value)")
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # numpy refuses nested lists of uneven lengths
+        raise ValueError("nested lists of uneven lengths, not a (T, H, W, 3) array") from None
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"must be (T, H, W, 3), got shape {arr.shape}")
     if arr.dtype != np.uint8:
@@ -307,6 +320,88 @@ def content_hash(frames: np.ndarray) -> str:
     h = hashlib.sha256(f"{frames.dtype.str}{tuple(frames.shape)}".encode())
     h.update(np.ascontiguousarray(frames).data)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# reading rows
+#
+# ``datasets``' numpy formatter converts an untyped nested-list column (videos stored as lists of
+# lists, e.g. from ``Dataset.from_dict`` without features, or a JSON table) element by element in
+# Python: about 50 ms per 8x32x32x3 video. These readers convert such columns from Arrow
+# directly (offsets and one flat buffer per video) and use the numpy formatter for the rest.
+
+ROW_BATCH = 64  # rows converted from Arrow at a time by iter_rows
+
+
+def _is_numeric_list(arrow_type) -> bool:
+    """Whether an Arrow type is a (nested) variable-size list of integers or floats."""
+    import pyarrow as pa
+
+    depth = 0
+    while pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        arrow_type, depth = arrow_type.value_type, depth + 1
+    return depth > 0 and (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type))
+
+
+def _numeric_list_columns(ds, columns: list[str]) -> list[str]:
+    schema = ds.data.schema
+    return [c for c in columns if _is_numeric_list(schema.field(c).type)]
+
+
+def _list_value(arr, i: int):
+    """Row ``i`` of a (nested) list array as an n-d numpy array, read through the offsets.
+    ``None`` for a null row; a row with nulls or lists of uneven lengths inside comes back as
+    Python lists (:func:`load_video_value` reports those)."""
+    import pyarrow as pa
+
+    if not arr[i].is_valid:
+        return None
+    level, start, end, shape = arr, i, i + 1, []
+    while pa.types.is_list(level.type) or pa.types.is_large_list(level.type):
+        if level.slice(start, end - start).null_count:
+            return arr[i].as_py()
+        offsets = level.offsets.slice(start, end - start + 1).to_numpy()
+        lengths = np.diff(offsets)
+        if lengths.size and (lengths != lengths[0]).any():
+            return arr[i].as_py()
+        shape.append(int(lengths[0]) if lengths.size else 0)
+        start, end, level = int(offsets[0]), int(offsets[-1]), level.values
+    leaf = level.slice(start, end - start)
+    if leaf.null_count:
+        return arr[i].as_py()
+    return leaf.to_numpy(zero_copy_only=False).reshape(shape)
+
+
+def iter_rows(ds, columns: list[str] | None = None, batch_size: int = ROW_BATCH):
+    """Yield every row of ``ds`` as a dict of ``columns`` (default: all), with the values
+    ``ds.with_format("numpy")`` gives, except that untyped numeric nested-list columns come
+    back as n-d numpy arrays converted from Arrow ``batch_size`` rows at a time (fast, and
+    only one batch of them in memory)."""
+    columns = list(ds.column_names if columns is None else columns)
+    lists = _numeric_list_columns(ds, columns)
+    if not lists:
+        yield from ds.with_format("numpy", columns=columns)
+        return
+    others = [c for c in columns if c not in lists]
+    rest = iter(ds.with_format("numpy", columns=others)) if others else None
+    arrow = ds.with_format("arrow", columns=lists)
+    for start in range(0, len(ds), batch_size):
+        table = arrow[start : start + batch_size]
+        arrays = {c: table.column(c).combine_chunks() for c in lists}
+        for j in range(table.num_rows):
+            row = dict(next(rest)) if rest is not None else {}
+            row.update({c: _list_value(arrays[c], j) for c in lists})
+            yield row
+
+
+def value_reader(ds, column: str):
+    """A function ``i -> value`` of one column with random access, values as :func:`iter_rows`
+    gives them (nested-list videos as arrays, without the numpy formatter's slow path)."""
+    if _numeric_list_columns(ds, [column]):
+        arrow = ds.with_format("arrow", columns=[column])
+        return lambda i: _list_value(arrow[i : i + 1].column(column).combine_chunks(), 0)
+    formatted = ds.with_format("numpy", columns=[column])
+    return lambda i: formatted[i][column]
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,9 +462,12 @@ def check_rows(
     Fatal: empty prompt; unknown preference or per-aspect label; a video that is missing,
     undecodable (corrupt, truncated), has fewer than ``min_frames`` frames, or whose path leaves
     the root or is absolute (unless allowed); identical videos; with ``same_shape``, videos of
-    different shapes; a duplicate row (same prompt, same two videos by content, same winner as
-    an earlier row). Warning: the same comparison with a different label than an earlier row
-    (annotators disagree; both rows are kept). A file used by many rows is decoded once.
+    different shapes; a duplicate row (same prompt, same two videos by content, same winner and
+    same labeller as an earlier row). The labeller is the row's values in the
+    :data:`LABELLER_COLUMNS` it has (``annotator``, ``source``): the same comparison labelled
+    alike by two annotators is two votes, both kept. Warning: the same comparison with a
+    different label than an earlier row (annotators disagree; both rows are kept). A file used
+    by many rows is decoded once.
     """
     root = dataset_root(root)
     columns = ds.column_names
@@ -379,9 +477,11 @@ def check_rows(
     decoded: list | None = [] if keep_videos else None
     counts = {p: 0 for p in PREFERENCES}
     seen_files: dict[str, tuple[str, tuple] | str] = {}  # resolved path -> (hash, shape) or error
-    seen_pairs: dict[tuple, tuple[int, str]] = {}  # (prompt, sorted hashes) -> (first row, winner)
+    labeller_columns = [c for c in LABELLER_COLUMNS if c in columns]
+    # (prompt, sorted hashes) -> [(row, winner, labeller)] of the rows that compare those videos
+    seen_pairs: dict[tuple, list[tuple[int, str, tuple]]] = {}
     shape = None
-    for i, row in enumerate(ds.with_format("numpy")):
+    for i, row in enumerate(iter_rows(ds)):
         msgs: list[tuple[str, bool]] = []
         prompt = row["prompt"]
         prompt = str(prompt) if isinstance(prompt, (str, np.str_)) else prompt
@@ -427,20 +527,32 @@ def check_rows(
             if pref in PREFERENCES and isinstance(prompt, str) and ha != hb:
                 key = (prompt.strip(), min(ha, hb), max(ha, hb))
                 winner = "tie" if pref == "tie" else (ha if pref == "a" else hb)
-                if key in seen_pairs:
-                    j, w = seen_pairs[key]
-                    if w == winner:
-                        msgs.append((f"duplicate of row {j} (same prompt, videos and label: {na}, {nb})", True))
-                    else:
-                        msgs.append((f"conflicting label with row {j} (same prompt and videos: {na}, {nb})", False))
+                labeller = tuple(_plain(row[c]) for c in labeller_columns)
+                earlier = seen_pairs.setdefault(key, [])
+                dup = next((j for j, w, lb in earlier if w == winner and lb == labeller), None)
+                other = next((j for j, w, _ in earlier if w != winner), None)
+                if dup is not None:
+                    by = "".join(f", {c} {v!r}" for c, v in zip(labeller_columns, labeller))
+                    msgs.append((f"duplicate of row {dup} (same prompt, videos and label{by}: {na}, {nb})", True))
                 else:
-                    seen_pairs[key] = (i, winner)
+                    earlier.append((i, winner, labeller))
+                    if other is not None:
+                        msgs.append((f"conflicting label with row {other} (same prompt and videos: {na}, {nb})", False))
         problems += [Problem(i, m, fatal) for m, fatal in msgs]
         hashes.append(row_hashes)
         if decoded is not None:
             ok = len(videos) == 2 and not any(f for _, f in msgs)
             decoded.append((videos[0], videos[1]) if ok else None)
     return Report(source, len(hashes), problems, counts, hashes, decoded)
+
+
+def _plain(value):
+    """A cell as a hashable Python value (numpy scalars and strings unwrapped)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return repr(value.tolist())
+    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
 def _decode_checked(value, root, allow_absolute_paths: bool, seen: dict, keep: bool):
@@ -550,7 +662,7 @@ def summarize(ds, root=None) -> dict:
     frames, durations, sizes, unreadable = [], [], [], []
     seen: set[str] = set()
     for col in ("video_a", "video_b"):
-        for i, row in enumerate(ds.select_columns([col]).with_format("numpy")):
+        for i, row in enumerate(iter_rows(ds, [col])):
             value = str(row[col]) if isinstance(row[col], np.str_) else row[col]
             name = video_label(value)
             if isinstance(value, str):
@@ -569,7 +681,11 @@ def summarize(ds, root=None) -> dict:
             elif isinstance(value, dict) and value.get("bytes"):
                 sizes.append(len(value["bytes"]))
             elif value is not None and not isinstance(value, dict):
-                arr = np.asarray(value)
+                try:
+                    arr = np.asarray(value)
+                except ValueError:  # nested lists of uneven lengths
+                    unreadable.append(f"row {i} {col}: {name}")
+                    continue
                 if arr.ndim == 4:
                     frames.append(int(arr.shape[0]))
                     sizes.append(int(arr.nbytes))
