@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, save_config
-from align.data.latent_cache import cached_latents
+from align.data.latent_cache import build_latent_cache
 from align.data.preference import load_preference_dataset, to_pairs
 from align.data.video import from_uint8
 from align.models import load_model
@@ -398,11 +398,34 @@ class _Trackers:
 
 
 def _dpo_data(cfg: TrainConfig, model) -> tuple[object, dict]:
+    """The DPO pairs as latents ``(chosen, rejected, prompt states)`` and what to report.
+
+    Both paths validate every row with the same checks (``check_rows``) and apply
+    ``cfg.bad_rows`` the same way: ``error`` raises the full report, ``skip`` skips and counts
+    (``info["skipped"]``, ties included). With ``latent_cache_dir`` the dataset is streamed
+    (``build_latent_cache``: one row's videos to validate, one batch to encode) and the
+    latents are read lazily from the cache's memory-mapped shards, so a dataset larger than
+    RAM trains. Without it every video is decoded into memory (``to_pairs``) and encoded once.
+    """
     ds = load_preference_dataset(cfg.dataset)
+    if cfg.latent_cache_dir:
+        data = build_latent_cache(
+            model, ds, cfg.latent_cache_dir, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows
+        )
+        st = data.stats
+        info = {
+            "pairs": len(data),
+            "skipped": st["skipped"],
+            "rows": len(ds),
+            "warnings": len(st["warnings"]),
+            "latent_cache": {
+                k: st[k] for k in ("videos_encoded", "videos_reused", "prompts_encoded", "prompts_reused", "bad_shards")
+            },
+        }
+        return data, info
     pairs = to_pairs(ds, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows)
-    data = cached_latents(model, pairs, cfg.latent_cache_dir) if cfg.latent_cache_dir else encode_pairs(model, pairs)
     info = {"pairs": len(pairs.prompts), "skipped": pairs.skipped, "rows": len(ds)}
-    return data, info
+    return encode_pairs(model, pairs), info
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import weakref
 
 import datasets
 import numpy as np
@@ -241,3 +242,101 @@ def test_cli_cache_encodes_once(tiny_model_dir, tmp_path, capsys):
     assert "3 pairs (skipped {'bad_row': 0, 'tie': 1}); videos encoded 6, reused 0" in capsys.readouterr().out
     assert main(["data", "cache", src, "--model", str(tiny_model_dir), "--cache-dir", str(cache)]) == 0
     assert "videos encoded 0, reused 6; prompts encoded 0, reused 2" in capsys.readouterr().out
+
+
+def test_streaming_build_reads_untyped_nested_list_videos(model, tmp_path):
+    rows = make_preference_rows(4)
+    untyped = datasets.Dataset.from_dict(rows)  # videos as List(List(List(List(uint8)))), not Array4D
+    assert "List" in str(untyped.features["video_a"])
+    data = build_latent_cache(model, untyped, tmp_path / "c")
+    ref = encode_pairs(model, to_pairs(datasets.Dataset.from_dict(rows)))
+    assert data.stats["videos_encoded"] == 8
+    for i in range(4):
+        for got, want in zip(data[i], ref[i]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _track_decodes(monkeypatch) -> dict:
+    """Wrap ``load_video_value`` (validation's and the cache's) to count decoded videos and the
+    most of them alive in memory at once."""
+    from align.data import preference
+
+    seen = {"decodes": 0, "peak_alive": 0}
+    alive: list[weakref.ref] = []
+    orig = preference.load_video_value
+
+    def tracked(*args, **kwargs):
+        frames = orig(*args, **kwargs)
+        alive[:] = [r for r in alive if r() is not None] + [weakref.ref(frames)]
+        seen["decodes"] += 1
+        seen["peak_alive"] = max(seen["peak_alive"], len(alive))
+        return frames
+
+    monkeypatch.setattr(preference, "load_video_value", tracked)
+    monkeypatch.setattr(lc, "load_video_value", tracked)
+    return seen
+
+
+def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monkeypatch):
+    """With latent_cache_dir, train() validates and encodes row by row (never to_pairs, never all
+    videos in memory), skips and counts as bad_rows says, and trains the same LoRA as without."""
+    import align.train as train_module
+    from align.data import preference
+
+    src = _mp4_dataset(tmp_path, n=24)  # 48 distinct mp4 files; every 4th row a tie
+    lines = (tmp_path / "ds" / "prefs.jsonl").read_text().splitlines()
+    lines[5] = json.dumps(json.loads(lines[5]) | {"video_b": "videos/missing.mp4"})
+    (tmp_path / "ds" / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+
+    def cfg(name, **kw):
+        base = dict(
+            model=str(tiny_model_dir),
+            dataset=src,
+            output_dir=str(tmp_path / "runs"),
+            name=name,
+            max_steps=2,
+            train_batch_size=4,
+            learning_rate=1e-2,
+            lora_rank=4,
+            lora_alpha=4.0,
+            checkpointing_steps=0,
+            progress=False,
+            beta=50.0,
+            bad_rows="skip",
+        )
+        return TrainConfig(**(base | kw))
+
+    plain = train(cfg("plain"))  # to_pairs: every video decoded into memory at once
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("to_pairs decodes every video into memory")
+
+    monkeypatch.setattr(train_module, "to_pairs", refuse)
+    monkeypatch.setattr(preference, "to_pairs", refuse)
+    monkeypatch.setattr(train_module, "encode_pairs", refuse)
+    seen = _track_decodes(monkeypatch)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(PreferenceDataError, match=r"row 5: video_b: .*missing.mp4: no such video file"):
+        train(cfg("strict", latent_cache_dir=cache, bad_rows="error"))
+    seen.update(decodes=0, peak_alive=0)
+    cached = train(cfg("cached", latent_cache_dir=cache))
+
+    # 47 files validated, then the 34 videos of the 17 usable pairs encoded (the ties' are not needed)
+    assert seen["decodes"] == 47 + 34
+    assert seen["peak_alive"] <= 16  # one encoding batch at most, never all 47
+    summary = json.loads((cached / "summary.json").read_text())
+    assert summary["rows"] == 24 and summary["pairs"] == 17
+    assert summary["skipped"] == {"bad_row": 1, "tie": 6}
+    assert summary["skipped"] == json.loads((plain / "summary.json").read_text())["skipped"]
+    assert summary["latent_cache"]["videos_encoded"] == 34 and summary["latent_cache"]["videos_reused"] == 0
+    a = load_file(plain / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(cached / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+    # a second run reuses the cache: the files are decoded once, to validate and hash them
+    seen.update(decodes=0, peak_alive=0)
+    again = train(cfg("again", latent_cache_dir=cache))
+    assert seen["decodes"] == 47 and seen["peak_alive"] <= 2
+    assert json.loads((again / "summary.json").read_text())["latent_cache"]["videos_reused"] == 34

@@ -22,9 +22,10 @@ and the text encoder. The cache stores them once, in safetensors shards:
   item with ``safetensors.safe_open`` (memory-mapped), so a dataset larger than RAM trains; the
   OS page cache keeps what fits.
 
-Entry points: :func:`cached_latents` (the trainer: pairs already decoded by ``to_pairs``)
-and :func:`build_latent_cache` (streaming from a dataset: one batch of videos in memory at a
-time, for datasets whose pixels do not fit in RAM; also ``vidalign data cache``).
+Entry points: :func:`build_latent_cache` (streaming from a dataset: one batch of decoded
+videos in memory at a time, for datasets whose pixels do not fit in RAM; used by ``vidalign
+data cache`` and by the trainer when ``latent_cache_dir`` is set) and :func:`cached_latents`
+(pairs already decoded in memory by ``to_pairs``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from align.data.preference import (
     dataset_root,
     load_video_value,
     resolve_video_path,
+    value_reader,
 )
 from align.data.video import from_uint8, prepare_video, video_info
 
@@ -439,10 +441,10 @@ def build_latent_cache(
     if not rows:
         raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
 
-    rows_np = ds.with_format("numpy")
+    readers = {col: value_reader(ds, col) for col in ("video_a", "video_b")}
 
     def load(i: int, col: str) -> np.ndarray:
-        value = rows_np[i][col]
+        value = readers[col](i)
         frames = load_video_value(value, root, allow_absolute_paths)
         if not pre:
             return frames
