@@ -55,6 +55,11 @@ class TrainConfig:
     # RWR: weights = softmax(reward / rwr_temperature) within a prompt group, clipped at rwr_max_weight
     rwr_temperature: float = 1.0
     rwr_max_weight: float = 0.5
+    # share of RWR samples trained with the empty prompt, so that the unconditional branch
+    # (classifier-free guidance) follows what the conditional one learns
+    rwr_cond_dropout: float = 0.0
+    # weight of ||pred - pred_reference||^2 (adapters off) added to the RWR loss: DPOK's KL bound
+    rwr_kl_weight: float = 0.0
     # online RWR: sample the current policy, score with reward_model, update, repeat
     online: bool = False
     reward_model: str | None = None  # a reward model directory (`vidalign reward train`)

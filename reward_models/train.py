@@ -308,15 +308,29 @@ def contrastive_pretrain(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    hard_negatives: np.ndarray | None = None,
 ) -> list[float]:
     """CLIP's symmetric InfoNCE on (video, caption) pairs; captions that repeat within a
-    batch are not counted as negatives of each other. Returns the loss per step."""
+    batch are not counted as negatives of each other. Returns the loss per step.
+
+    ``hard_negatives[i]``: the index of item i's hard negative (e.g. the same clip played
+    backwards, captioned with the opposite direction). With it, each batch is
+    ``batch_size // 2`` random items plus their hard negatives, so the only way to tell them
+    apart is what differs (motion), as in temporal hard-negative training of video-text
+    models. Without it, time-reversed pairs rarely meet in a batch and a tiny CLIP never
+    learns direction (measured: 0.27 zero-shot direction accuracy, chance 0.25)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     losses = []
+    if hard_negatives is not None and len(hard_negatives) != len(prompts):
+        raise ValueError(f"hard_negatives: {len(hard_negatives)} entries for {len(prompts)} items")
     model.train()
     for _ in tqdm(range(steps), desc="reward backbone (contrastive)", disable=not progress):
-        idx = torch.randint(0, len(prompts), (batch_size,), generator=gen).numpy()
+        if hard_negatives is None:
+            idx = torch.randint(0, len(prompts), (batch_size,), generator=gen).numpy()
+        else:
+            first = torch.randint(0, len(prompts), (batch_size // 2,), generator=gen).numpy()
+            idx = np.concatenate([first, np.asarray(hard_negatives)[first]])
         ps = [prompts[i] for i in idx]
         v = model.encode_video(model.frames(videos[idx], generator=gen))
         t = model.encode_text(model.tokenize(ps))

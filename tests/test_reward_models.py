@@ -227,3 +227,22 @@ def test_train_needs_prompts_in_both_splits(tmp_path):
     data = _save_toy_dataset(tmp_path / "toy", 6, 0)
     with pytest.raises(ValueError, match="cannot be split"):
         train_reward_model(RewardTrainConfig(dataset=data, output_dir=str(tmp_path), eval_fraction=0.0, progress=False))
+
+
+def test_contrastive_pretraining_batches_hold_their_hard_negatives():
+    from reward_models.train import contrastive_pretrain
+
+    model = _model()
+    videos = np.concatenate([_solid((255, 0, 0), 4), _solid((0, 0, 255), 4)])
+    prompts = [f"clip {i}" for i in range(8)]
+    reversal = np.array([4, 5, 6, 7, 0, 1, 2, 3])
+    seen = []
+    tokenize = model.tokenize
+    model.tokenize = lambda ps: seen.append(list(ps)) or tokenize(ps)
+    losses = contrastive_pretrain(model, videos, prompts, 3, batch_size=4, progress=False, hard_negatives=reversal)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    for batch in seen:
+        first, second = batch[:2], batch[2:]
+        assert second == [prompts[reversal[prompts.index(p)]] for p in first]
+    with pytest.raises(ValueError, match="hard_negatives"):
+        contrastive_pretrain(model, videos, prompts, 1, hard_negatives=reversal[:3], progress=False)

@@ -130,3 +130,69 @@ def test_data_samples_cli(tiny_model_dir, tmp_path):
     )
     s = load_scored_samples(str(out))
     assert len(s.prompts) == 3 and s.groups.tolist() == [0, 0, 0] and np.isfinite(s.rewards).all()
+
+
+def _rwr_batch(model, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn((n, *model.latent_shape), generator=g)
+    cond = model.encode_prompts([PROMPT] * n)
+    return lat, cond, torch.full((n,), 1.0 / n)
+
+
+def test_rwr_cond_dropout_uses_the_empty_prompt(tiny_model_dir):
+    """Dropped rows are conditioned on the empty prompt: dropping all equals an all-empty batch."""
+    from align.models import load_model
+    from align.train import rwr_step_losses
+
+    model = load_model(tiny_model_dir)
+    lat, cond, w = _rwr_batch(model)
+    uncond = model.encode_prompts([""])
+    with torch.no_grad():
+        dropped = rwr_step_losses(
+            model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(3), uncond=uncond, cond_dropout=0.9999
+        )
+        # the same noise draws, then the dropout draw: replay them with the empty prompt everywhere
+        gen = torch.Generator().manual_seed(3)
+        all_empty = rwr_step_losses(model, model.denoiser, (lat, uncond.expand_as(cond), w), gen)
+        kept = rwr_step_losses(model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(3))
+    assert torch.allclose(dropped["loss"], all_empty["loss"])
+    assert not torch.allclose(dropped["loss"], kept["loss"])
+    with pytest.raises(ValueError, match="uncond"):
+        rwr_step_losses(model, model.denoiser, (lat, cond, w), cond_dropout=0.5)
+
+
+def test_rwr_kl_term_is_zero_at_the_base_and_grows_with_the_adapter(tiny_model_dir):
+    from align.models import load_model
+    from align.models.lora import attach_lora, lora_parameters
+    from align.train import rwr_step_losses
+
+    model = load_model(tiny_model_dir)
+    attach_lora(model.denoiser, 4, 4.0, 0.0, ["attn.qkv", "attn.proj"])
+    batch = _rwr_batch(model)
+    plain = rwr_step_losses(model, model.denoiser, batch, torch.Generator().manual_seed(1))
+    out = rwr_step_losses(
+        model, model.denoiser, batch, torch.Generator().manual_seed(1), base=model.denoiser, kl_weight=2.0
+    )
+    assert float(out["kl"]) == 0.0  # LoRA B starts at zero: policy == reference
+    assert torch.allclose(out["loss"], plain["loss"])
+    with torch.no_grad():
+        for p in lora_parameters(model.denoiser):
+            p.add_(0.05 * torch.randn_like(p))
+    out = rwr_step_losses(
+        model, model.denoiser, batch, torch.Generator().manual_seed(1), base=model.denoiser, kl_weight=2.0
+    )
+    plain = rwr_step_losses(model, model.denoiser, batch, torch.Generator().manual_seed(1))
+    assert float(out["kl"]) > 0
+    assert torch.allclose(out["loss"], plain["loss"] + 2.0 * out["kl"], atol=1e-6)
+    out["loss"].backward()  # the KL term has a gradient through the policy only
+    assert all(p.grad is not None for p in lora_parameters(model.denoiser))
+
+
+def test_rwr_with_kl_and_cond_dropout_through_the_trainer(tiny_model_dir, tmp_path):
+    data = _samples(tmp_path)
+    run = train(_cfg(tiny_model_dir, tmp_path, dataset=data, rwr_kl_weight=1.0, rwr_cond_dropout=0.25))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r and r["kl"] >= 0 for r in lines)
+    assert lines[-1]["kl"] > 0  # the adapter moved away from the reference
+    with pytest.raises(ValueError, match="rwr_cond_dropout"):
+        train(_cfg(tiny_model_dir, tmp_path / "bad", dataset=data, rwr_cond_dropout=1.5))
