@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from align.atomic import atomic_directory
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # model configs as data: vidalign-tiny-clip.json
 
@@ -251,21 +250,12 @@ class VideoRewardModel(nn.Module):
     def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
         """``reward_config.json`` + ``model.safetensors``, written to a temp dir and renamed."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-        try:
+        with atomic_directory(path) as tmp:
             cfg = asdict(self.cfg)
             cfg["pretrained"] = None  # the weights are in model.safetensors
             (tmp / "reward_config.json").write_text(json.dumps({**cfg, **(extra or {})}, indent=2))
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"))
-            os.chmod(tmp, 0o755)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod

@@ -45,6 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from align.atomic import atomic_write_text
 from align.data.preference import (
     PreferenceDataError,
     check_rows,
@@ -159,7 +160,7 @@ class ShardStore:
             if found != fingerprint:
                 raise ValueError(f"{self.dir}: holds fingerprint {found}, not {fingerprint}; do not reuse its folders")
         else:
-            _atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, **meta}, indent=2, default=str))
+            atomic_write_text(meta_file, json.dumps({"fingerprint": fingerprint, **meta}, indent=2, default=str))
         self.where: dict[str, Path] = {}
         self.bad_shards: list[str] = []
         self._scanned: set[Path] = set()
@@ -227,15 +228,6 @@ class ShardStore:
             return self._buffer[key]
         with safe_open(str(self.where[key]), framework="pt") as h:
             return h.get_tensor(key)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

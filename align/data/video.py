@@ -11,9 +11,6 @@ so a crash never leaves a half-written video under the final name.
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +18,8 @@ import av
 import numpy as np
 import torch
 from PIL import GifImagePlugin, Image, ImageDraw, ImageFont, ImageSequence
+
+from align.atomic import atomic_write
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm")
 
@@ -92,10 +91,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, scale: int =
         frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
 
     if suffix == ".gif":
-        return _atomic_write(path, lambda tmp: _write_gif(tmp, frames, fps))
+        return atomic_write(path, lambda tmp: _write_gif(tmp, frames, fps))
     codecs = ("libx264", "mpeg4") if suffix == ".mp4" else ("libvpx-vp9", "libvpx")
     fmt = "mp4" if suffix == ".mp4" else "webm"
-    return _atomic_write(path, lambda tmp: _write_av(tmp, _pad_even(frames), fps, fmt, _pick_encoder(codecs)))
+    return atomic_write(path, lambda tmp: _write_av(tmp, _pad_even(frames), fps, fmt, _pick_encoder(codecs)))
 
 
 def write_grid_gif(
@@ -216,19 +215,6 @@ def _check_frames(frames: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim != 4 or arr.shape[-1] != 3 or min(arr.shape) == 0:
         raise ValueError(f"{name}: frames must be (T, H, W, 3) with T, H, W >= 1, got shape {arr.shape}")
     return arr
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a fresh temp name next to ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _write_gif(filename: str, frames: np.ndarray, fps: float) -> None:

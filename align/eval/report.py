@@ -16,11 +16,11 @@ Other top-level entries appear in the markdown when they are scalars, or flat di
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
+
+from align.atomic import atomic_write_text
 
 _KNOWN = {"title", "winrate", "timings_s", "artifacts"}
 _IMAGE_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".svg", ".webp")
@@ -35,8 +35,8 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, sort_keys=True, default=_to_json) + "\n"
-    json_path = _atomic_write_text(out / "report.json", text)
-    md_path = _atomic_write_text(out / "report.md", render_markdown(report, out))
+    json_path = atomic_write_text(out / "report.json", text)
+    md_path = atomic_write_text(out / "report.md", render_markdown(report, out))
     return json_path, md_path
 
 
@@ -169,15 +169,3 @@ def _to_json(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"report value of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

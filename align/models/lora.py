@@ -17,9 +17,6 @@ an adapter with ``alpha != rank`` at the right scale.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +26,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from align.atomic import atomic_directory
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_CONFIG = "adapter_config.json"
@@ -121,8 +120,7 @@ def save_lora(denoiser: nn.Module, path: str | Path, metadata: dict | None = Non
     cfg = denoiser.lora_config
     prefix = getattr(denoiser, "lora_key_prefix", PREFIX)
     weights = {prefix + k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
+    with atomic_directory(path) as tmp:
         save_file(weights, str(tmp / LORA_WEIGHTS), metadata=_diffusers_metadata(weights, cfg))
         conf = {
             "r": cfg.r,
@@ -133,12 +131,6 @@ def save_lora(denoiser: nn.Module, path: str | Path, metadata: dict | None = Non
             **(metadata or {}),
         }
         (tmp / LORA_CONFIG).write_text(json.dumps(conf, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from align.atomic import atomic_directory
 from align.schedules import NoiseSchedule
 
 
@@ -395,19 +393,11 @@ class TinySora:
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` and one safetensors file per part, atomically (temp dir + rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-        try:
+        with atomic_directory(path) as tmp:
             (tmp / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             for name, m in self.modules().items():
                 sd = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
                 save_file(sd, str(tmp / f"{name}.safetensors"))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod
