@@ -2,7 +2,8 @@
 
 Read top to bottom: load the generator and freeze it, attach LoRA to the denoiser, turn the
 preference dataset into (chosen, rejected) latent pairs once (the VAE and text encoder are
-frozen, so their outputs are cached in memory), then for each step noise both videos of a
+frozen: their outputs are kept in memory, or with ``latent_cache_dir`` streamed into
+safetensors shards on disk and read memory-mapped), then for each step noise both videos of a
 pair with the *same* noise and timestep, compute per-sample errors of the policy and of the
 reference (= the same denoiser with adapters off) and minimise the DPO loss.
 
