@@ -335,6 +335,23 @@ def _encode_prompts(model, store: ShardStore, prompts: list[str], batch_size: in
     return keys, len(todo)
 
 
+def _finish(model, vstore, tstore, prompts: list[str], batch_size: int, n_enc: int, hits: int):
+    """Encode the prompts, flush both stores; ``(prompt keys, stats)`` of the cache fill."""
+    pkeys, p_enc = _encode_prompts(model, tstore, prompts, batch_size)
+    vstore.flush()
+    tstore.flush()
+    stats = {
+        "videos_encoded": n_enc,
+        "videos_reused": hits,
+        "prompts_encoded": p_enc,
+        "prompts_reused": len(set(pkeys)) - p_enc,
+        "bad_shards": vstore.bad_shards + tstore.bad_shards,
+        "video_dir": str(vstore.dir),
+        "prompt_dir": str(tstore.dir),
+    }
+    return pkeys, stats
+
+
 def _open_stores(model, cache_dir, preprocessing, shard_bytes):
     vfp, vmeta = video_fingerprint(model, preprocessing)
     tfp, tmeta = text_fingerprint(model)
@@ -360,18 +377,7 @@ def cached_latents(
             first.setdefault(h, v)
     hits = len(set(hw + hl)) - len(first)
     n_enc = _encode_videos(model, vstore, ((h, lambda v=v: v) for h, v in first.items()), batch_size)
-    pkeys, p_enc = _encode_prompts(model, tstore, list(pairs.prompts), batch_size)
-    vstore.flush()
-    tstore.flush()
-    stats = {
-        "videos_encoded": n_enc,
-        "videos_reused": hits,
-        "prompts_encoded": p_enc,
-        "prompts_reused": len(set(pkeys)) - p_enc,
-        "bad_shards": vstore.bad_shards + tstore.bad_shards,
-        "video_dir": str(vstore.dir),
-        "prompt_dir": str(tstore.dir),
-    }
+    pkeys, stats = _finish(model, vstore, tstore, list(pairs.prompts), batch_size, n_enc, hits)
     return LatentPairDataset.from_stores(vstore, tstore, zip(hw, hl, pkeys), stats)
 
 
@@ -454,21 +460,8 @@ def build_latent_cache(
 
     hits = len({h for k in keys for h in k}) - len(where)
     n_enc = _encode_videos(model, vstore, ((h, lambda i=i, c=c: load(i, c)) for h, (i, c) in where.items()), batch_size)
-    pkeys, p_enc = _encode_prompts(model, tstore, [prompts[i] for i in rows], batch_size)
-    vstore.flush()
-    tstore.flush()
-    stats = {
-        "pairs": len(rows),
-        "skipped": skipped,
-        "warnings": [str(p) for p in report.warnings],
-        "videos_encoded": n_enc,
-        "videos_reused": hits,
-        "prompts_encoded": p_enc,
-        "prompts_reused": len(set(pkeys)) - p_enc,
-        "bad_shards": vstore.bad_shards + tstore.bad_shards,
-        "video_dir": str(vstore.dir),
-        "prompt_dir": str(tstore.dir),
-    }
+    pkeys, stats = _finish(model, vstore, tstore, [prompts[i] for i in rows], batch_size, n_enc, hits)
+    stats = {"pairs": len(rows), "skipped": skipped, "warnings": [str(p) for p in report.warnings], **stats}
     out = LatentPairDataset.from_stores(vstore, tstore, ((w, lo, p) for (w, lo), p in zip(keys, pkeys)), stats)
     out.rows = rows
     return out
