@@ -60,6 +60,9 @@ class TrainConfig:
     rwr_cond_dropout: float = 0.0
     # weight of ||pred - pred_reference||^2 (adapters off) added to the RWR loss: DPOK's KL bound
     rwr_kl_weight: float = 0.0
+    # fit the classifier-free-guided prediction u + g * (c - u) instead of the conditional one
+    # (1.0 = plain RWR); set it to the guidance the samples were drawn with
+    rwr_guidance_scale: float = 1.0
     # online RWR: sample the current policy, score with reward_model, update, repeat
     online: bool = False
     reward_model: str | None = None  # a reward model directory (`vidalign reward train`)

@@ -188,6 +188,37 @@ def test_rwr_kl_term_is_zero_at_the_base_and_grows_with_the_adapter(tiny_model_d
     assert all(p.grad is not None for p in lora_parameters(model.denoiser))
 
 
+def test_rwr_guided_loss_fits_the_cfg_prediction(tiny_model_dir):
+    """With guidance_scale g the error is that of u + g * (c - u), computed by hand from two
+    separate calls on the same noised latents; g = 1 is the plain conditional loss."""
+    from align.models import load_model
+    from align.objectives import per_sample_mse
+    from align.train import _shared_draws, rwr_step_losses
+
+    model = load_model(tiny_model_dir)
+    lat, cond, w = _rwr_batch(model)
+    uncond = model.encode_prompts([""])
+    with torch.no_grad():
+        out = rwr_step_losses(
+            model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(5), uncond=uncond, guidance_scale=3.0
+        )
+        noise, t = _shared_draws(model, lat.shape, torch.Generator().manual_seed(5), (0, 1), lat.device)
+        x_t = model.scheduler.add_noise(lat, noise, t)
+        c = model.denoiser(x_t, t, cond)
+        u = model.denoiser(x_t, t, uncond.expand_as(cond))
+        target = model.scheduler.target(lat, noise, t)
+        by_hand = (w * per_sample_mse(u + 3.0 * (c - u), target)).sum()
+        plain = rwr_step_losses(model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(5))
+        one = rwr_step_losses(
+            model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(5), uncond=uncond, guidance_scale=1.0
+        )
+    assert torch.allclose(out["loss"], by_hand, rtol=1e-5)
+    assert not torch.allclose(out["loss"], plain["loss"])
+    assert torch.equal(one["loss"], plain["loss"])
+    with pytest.raises(ValueError, match="uncond"):
+        rwr_step_losses(model, model.denoiser, (lat, cond, w), guidance_scale=3.0)
+
+
 def test_rwr_with_kl_and_cond_dropout_through_the_trainer(tiny_model_dir, tmp_path):
     data = _samples(tmp_path)
     run = train(_cfg(tiny_model_dir, tmp_path, dataset=data, rwr_kl_weight=1.0, rwr_cond_dropout=0.25))
@@ -196,3 +227,10 @@ def test_rwr_with_kl_and_cond_dropout_through_the_trainer(tiny_model_dir, tmp_pa
     assert lines[-1]["kl"] > 0  # the adapter moved away from the reference
     with pytest.raises(ValueError, match="rwr_cond_dropout"):
         train(_cfg(tiny_model_dir, tmp_path / "bad", dataset=data, rwr_cond_dropout=1.5))
+    with pytest.raises(ValueError, match="rwr_guidance_scale"):
+        train(_cfg(tiny_model_dir, tmp_path / "bad", dataset=data, rwr_guidance_scale=0.0))
+    guided = train(
+        _cfg(tiny_model_dir, tmp_path, name="guided", dataset=data, rwr_kl_weight=1.0, rwr_guidance_scale=4.0)
+    )
+    lines = [json.loads(x) for x in (guided / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["kl"] > 0 and all(np.isfinite(r["loss"]) for r in lines)
