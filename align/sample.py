@@ -18,14 +18,19 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], device="cpu") -> tor
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
-def _guided(model: VideoDiffusionModel, x: torch.Tensor, t: float, cond, uncond, scale: float) -> torch.Tensor:
-    """Model output with classifier-free guidance ``u + scale * (c - u)`` (one batched call)."""
-    tt = torch.full((x.shape[0],), float(t), device=x.device)
+def guided_prediction(predict, x: torch.Tensor, t: torch.Tensor, cond, uncond, scale: float) -> torch.Tensor:
+    """``predict(x, t, cond)`` with classifier-free guidance ``u + scale * (c - u)``, ``u`` on
+    ``uncond`` (one batched call); plain ``predict`` when ``scale`` is 1 or ``uncond`` is None.
+    Used by the samplers and by RWR's guided loss (``rwr_guidance_scale``)."""
     if scale == 1.0 or uncond is None:
-        return model.predict(x, tt, cond)
-    out = model.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, uncond]))
-    c, u = out.chunk(2)
+        return predict(x, t, cond)
+    c, u = predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
     return u + scale * (c - u)
+
+
+def _guided(model: VideoDiffusionModel, x: torch.Tensor, t: float, cond, uncond, scale: float) -> torch.Tensor:
+    tt = torch.full((x.shape[0],), float(t), device=x.device)
+    return guided_prediction(model.predict, x, tt, cond, uncond, scale)
 
 
 @torch.no_grad()

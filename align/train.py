@@ -43,6 +43,7 @@ from align.data.video import from_uint8
 from align.models import load_model
 from align.models.lora import adapters_disabled, attach_lora, load_lora, lora_parameters, save_lora
 from align.objectives import diffusion_dpo_loss, per_sample_mse, rwr_loss, rwr_weights
+from align.sample import guided_prediction
 
 OBJECTIVES = ("dpo", "rwr")
 # TrainConfig keys a resumed run may change; every other key must match the checkpoint's recipe
@@ -495,23 +496,15 @@ def rwr_step_losses(
     x_t = sched.add_noise(lat, noise, t)
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError("rwr_step_losses: guidance_scale != 1 needs the empty prompt's state `uncond`")
-
-    def predict(net):  # the conditional, or the classifier-free-guided prediction u + g * (c - u)
-        if guidance_scale == 1.0:
-            return net(x_t, t, cond)
-        u, c = net(
-            torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond.to(cond.dtype).expand_as(cond), cond])
-        ).chunk(2)
-        return u + guidance_scale * (c - u)
-
-    pred = predict(denoiser)
+    u = uncond.to(cond.dtype).expand_as(cond) if guidance_scale != 1.0 else None
+    pred = guided_prediction(denoiser, x_t, t, cond, u, guidance_scale)
     err = per_sample_mse(pred, sched.target(lat, noise, t))
     out = rwr_loss(err, w.to(err.dtype))
     if kl_weight > 0:
         if base is None:
             raise ValueError("rwr_step_losses: kl_weight needs `base` (the LoRA-wrapped denoiser) for the reference")
         with torch.no_grad(), adapters_disabled(base):
-            ref = predict(base)
+            ref = guided_prediction(base, x_t, t, cond, u, guidance_scale)
         kl = per_sample_mse(pred, ref).mean()
         out["loss"] = out["loss"] + kl_weight * kl
         out["kl"] = kl.detach()

@@ -139,14 +139,19 @@ def _rwr_batch(model, n=4, seed=0):
     return lat, cond, torch.full((n,), 1.0 / n)
 
 
+def _model_batch_uncond(model_dir):
+    """The tiny model, a batch ``(latents, cond, weights)`` and the empty prompt's state."""
+    from align.models import load_model
+
+    model = load_model(model_dir)
+    return model, _rwr_batch(model), model.encode_prompts([""])
+
+
 def test_rwr_cond_dropout_uses_the_empty_prompt(tiny_model_dir):
     """Dropped rows are conditioned on the empty prompt: dropping all equals an all-empty batch."""
-    from align.models import load_model
     from align.train import rwr_step_losses
 
-    model = load_model(tiny_model_dir)
-    lat, cond, w = _rwr_batch(model)
-    uncond = model.encode_prompts([""])
+    model, (lat, cond, w), uncond = _model_batch_uncond(tiny_model_dir)
     with torch.no_grad():
         dropped = rwr_step_losses(
             model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(3), uncond=uncond, cond_dropout=0.9999
@@ -191,13 +196,10 @@ def test_rwr_kl_term_is_zero_at_the_base_and_grows_with_the_adapter(tiny_model_d
 def test_rwr_guided_loss_fits_the_cfg_prediction(tiny_model_dir):
     """With guidance_scale g the error is that of u + g * (c - u), computed by hand from two
     separate calls on the same noised latents; g = 1 is the plain conditional loss."""
-    from align.models import load_model
     from align.objectives import per_sample_mse
     from align.train import _shared_draws, rwr_step_losses
 
-    model = load_model(tiny_model_dir)
-    lat, cond, w = _rwr_batch(model)
-    uncond = model.encode_prompts([""])
+    model, (lat, cond, w), uncond = _model_batch_uncond(tiny_model_dir)
     with torch.no_grad():
         out = rwr_step_losses(
             model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(5), uncond=uncond, guidance_scale=3.0
