@@ -37,11 +37,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from align.atomic import atomic_directory
 from align.data.preference import (
     VIDEO_EXTS,
     HubRoot,
@@ -115,9 +115,7 @@ def import_dataset(
     else:
         mapper = _chosen_rejected_mapper(columns, str(src), seed)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.import."))
-    try:
+    with atomic_directory(dst) as stage:  # written aside, renamed into place when complete
         (stage / "videos").mkdir()
         out: list[dict] = []
         problems: list[tuple[int, str]] = []
@@ -164,12 +162,6 @@ def import_dataset(
             "dst": str(dst),
         }
         (stage / "vidalign_import.json").write_text(json.dumps(stats, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(stage, dst)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage)
     return stats
 
 
