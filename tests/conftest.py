@@ -49,6 +49,22 @@ def save_rows(rows: dict[str, list], path) -> str:
     return str(path)
 
 
+def tiny_recipe(model_dir, out, **kw) -> dict:
+    """A training recipe (TrainConfig keys) for the tiny model: LoRA rank 4, lr 1e-2, beta 50,
+    no progress bars, no checkpoints; ``kw`` adds or overrides keys."""
+    base = dict(
+        model=str(model_dir),
+        output_dir=str(out),
+        learning_rate=1e-2,
+        lora_rank=4,
+        lora_alpha=4.0,
+        beta=50.0,
+        checkpointing_steps=0,
+        progress=False,
+    )
+    return base | kw
+
+
 @pytest.fixture
 def pref_dataset_dir(tmp_path):
     return save_rows(make_preference_rows(), tmp_path / "prefs")

@@ -75,21 +75,16 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """A 16-pair dataset, a recipe with an effective batch of 8 pairs, and the 1-process run."""
-    from conftest import make_preference_rows, save_rows
+    from conftest import make_preference_rows, save_rows, tiny_recipe
 
     tmp = tmp_path_factory.mktemp("dist")
-    recipe = dict(
-        model=str(tiny_model_dir),
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tmp / "runs",
         dataset=save_rows(make_preference_rows(16), tmp / "prefs"),
-        output_dir=str(tmp / "runs"),
         max_steps=3,
         effective_batch_size=8,
-        learning_rate=1e-2,
-        lora_rank=4,
-        lora_alpha=4.0,
-        beta=50.0,
         checkpointing_steps=2,
-        progress=False,
     )
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     one = train(TrainConfig(**recipe, name="one"))

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, make_preference_rows
+from conftest import SMALL, make_preference_rows, tiny_recipe
 from safetensors.torch import load_file
 from test_data_formats import clip
 
@@ -200,21 +200,8 @@ def test_streaming_build_with_preprocessing_and_bad_rows(model, tmp_path):
 
 def test_train_with_the_cache_matches_training_without(tiny_model_dir, pref_dataset_dir, tmp_path):
     def cfg(name, **kw):
-        base = dict(
-            model=str(tiny_model_dir),
-            dataset=pref_dataset_dir,
-            output_dir=str(tmp_path),
-            name=name,
-            max_steps=2,
-            train_batch_size=4,
-            learning_rate=1e-2,
-            lora_rank=4,
-            lora_alpha=4.0,
-            checkpointing_steps=0,
-            progress=False,
-            beta=50.0,
-        )
-        return TrainConfig(**(base | kw))
+        base = dict(dataset=pref_dataset_dir, name=name, max_steps=2, train_batch_size=4)
+        return TrainConfig(**tiny_recipe(tiny_model_dir, tmp_path, **(base | kw)))
 
     plain = train(cfg("plain"))
     cached = train(cfg("cached", latent_cache_dir=str(tmp_path / "cache")))
@@ -289,22 +276,8 @@ def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monk
     (tmp_path / "ds" / "prefs.jsonl").write_text("\n".join(lines) + "\n")
 
     def cfg(name, **kw):
-        base = dict(
-            model=str(tiny_model_dir),
-            dataset=src,
-            output_dir=str(tmp_path / "runs"),
-            name=name,
-            max_steps=2,
-            train_batch_size=4,
-            learning_rate=1e-2,
-            lora_rank=4,
-            lora_alpha=4.0,
-            checkpointing_steps=0,
-            progress=False,
-            beta=50.0,
-            bad_rows="skip",
-        )
-        return TrainConfig(**(base | kw))
+        base = dict(dataset=src, name=name, max_steps=2, train_batch_size=4, bad_rows="skip")
+        return TrainConfig(**tiny_recipe(tiny_model_dir, tmp_path / "runs", **(base | kw)))
 
     plain = train(cfg("plain"))  # to_pairs: every video decoded into memory at once
 

@@ -17,23 +17,17 @@ pytestmark = pytest.mark.integration
 
 def test_ddp_with_latent_cache_matches_one_process(tiny_model_dir, tmp_path):
     import yaml
-    from conftest import make_preference_rows, save_rows
+    from conftest import make_preference_rows, save_rows, tiny_recipe
 
     rows = make_preference_rows(16)
     rows["preference"][3] = "tie"
     cache = tmp_path / "cache"
-    recipe = dict(
-        model=str(tiny_model_dir),
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tmp_path / "runs",
         dataset=save_rows(rows, tmp_path / "prefs"),
-        output_dir=str(tmp_path / "runs"),
         max_steps=3,
         effective_batch_size=8,
-        learning_rate=1e-2,
-        lora_rank=4,
-        lora_alpha=4.0,
-        beta=50.0,
-        checkpointing_steps=0,
-        progress=False,
     )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     launch("ddp", tmp_path / "recipe.yaml", 2, "--name", "ddp", "--latent_cache_dir", str(cache))

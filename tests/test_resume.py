@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 
 from align.config import TrainConfig
@@ -21,25 +22,17 @@ LORA = "lora/pytorch_lora_weights.safetensors"
 
 def _cfg(model_dir, dataset, out, **kw) -> TrainConfig:
     base = dict(
-        model=str(model_dir),
         dataset=dataset,
-        output_dir=str(out),
         name="full",
         max_steps=6,
         train_batch_size=2,
         gradient_accumulation_steps=2,
-        learning_rate=1e-2,
         lr_warmup_steps=3,
-        lora_rank=4,
-        lora_alpha=4.0,
         lora_dropout=0.1,  # dropout: the torch RNG state matters too
         checkpointing_steps=2,
         checkpoints_total_limit=2,
-        progress=False,
-        beta=50.0,
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**tiny_recipe(model_dir, out, **(base | kw)))
 
 
 # runs train(cfg) in a fresh interpreter and sends itself `sig` at the n-th micro-step

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPT
+from conftest import PROMPT, tiny_recipe
 from safetensors.torch import load_file
 
 from align.cli import main
@@ -28,23 +28,8 @@ def _samples(tmp_path, n=8, bad=None):
 
 
 def _cfg(model_dir, out, **kw):
-    base = dict(
-        model=str(model_dir),
-        output_dir=str(out),
-        name="rwr",
-        objective="rwr",
-        max_steps=3,
-        train_batch_size=4,
-        learning_rate=1e-2,
-        lora_rank=4,
-        lora_alpha=4.0,
-        checkpointing_steps=0,
-        progress=False,
-        rwr_temperature=1.0,
-        rwr_max_weight=0.5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    base = dict(name="rwr", objective="rwr", max_steps=3, train_batch_size=4, rwr_temperature=1.0, rwr_max_weight=0.5)
+    return TrainConfig(**tiny_recipe(model_dir, out, **(base | kw)))
 
 
 def test_offline_rwr_trains_lora_only(tiny_model_dir, tmp_path):

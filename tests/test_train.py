@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPT
+from conftest import PROMPT, tiny_recipe
 from safetensors.torch import load_file
 
 from align.config import TrainConfig
@@ -16,22 +16,9 @@ from align.train import load_aligned, train
 
 def _cfg(model_dir, dataset, out, **kw):
     base = dict(
-        model=str(model_dir),
-        dataset=dataset,
-        output_dir=str(out),
-        name="run",
-        max_steps=4,
-        train_batch_size=4,
-        learning_rate=1e-2,
-        lora_rank=4,
-        lora_alpha=4.0,
-        checkpointing_steps=2,
-        checkpoints_total_limit=1,
-        progress=False,
-        beta=50.0,
+        dataset=dataset, name="run", max_steps=4, train_batch_size=4, checkpointing_steps=2, checkpoints_total_limit=1
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**tiny_recipe(model_dir, out, **(base | kw)))
 
 
 def test_train_writes_run_and_changes_only_lora(tiny_model_dir, pref_dataset_dir, tmp_path):
