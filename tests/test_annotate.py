@@ -599,28 +599,34 @@ def test_concurrent_annotators_lose_and_duplicate_nothing(served, tmp_path):
     assert min(per_pair.values()) >= 3  # every pair got its three labels
 
 
+def start_server_process(pairs_dir: Path, db: Path, **popen_kwargs) -> tuple[subprocess.Popen, Client]:
+    """``vidalign annotate serve`` in a subprocess on a free port, once it says it is serving."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align.cli", "annotate", "serve", str(pairs_dir), "--db", str(db), "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        **popen_kwargs,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if "serving on http://127.0.0.1:" in line:
+            return proc, Client(int(line.split(":")[2].split("/")[0]))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"server did not start: {proc.stderr.read()}")
+
+
 def test_killed_server_keeps_acknowledged_labels_and_cli_exports_them(tmp_path, gen_dir, capsys):
     """The browser test's flow at the HTTP level: label, undo one, kill -9, restart, export."""
     db = tmp_path / "labels.sqlite"
 
     def start():
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "align.cli", "annotate", "serve", str(gen_dir), "--db", str(db), "--port", "0"],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if "serving on http://127.0.0.1:" in line:
-                return proc, Client(int(line.split(":")[2].split("/")[0]))
-            if not line and proc.poll() is not None:
-                break
-        proc.kill()
-        raise AssertionError(f"server did not start: {proc.stderr.read()}")
+        return start_server_process(gen_dir, db)
 
     proc, client = start()
     try:
@@ -663,6 +669,20 @@ def test_killed_server_keeps_acknowledged_labels_and_cli_exports_them(tmp_path, 
         want[pid] = {"left": left, "right": "b" if left == "a" else "a", "tie": "tie"}[choice]
     assert got == want
     assert main(["annotate", "stats", "--db", str(tmp_path / "nope.sqlite")]) == 2
+
+
+def test_sigint_stops_a_server_started_with_sigint_ignored(tmp_path, gen_dir):
+    """A background job of a script starts with SIGINT ignored (so CI runners and `cmd &` do);
+    Ctrl-C must still stop the server, or a test or a supervisor waits forever."""
+    proc, client = start_server_process(
+        gen_dir, tmp_path / "labels.sqlite", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
+    try:
+        assert client.next("alice")["pair"] is not None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0  # a clean exit, not a kill
+    finally:
+        proc.kill()
 
 
 def test_all_mode_export_of_several_annotators_passes_validation(served, tmp_path, capsys):

@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -426,6 +427,11 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     print(f"{len(app.pairs)} pairs, {per_pair} label(s) each; labels in {db}", flush=True)
     print(f"serving on http://{shown}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C / SIGINT stops the server also when it was started with SIGINT ignored (a
+        # background job of a script inherits that; Python then installs no KeyboardInterrupt
+        # handler, and SIGINT would do nothing)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
