@@ -21,27 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = {
-    "ddp": {1: [], 2: ["--multi_gpu"]},
-    "zero2": {n: ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero2.json"] for n in (1, 2)},
-    "zero3": {n: ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero3.json"] for n in (1, 2)},
-}
+from align.launch import cpu_launch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+KINDS = ("ddp", "zero2", "zero3")
 
 
 def _tiny_setup(tmp: Path, model: str | None) -> tuple[str, str]:
@@ -79,30 +66,7 @@ def _tiny_setup(tmp: Path, model: str | None) -> tuple[str, str]:
 
 def run_launch(kind: str, nproc: int, recipe: Path, name: str) -> dict:
     """One ``accelerate launch``; returns the run's summary.json."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(nproc),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        *LAUNCH[kind][nproc],
-        "-m",
-        "align.cli",
-        "train",
-        str(recipe),
-        "--name",
-        name,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = cpu_launch(kind, nproc, recipe, "--name", name)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} x{nproc} failed:\n{proc.stderr[-4000:]}")
     out = Path(yaml.safe_load(recipe.read_text())["output_dir"]) / name
@@ -137,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             )
         )
-        for kind in LAUNCH:
+        for kind in KINDS:
             for nproc in (1, 2):
                 s = run_launch(kind, nproc, recipe, f"{kind}-{nproc}")
                 results["runs"][f"{kind}_{nproc}proc"] = {

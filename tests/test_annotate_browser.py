@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from align.cli import main
 from align.data.preference import load_preference_dataset
 from align.data.synthetic import all_scenes, render
+from align.launch import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -86,12 +86,6 @@ def make_dataset(path: Path, n: int = 4) -> Path:
     )
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(pairs: Path, db: Path, port: int) -> subprocess.Popen:

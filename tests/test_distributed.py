@@ -6,11 +6,8 @@ the same global batch), the same final LoRA within ``TOL``; under ZeRO each rank
 half of the optimizer state. A ZeRO-3 run resumed from its checkpoint redoes step 3 bit-identically."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,51 +16,18 @@ import yaml
 from safetensors.torch import load_file
 
 from align.config import TrainConfig
+from align.launch import cpu_launch
 from align.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 KEYS = ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff")
 LORA = "lora/pytorch_lora_weights.safetensors"
-LAUNCH = {
-    "ddp": ["--multi_gpu"],
-    "zero2": ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero2.json"],
-    "zero3": ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero3.json"],
-}
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(kind: str, recipe: Path, nproc: int = 2, *overrides: str) -> subprocess.CompletedProcess:
-    """``accelerate launch`` of ``vidalign train`` with ``nproc`` CPU processes."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(nproc),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        *LAUNCH[kind],
-        "-m",
-        "align.cli",
-        "train",
-        str(recipe),
-        *overrides,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    """``accelerate launch`` of ``vidalign train`` with ``nproc`` CPU processes; must succeed."""
+    proc = cpu_launch(kind, nproc, recipe, *overrides, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
