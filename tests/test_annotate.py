@@ -624,11 +624,7 @@ def start_server_process(pairs_dir: Path, db: Path, **popen_kwargs) -> tuple[sub
 def test_killed_server_keeps_acknowledged_labels_and_cli_exports_them(tmp_path, gen_dir, capsys):
     """The browser test's flow at the HTTP level: label, undo one, kill -9, restart, export."""
     db = tmp_path / "labels.sqlite"
-
-    def start():
-        return start_server_process(gen_dir, db)
-
-    proc, client = start()
+    proc, client = start_server_process(gen_dir, db)
     try:
         expected = {}
         for choice in ("left", "right", "tie"):
@@ -643,7 +639,7 @@ def test_killed_server_keeps_acknowledged_labels_and_cli_exports_them(tmp_path, 
         proc.wait(60)  # generous: a loaded CI machine is slow to tear a Python process down
     finally:
         proc.kill()
-    proc, client = start()
+    proc, client = start_server_process(gen_dir, db)
     try:
         nxt = client.next("alice")
         assert nxt["progress"]["labelled"] == 2
