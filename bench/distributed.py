@@ -26,9 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from align.launch import cpu_launch
-
-KINDS = ("ddp", "zero2", "zero3")
+from align.launch import DISTRIBUTED_FLAGS, cpu_launch
 
 
 def _tiny_setup(tmp: Path, model: str | None) -> tuple[str, str]:
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             )
         )
-        for kind in KINDS:
+        for kind in DISTRIBUTED_FLAGS:
             for nproc in (1, 2):
                 s = run_launch(kind, nproc, recipe, f"{kind}-{nproc}")
                 results["runs"][f"{kind}_{nproc}proc"] = {
