@@ -41,6 +41,7 @@ from align.models import load_model
 from align.pretrain import pretrain
 from align.sample import generate
 from align.train import load_aligned, train
+from reward_models.distort import DISTORTIONS
 from reward_models.model import RewardModelConfig, VideoRewardModel
 from reward_models.train import RewardTrainConfig, contrastive_pretrain, plot_calibration, train_reward_model
 
@@ -67,6 +68,8 @@ class DemoConfig:
     rwr_kl_weight: float = 4.0
     rwr_cond_dropout: float = 0.0
     reward_pretrain_steps: int = 2400
+    reward_distort_steps: int = 1000  # stage 2 of the backbone: distorted clips as negatives
+    reward_distort_lr: float = 3e-4
     reward_epochs: int = 4
     reward_learning_rate: float = 1e-4
     eval_seeds_per_prompt: int = 5
@@ -90,6 +93,7 @@ class DemoConfig:
             dpo_batch_size=4,
             rwr_steps=3,
             reward_pretrain_steps=2,
+            reward_distort_steps=2,
             reward_epochs=1,
             eval_seeds_per_prompt=1,
         )
@@ -104,13 +108,34 @@ def _hash(obj) -> str:
 REWARD_MODEL = RewardModelConfig(pooling="mean", motion_frame=True)
 
 
+def _world_clips(seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """2048 clips of the synthetic world with their captions, plus each clip played backwards
+    with the opposite direction in its caption; ``reversal[i]`` is item i's reversed twin."""
+    rng = np.random.default_rng(seed + 7)
+    scenes = all_scenes()
+    picks = [scenes[i] for i in rng.integers(0, len(scenes), 2048)]
+    videos = sample_videos(picks, rng)
+    flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    assert set(flip) == set(DIRECTIONS)
+    prompts = [s.prompt for s in picks] + [dataclasses.replace(s, direction=flip[s.direction]).prompt for s in picks]
+    n = len(picks)
+    reversal = np.concatenate([np.arange(n) + n, np.arange(n)])
+    return np.concatenate([videos, videos[:, ::-1]]), prompts, reversal
+
+
 def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
-    """A CLIP backbone pretrained contrastively on the synthetic world (cached). Each clip also
-    appears time-reversed with the opposite direction in its caption, and each batch holds
-    clips together with their reversals (hard negatives), so that the video embedding has to
-    see motion, not only colour and shape. Measured: zero-shot direction accuracy 0.50 after
-    1200 steps, 0.99 after 2400 (chance 0.25; 0.27 after 1000 steps without the hard
-    negatives)."""
+    """A CLIP backbone pretrained contrastively on the synthetic world (cached), in two stages.
+
+    1. Each clip also appears time-reversed with the opposite direction in its caption, and
+       each batch holds clips together with their reversals (hard negatives), so that the
+       video embedding has to see motion, not only colour and shape. Measured: zero-shot
+       direction accuracy 0.50 after 1200 steps, 0.99 after 2400 (chance 0.25; 0.27 after
+       1000 steps without the hard negatives).
+    2. ``reward_distort_steps`` more steps with distorted copies of the clips as extra
+       negatives of each caption (``reward_models/distort.py``), so that the embedding also
+       ranks how well a clip shows its caption. Measured on the demo's reward data: held-out
+       pairwise accuracy of the backbone zero-shot 0.65 -> 0.70, after fine-tuning
+       0.74 -> 0.76 (1000 steps)."""
     key = {
         "steps": cfg.reward_pretrain_steps,
         "seed": cfg.seed,
@@ -118,24 +143,39 @@ def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
         "hard_negatives": True,
     }
     path = cache_dir / f"reward_backbone-{_hash(key)}"
-    if (path / "model.safetensors").is_file():
+    key2 = {
+        **key,
+        "distort_steps": cfg.reward_distort_steps,
+        "distort_lr": cfg.reward_distort_lr,
+        "distortions": list(DISTORTIONS),
+    }
+    path2 = cache_dir / f"reward_backbone-{_hash(key2)}"
+    final = path2 if cfg.reward_distort_steps else path
+    if (final / "model.safetensors").is_file():
+        return final
+    videos, prompts, reversal = _world_clips(cfg.seed)
+    if not (path / "model.safetensors").is_file():
+        torch.manual_seed(cfg.seed)
+        model = VideoRewardModel(REWARD_MODEL)
+        contrastive_pretrain(
+            model, videos, prompts, cfg.reward_pretrain_steps, seed=cfg.seed, progress=progress, hard_negatives=reversal
+        )
+        model.save_pretrained(path, {"pretrained_on": "synthetic world (contrastive)"})
+    if not cfg.reward_distort_steps:
         return path
-    rng = np.random.default_rng(cfg.seed + 7)
-    scenes = all_scenes()
-    picks = [scenes[i] for i in rng.integers(0, len(scenes), 2048)]
-    videos = sample_videos(picks, rng)
-    flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
-    assert set(flip) == set(DIRECTIONS)
-    prompts = [s.prompt for s in picks] + [dataclasses.replace(s, direction=flip[s.direction]).prompt for s in picks]
-    videos = np.concatenate([videos, videos[:, ::-1]])
-    n = len(picks)
-    reversal = np.concatenate([np.arange(n) + n, np.arange(n)])  # item i <-> the same clip backwards
-    torch.manual_seed(cfg.seed)
-    model = VideoRewardModel(REWARD_MODEL)
+    model = VideoRewardModel.from_pretrained(path)
     contrastive_pretrain(
-        model, videos, prompts, cfg.reward_pretrain_steps, seed=cfg.seed, progress=progress, hard_negatives=reversal
+        model,
+        videos,
+        prompts,
+        cfg.reward_distort_steps,
+        lr=cfg.reward_distort_lr,
+        seed=cfg.seed,
+        progress=progress,
+        hard_negatives=reversal,
+        distortions=DISTORTIONS,
     )
-    return model.save_pretrained(path, {"pretrained_on": "synthetic world (contrastive)"})
+    return model.save_pretrained(path2, {"pretrained_on": "synthetic world (contrastive, distortion negatives)"})
 
 
 def run_demo(
