@@ -58,22 +58,19 @@ def test_pickapic_labels_ties_unlabelled_and_provenance(src_dir, tmp_path):
     assert all(p.startswith("videos/") and p.endswith(".mp4") for p in list(ds["video_a"]) + list(ds["video_b"]))
     assert json.loads((dst / "vidalign_import.json").read_text())["rows_out"] == 4
 
-    # self-contained: the source can go away; the videos are byte-identical copies
+    # self-contained: the source can go away; the videos are byte-identical copies. Compared
+    # with the source files themselves, not with a re-encode of the same frames: a clean-clone
+    # CI run once failed that comparison (cause not isolated; x264 with threads is the only
+    # step not known to be deterministic)
+    source = {i: (src_dir / "videos" / f"v{i}.mp4").read_bytes() for i in (0, 3)}
     shutil.rmtree(src_dir)
     assert check_rows(ds, str(dst), root=dst, min_frames=8).problems == []
+    assert (dst / ds["video_a"][0]).read_bytes() == source[0]
+    assert (dst / ds["video_b"][1]).read_bytes() == source[3]  # label_1 won
     pairs = to_pairs(ds, root=dst)
     assert pairs.skipped["tie"] == 1 and pairs.rows == [0, 1, 3]
-    assert content_hash(pairs.chosen[0]) == content_hash(clip_frames(0))
-    assert content_hash(pairs.chosen[1]) == content_hash(clip_frames(3))  # label_1 won
-
-
-def clip_frames(i):
-    """What v{i}.mp4 decodes to (the same encoder, the same frames)."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        return read_video(write_video(Path(d) / "x.mp4", clip(i)))
+    assert content_hash(pairs.chosen[0]) == content_hash(read_video(dst / ds["video_a"][0]))
+    assert content_hash(pairs.chosen[1]) == content_hash(read_video(dst / ds["video_b"][1]))
 
 
 def test_pickapic_embedded_bytes_and_bad_rows(src_dir, tmp_path):
