@@ -43,8 +43,11 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return t.reshape(T, 3, H, W).permute(0, 2, 3, 1).numpy()
 
 
-def _shift(frame: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    return np.roll(frame, (dy, dx), axis=(0, 1))
+def check_distortions(kinds: Sequence[str]) -> None:
+    """Raise a ValueError naming any unknown distortion (or an empty list)."""
+    unknown = sorted(set(kinds) - set(DISTORTIONS))
+    if unknown or not kinds:
+        raise ValueError(f"distort: unknown distortions {unknown or list(kinds)}; choose from {list(DISTORTIONS)}")
 
 
 def distort(
@@ -57,9 +60,7 @@ def distort(
     videos = np.asarray(videos)
     if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != np.uint8:
         raise ValueError(f"distort: expected uint8 videos (N, T, H, W, 3), got {videos.dtype} {videos.shape}")
-    unknown = sorted(set(kinds) - set(DISTORTIONS))
-    if unknown or not kinds:
-        raise ValueError(f"distort: unknown distortions {unknown or list(kinds)}; choose from {list(DISTORTIONS)}")
+    check_distortions(kinds)
     out = videos.astype(np.float32)
     for i in range(len(out)):
         out[i] = _distort_one(out[i], kinds[rng.integers(len(kinds))], rng)
@@ -71,17 +72,17 @@ def _distort_one(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
     T = x.shape[0]
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1).reshape(-1, 3)
     bg = np.median(border, axis=0)
-    dist = np.linalg.norm(x - bg, axis=-1)  # (T, H, W): how far each pixel is from the background
     if kind == "blur":
         return _blur(x, rng.uniform(0.8, 2.0))
     if kind == "colour":
+        dist = np.linalg.norm(x - bg, axis=-1)  # (T, H, W): how far each pixel is from the background
         fg = x[np.unravel_index(dist.argmax(), dist.shape)]
         alpha = np.clip(dist / (np.linalg.norm(fg - bg) + 1e-6), 0, 1)[..., None]
         shift = rng.normal(size=3)
         new_fg = np.clip(fg + shift / np.linalg.norm(shift) * rng.uniform(50, 120), 0, 255)
         return bg + alpha * (new_fg - bg)
     if kind == "jitter":
-        return np.stack([_shift(f, *rng.integers(-2, 3, size=2)) for f in x])
+        return np.stack([np.roll(f, tuple(rng.integers(-2, 3, size=2)), axis=(0, 1)) for f in x])
     if kind == "slow":  # frames resampled in order, or half speed from a random start
         if rng.random() < 0.5:
             return x[np.sort(rng.integers(0, T, size=T))]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from reward_models.distort import distort
+from reward_models.distort import check_distortions, distort
 from reward_models.model import RewardModelConfig, VideoRewardModel, bt_loss
 
 PREF_TO_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
@@ -335,7 +335,7 @@ def contrastive_pretrain(
     if hard_negatives is not None and len(hard_negatives) != len(prompts):
         raise ValueError(f"hard_negatives: {len(hard_negatives)} entries for {len(prompts)} items")
     if distortions:
-        distort(videos[:1], rng, distortions)  # unknown names fail here, before any step
+        check_distortions(distortions)
     model.train()
     for _ in tqdm(range(steps), desc="reward backbone (contrastive)", disable=not progress):
         if hard_negatives is None:
