@@ -69,7 +69,7 @@ class DemoConfig:
     rwr_cond_dropout: float = 0.0
     reward_pretrain_steps: int = 2400
     # stage 2 of the reward backbone (distorted clips as negatives), off by default: measured
-    # reward-model accuracy 0.741 -> 0.762 with 1000 steps, but RWR's oracle win rate with
+    # reward-model accuracy 0.741 -> 0.75-0.76 with 1000 steps, but RWR's oracle win rate with
     # that reward model fell from 0.614 [0.564, 0.664] to 0.528 [0.480, 0.576]
     reward_distort_steps: int = 0
     reward_distort_lr: float = 3e-4
@@ -138,7 +138,7 @@ def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
        the clips as extra negatives of each caption (``reward_models/distort.py``), so that
        the embedding also ranks how well a clip shows its caption. Measured with 1000 steps:
        held-out pairwise accuracy of the backbone zero-shot 0.65 -> 0.70, of the demo's
-       fine-tuned reward model 0.741 -> 0.762; but RWR with it won less (see DemoConfig)."""
+       fine-tuned reward model 0.741 -> 0.75-0.76; but RWR with it won less (see DemoConfig)."""
     key = {
         "steps": cfg.reward_pretrain_steps,
         "seed": cfg.seed,
