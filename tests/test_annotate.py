@@ -599,10 +599,13 @@ def test_concurrent_annotators_lose_and_duplicate_nothing(served, tmp_path):
     assert min(per_pair.values()) >= 3  # every pair got its three labels
 
 
-def start_server_process(pairs_dir: Path, db: Path, **popen_kwargs) -> tuple[subprocess.Popen, Client]:
-    """``vidalign annotate serve`` in a subprocess on a free port, once it says it is serving."""
+def start_server_process(
+    pairs_dir: Path, db: Path, port: int = 0, startup_s: float = 60, **popen_kwargs
+) -> tuple[subprocess.Popen, Client]:
+    """``vidalign annotate serve`` in a subprocess on ``port`` (0: a free one), once it says it
+    is serving."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "align.cli", "annotate", "serve", str(pairs_dir), "--db", str(db), "--port", "0"],
+        [sys.executable, "-m", "align.cli", "annotate", "serve", str(pairs_dir), "--db", str(db), "--port", str(port)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -610,7 +613,7 @@ def start_server_process(pairs_dir: Path, db: Path, **popen_kwargs) -> tuple[sub
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         **popen_kwargs,
     )
-    deadline = time.time() + 60
+    deadline = time.time() + startup_s
     while time.time() < deadline:
         line = proc.stdout.readline()
         if "serving on http://127.0.0.1:" in line:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_annotate import start_server_process
 
 from align.cli import main
 from align.data.preference import load_preference_dataset
@@ -88,21 +86,6 @@ def make_dataset(path: Path, n: int = 4) -> Path:
     return path
 
 
-def start_server(pairs: Path, db: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "align.cli", "annotate", "serve", str(pairs), "--db", str(db), "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("serving on"):
-            return proc
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"the server did not start: {proc.stderr.read()}")
-
-
 def test_label_undo_restart_export_in_a_browser(driver, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -138,7 +121,7 @@ def test_label_undo_restart_export_in_a_browser(driver, tmp_path):
     def press(key: str) -> None:
         ActionChains(driver).send_keys(key).perform()
 
-    server = start_server(pairs_dir, db, port)
+    server, _ = start_server_process(pairs_dir, db, port, startup_s=120)  # the same port: the same origin
     try:
         driver.get(url)
         wait_for(lambda: state()[0] == "login", "the login form")
@@ -182,7 +165,7 @@ def test_label_undo_restart_export_in_a_browser(driver, tmp_path):
         server.send_signal(signal.SIGKILL)  # no clean shutdown
         server.wait(60)  # generous: a loaded CI machine is slow to tear a Python process down
 
-    server = start_server(pairs_dir, db, port)
+    server, _ = start_server_process(pairs_dir, db, port, startup_s=120)
     try:
         driver.refresh()  # same origin: the page remembers the annotator
         p4 = int(wait_ready_other_than(None))
