@@ -75,6 +75,10 @@ class DemoConfig:
     reward_distort_lr: float = 3e-4
     reward_epochs: int = 4
     reward_learning_rate: float = 1e-4
+    # the fine-tuned reward model gets a keypoint-trajectory motion encoder (reward_models/model.py),
+    # trained from scratch on the pairs at its own rate
+    reward_motion_keypoints: int = 16
+    reward_motion_learning_rate: float = 1e-3
     eval_seeds_per_prompt: int = 5
     heldout_fraction: float = 0.2
 
@@ -240,8 +244,10 @@ def run_demo(
         output_dir=str(out),
         name="reward_model",
         init_from=str(backbone),
+        model={"motion_keypoints": cfg.reward_motion_keypoints} if cfg.reward_motion_keypoints else {},
         epochs=cfg.reward_epochs,
         learning_rate=cfg.reward_learning_rate,
+        fresh_learning_rate=cfg.reward_motion_learning_rate,
         seed=cfg.seed,
         progress=progress,
     )

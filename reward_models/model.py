@@ -12,6 +12,13 @@ A video is scored against its prompt like PickScore scores an image, extended ov
 3. pool over time: ``mean`` (order-blind), or ``temporal`` — a small transformer layer over
    the K frame embeddings plus learned time positions, then mean, added to the frame mean
    (so it starts as ``mean`` and can learn motion cues such as direction);
+   With ``motion_keypoints`` (C > 0) a motion encoder adds to the pooled embedding: a
+   small conv net maps each of the K frames to C heat maps, a spatial soft-argmax turns
+   each map into a keypoint (x, y), and an MLP reads the C keypoint trajectories (centred
+   over time) plus each map's peak -> D (zero-initialised, so it starts as the plain model).
+   This is the spatial soft-argmax of deep spatial autoencoders (Finn et al. 2016) used as
+   a trajectory encoder; frame CLIPs see where things are, not how fast they go, and on the
+   demo's data direction and speed are what the reward model got wrong most;
 4. ``score = logit_scale * cos(video, text)`` (PickScore), plus, when ``learned_head``, an
    MLP on ``[v * t, v - t]`` of the normalised embeddings (starts at zero).
 
@@ -56,6 +63,7 @@ class RewardModelConfig:
     learned_head: bool = True
     aspects: list = field(default_factory=list)  # names of per-aspect heads
     motion_frame: bool = False  # add the signed difference of the last and first sampled frames
+    motion_keypoints: int = 0  # C > 0: a keypoint-trajectory motion encoder with C keypoints
 
     def __post_init__(self) -> None:
         if self.frame_sampling not in ("uniform", "random"):
@@ -64,6 +72,8 @@ class RewardModelConfig:
             raise ValueError(f"pooling must be 'mean' or 'temporal', got {self.pooling!r}")
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.motion_keypoints < 0:
+            raise ValueError(f"motion_keypoints must be >= 0 (0 = off), got {self.motion_keypoints}")
 
     @classmethod
     def from_dict(cls, d: dict) -> RewardModelConfig:
@@ -128,6 +138,56 @@ def _create_backbone(cfg: RewardModelConfig):
     return model, open_clip.get_tokenizer(cfg.model_name)
 
 
+class KeypointMotionEncoder(nn.Module):
+    """K preprocessed frames ``(B, K, 3, h, w)`` -> a motion embedding ``(B, D)``.
+
+    Each frame, together with its difference from the clip's mean frame (what moved), goes
+    through a small conv net to ``keypoints`` heat maps; a spatial softmax of each map gives
+    an expected position in [-1, 1]^2. The positions over time minus their mean (the
+    keypoints' trajectories: direction, speed and wobble, not where the object sits) and each
+    map's peak (is anything there) go through an MLP. The last layer starts at zero. Frames
+    larger than ``max_size`` are downsampled first, so a 224 px backbone does not make the
+    conv net expensive."""
+
+    def __init__(self, num_frames: int, keypoints: int, embed_dim: int, width: int = 32, max_size: int = 64):
+        super().__init__()
+        self.max_size = max_size
+        self.conv = nn.Sequential(
+            nn.Conv2d(6, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, keypoints, 1),
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(keypoints * (2 * num_frames + 1), 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def keypoints(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``(B, K, C, 2)`` (x, y in [-1, 1]) and peak activations ``(B, K, C)``."""
+        B, K = frames.shape[:2]
+        x = frames.flatten(0, 1)
+        if max(x.shape[-2:]) > self.max_size:
+            s = self.max_size / max(x.shape[-2:])
+            x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False, antialias=True)
+        moved = x - x.view(B, K, *x.shape[1:]).mean(1).repeat_interleave(K, dim=0)
+        f = self.conv(torch.cat([x, moved], dim=1))  # (B*K, C, h, w)
+        C, h, w = f.shape[1:]
+        att = f.flatten(2).softmax(-1).view(-1, C, h, w)
+        ys = (torch.arange(h, device=f.device, dtype=f.dtype) + 0.5) / h * 2 - 1
+        xs = (torch.arange(w, device=f.device, dtype=f.dtype) + 0.5) / w * 2 - 1
+        pos = torch.stack([(att.sum(2) * xs).sum(-1), (att.sum(3) * ys).sum(-1)], dim=-1)
+        return pos.view(B, K, C, 2), f.flatten(2).amax(-1).view(B, K, C)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        pos, peak = self.keypoints(frames)
+        B = pos.shape[0]
+        track = (pos - pos.mean(1, keepdim=True)).transpose(1, 2).reshape(B, -1)  # (B, C * K * 2)
+        return self.mlp(torch.cat([track, peak.mean(1)], dim=-1))
+
+
 class VideoRewardModel(nn.Module):
     """Scores ``(video, prompt)`` pairs; see the module docstring."""
 
@@ -157,6 +217,9 @@ class VideoRewardModel(nn.Module):
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
         self.aspect_heads = nn.ModuleDict({a: nn.Linear(2 * d, 1) for a in cfg.aspects})
+        if cfg.motion_keypoints:
+            self.motion = KeypointMotionEncoder(cfg.num_frames, cfg.motion_keypoints, d)
+        self.fresh_parameters: list[str] = []  # set by from_pretrained: parts its overrides added
 
     @property
     def device(self) -> torch.device:
@@ -207,6 +270,8 @@ class VideoRewardModel(nn.Module):
         v = f.mean(dim=1)  # (with a motion frame, it is averaged in like a frame)
         if self.cfg.pooling == "temporal":
             v = v + self.temporal_out(self.temporal(f + self.time_pos[:, :K]).mean(dim=1))
+        if self.cfg.motion_keypoints:
+            v = v + self.motion(frames[:, : self.cfg.num_frames])  # the sampled frames, not the motion frame
         return F.normalize(v, dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
@@ -259,7 +324,10 @@ class VideoRewardModel(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu") -> VideoRewardModel:
+    def from_pretrained(cls, path: str | Path, device="cpu", overrides: dict | None = None) -> VideoRewardModel:
+        """Load a saved reward model. ``overrides``: config fields to change, for fine-tuning
+        a saved model with more parts (``motion_keypoints``, ``aspects``, ``learned_head``);
+        the parts they add start fresh, every saved weight must still fit and be used."""
         path = Path(path)
         if not (path / "reward_config.json").is_file():
             raise FileNotFoundError(
@@ -267,8 +335,30 @@ class VideoRewardModel(nn.Module):
             )
         d = json.loads((path / "reward_config.json").read_text())
         d = {k: v for k, v in d.items() if k in {f.name for f in fields(RewardModelConfig)}}
+        if overrides:
+            unknown = sorted(set(overrides) - {f.name for f in fields(RewardModelConfig)})
+            if unknown:
+                raise ValueError(f"reward model {path}: unknown RewardModelConfig keys in overrides: {unknown}")
+            if overrides.get("pretrained"):
+                raise ValueError(
+                    f"reward model {path}: overrides cannot set `pretrained` (the weights are the saved ones)"
+                )
+            d = {**d, **{k: v for k, v in overrides.items() if k != "pretrained"}}
         model = cls(RewardModelConfig.from_dict(d))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = load_file(str(path / "model.safetensors"))
+        own = model.state_dict()
+        unused = sorted(set(state) - set(own))
+        misfit = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+        if unused or misfit:
+            raise ValueError(
+                f"reward model {path}: the saved weights do not fit the config {overrides or ''}: "
+                f"unused {unused[:5]}, different shapes {misfit[:5]}"
+            )
+        fresh = sorted(set(own) - set(state))
+        if fresh and not overrides:
+            raise ValueError(f"reward model {path}: model.safetensors lacks {fresh[:5]}")
+        model.load_state_dict(state, strict=False)
+        model.fresh_parameters = fresh  # what the overrides added (starts at its initialisation)
         return model.to(device).eval()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +43,13 @@ class RewardTrainConfig:
     output_dir: str = "runs"
     name: str = "reward"
     init_from: str | None = None  # a saved reward model directory to start from
-    model: dict = field(default_factory=dict)  # RewardModelConfig fields (ignored with init_from)
+    # RewardModelConfig fields; with init_from, changes to the saved config that add parts
+    # (motion_keypoints, aspects, learned_head): those parts start fresh
+    model: dict = field(default_factory=dict)
     finetune: str = "full"  # full | lora | head
     lora_rank: int = 8
     learning_rate: float = 3e-4
+    fresh_learning_rate: float | None = None  # for the parts `model` adds to init_from (default: learning_rate)
     weight_decay: float = 0.01
     epochs: int = 10
     batch_size: int = 32
@@ -235,11 +239,28 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
         )
     train_data, eval_data = data.subset(tr_idx), data.subset(ev_idx)
     if cfg.init_from:
-        model = VideoRewardModel.from_pretrained(cfg.init_from)
+        model = VideoRewardModel.from_pretrained(cfg.init_from, overrides=cfg.model)
     else:
         model = VideoRewardModel(RewardModelConfig.from_dict(cfg.model))
+    unused = sorted(set(train_data.aspects) - set(model.cfg.aspects))
+    if unused:
+        warnings.warn(
+            f"{cfg.dataset}: per-aspect labels {unused} are not used: the reward model has no heads for "
+            f"them (add them to `model.aspects`)",
+            stacklevel=2,
+        )
+    aspects = {k: v for k, v in train_data.aspects.items() if k in model.cfg.aspects}
     params = _setup_finetune(model, cfg.finetune, cfg.lora_rank)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    fresh_names = set(model.fresh_parameters)  # parts cfg.model added to init_from: their own rate
+    if fresh_names and cfg.progress:
+        parts = sorted({n.split(".")[0] for n in fresh_names})
+        print(f"[vidalign] reward train: {cfg.init_from} with {cfg.model}: new parts {parts} start fresh")
+    fresh = [p for n, p in model.named_parameters() if n in fresh_names and p.requires_grad]
+    groups = [{"params": [p for p in params if not any(p is q for q in fresh)]}]
+    if fresh:
+        lr = cfg.learning_rate if cfg.fresh_learning_rate is None else cfg.fresh_learning_rate
+        groups.append({"params": fresh, "lr": lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = open(run_dir / "metrics.jsonl", "w")
     best, best_eval, t0 = -1.0, {}, time.time()
@@ -257,7 +278,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
             oa, ob = model(fa, ids), model(fb, ids)
             out = bt_loss(oa["score"], ob["score"], torch.from_numpy(train_data.target[idx]))
             loss = out["loss"]
-            for aspect, y in train_data.aspects.items():
+            for aspect, y in aspects.items():
                 loss = loss + bt_loss(oa[aspect], ob[aspect], torch.from_numpy(y[idx]))["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -307,3 +307,90 @@ def test_distorted_copies_are_extra_negatives_of_each_caption():
     assert margin[("blur",)].mean() > margin[()].mean() + 0.05, margin
     with pytest.raises(ValueError, match="unknown distortions"):
         contrastive_pretrain(model, videos, prompts, 1, progress=False, distortions=["smear"])
+
+
+def _left_right_pairs(n, seed):
+    """Clips of a shape moving left or right; the pair is (clip, the same clip played
+    backwards) for the prompt naming the clip's direction, so only the order of frames differs."""
+    from align.data.synthetic import Scene, sample_videos
+
+    rng = np.random.default_rng(seed)
+    scenes = [Scene("red", "square", ["left", "right"][i % 2], "black") for i in range(n)]
+    clips = sample_videos(scenes, rng)
+    flip = rng.random(n) < 0.5
+    va = np.where(flip[:, None, None, None, None], clips[:, ::-1], clips)
+    vb = np.where(flip[:, None, None, None, None], clips, clips[:, ::-1])
+    return PairData([s.prompt for s in scenes], va, vb, np.where(flip, 0.0, 1.0).astype(np.float32))
+
+
+def test_motion_encoder_starts_at_zero_and_loads_onto_a_saved_model(tmp_path):
+    plain = _model(pooling="mean")
+    plain.save_pretrained(tmp_path / "rm")
+    m = VideoRewardModel.from_pretrained(tmp_path / "rm", overrides={"motion_keypoints": 4})
+    assert m.cfg.motion_keypoints == 4 and m.fresh_parameters
+    assert all(n.startswith("motion.") for n in m.fresh_parameters)
+    videos, prompts = _world(4)
+    np.testing.assert_array_equal(m.score(videos, prompts), plain.score(videos, prompts))  # zero-initialised
+    pos, peak = m.motion.keypoints(m.frames(videos))
+    assert pos.shape == (4, 4, 4, 2) and peak.shape == (4, 4, 4) and pos.abs().max() <= 1
+    assert VideoRewardModel.from_pretrained(tmp_path / "rm").fresh_parameters == []
+    with pytest.raises(ValueError, match="unknown RewardModelConfig keys"):
+        VideoRewardModel.from_pretrained(tmp_path / "rm", overrides={"keypoints": 4})
+    # a change that makes saved weights unusable is refused, naming the directory
+    _model(pooling="temporal").save_pretrained(tmp_path / "rm_t")
+    with pytest.raises(ValueError, match="rm_t.*different shapes"):
+        VideoRewardModel.from_pretrained(tmp_path / "rm_t", overrides={"num_frames": 2})
+    with pytest.raises(ValueError, match="motion_keypoints must be >= 0"):
+        RewardModelConfig(motion_keypoints=-1)
+
+
+def test_motion_encoder_learns_the_direction_that_frame_averaging_cannot_see():
+    """Frame-mean pooling scores a clip and its reversal identically; with the keypoint
+    motion encoder, a few steps rank the prompt's direction above its reversal."""
+    train, held = _left_right_pairs(64, 0), _left_right_pairs(40, 1)
+    plain = _model(pooling="mean", num_frames=8)  # all frames, so the two clips hold the same ones
+    d = plain.score(held.video_a, held.prompts) - plain.score(held.video_b, held.prompts)
+    assert np.abs(d).max() < 1e-4
+    m = _model(pooling="mean", num_frames=8, motion_keypoints=8)
+    params = _setup_finetune(m, "head", 4)
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    for step in range(40):
+        idx = np.arange(16) + (step % 4) * 16
+        ids = m.tokenize([train.prompts[i] for i in idx])
+        out = bt_loss(
+            m(m.frames(train.video_a[idx]), ids)["score"],
+            m(m.frames(train.video_b[idx]), ids)["score"],
+            torch.from_numpy(train.target[idx]),
+        )
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert evaluate(m, held)["accuracy"] >= 0.9
+
+
+def test_train_adds_a_motion_encoder_to_a_saved_model(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _save_toy_dataset(tmp_path / "toy", 40, 0)
+    _model(pooling="mean").save_pretrained(tmp_path / "bb")
+    cfg = RewardTrainConfig(
+        dataset=data,
+        output_dir=str(tmp_path),
+        name="rm",
+        init_from=str(tmp_path / "bb"),
+        model={"motion_keypoints": 4},
+        fresh_learning_rate=1e-2,
+        epochs=1,
+        batch_size=16,
+        learning_rate=1e-4,
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match=r"per-aspect labels \['color'\] are not used"):
+        best = train_reward_model(cfg) / "best"
+    assert json.loads((best / "reward_config.json").read_text())["motion_keypoints"] == 4
+    before, after = load_file(str(tmp_path / "bb" / "model.safetensors")), load_file(str(best / "model.safetensors"))
+    assert not torch.equal(after["motion.mlp.2.weight"], torch.zeros_like(after["motion.mlp.2.weight"]))
+    assert set(before) < set(after)
+    # the backbone moved by the backbone's rate, the fresh encoder by its own (100x) rate
+    clip_step = max((after[k] - before[k]).abs().max().item() for k in before if k.startswith("clip.visual"))
+    assert 0 < clip_step < after["motion.mlp.2.bias"].abs().max().item()
