@@ -41,6 +41,8 @@ def test_demo_quick_end_to_end(tmp_path):
             w = report["winrate"][judge][method]
             assert w["n"] == wr["n"] and w["ci95"][0] <= w["rate"] <= w["ci95"][1]
     assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
+    rm_cfg = json.loads((out / "reward_model" / "best" / "reward_config.json").read_text())
+    assert rm_cfg["motion_keypoints"] == 16 and rm_cfg["motion_frame"]  # backbone + motion encoder
     # a second run reuses the cached pretrained model
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
