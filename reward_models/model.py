@@ -333,10 +333,10 @@ class VideoRewardModel(nn.Module):
             raise FileNotFoundError(
                 f"reward model {path}: no reward_config.json (train one with `vidalign reward train`)"
             )
-        d = json.loads((path / "reward_config.json").read_text())
-        d = {k: v for k, v in d.items() if k in {f.name for f in fields(RewardModelConfig)}}
+        names = {f.name for f in fields(RewardModelConfig)}
+        d = {k: v for k, v in json.loads((path / "reward_config.json").read_text()).items() if k in names}
         if overrides:
-            unknown = sorted(set(overrides) - {f.name for f in fields(RewardModelConfig)})
+            unknown = sorted(set(overrides) - names)
             if unknown:
                 raise ValueError(f"reward model {path}: unknown RewardModelConfig keys in overrides: {unknown}")
             if overrides.get("pretrained"):

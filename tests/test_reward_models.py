@@ -125,14 +125,11 @@ def _toy_pairs(n, seed):
     return PairData(prompts, np.stack(va), np.stack(vb), np.array(y, np.float32))
 
 
-def test_a_few_steps_on_a_separable_toy_set_beat_chance():
-    m = _model(pooling="mean")
-    train, held = _toy_pairs(48, 0), _toy_pairs(30, 100)
-    params = _setup_finetune(m, "full", 4)
-    opt = torch.optim.AdamW(params, lr=3e-4)
-    before = {n: p.clone() for n, p in m.named_parameters()}
-    for step in range(20):
-        idx = np.arange(16) + (step % 3) * 16
+def _fit(m, train, mode, lr, steps, batch=16):
+    """Plain BT steps over ``train`` in fixed batches (no shuffling), for the toy tests."""
+    opt = torch.optim.AdamW(_setup_finetune(m, mode, 4), lr=lr)
+    for step in range(steps):
+        idx = np.arange(batch) + (step % (len(train.prompts) // batch)) * batch
         ids = m.tokenize([train.prompts[i] for i in idx])
         out = bt_loss(
             m(m.frames(train.video_a[idx]), ids)["score"],
@@ -142,6 +139,13 @@ def test_a_few_steps_on_a_separable_toy_set_beat_chance():
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
+
+
+def test_a_few_steps_on_a_separable_toy_set_beat_chance():
+    m = _model(pooling="mean")
+    train, held = _toy_pairs(48, 0), _toy_pairs(30, 100)
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    _fit(m, train, "full", 3e-4, 20)
     assert evaluate(m, held)["accuracy"] >= 0.8
     assert any(not torch.equal(before[n], p) for n, p in m.named_parameters())
 
@@ -352,19 +356,7 @@ def test_motion_encoder_learns_the_direction_that_frame_averaging_cannot_see():
     d = plain.score(held.video_a, held.prompts) - plain.score(held.video_b, held.prompts)
     assert np.abs(d).max() < 1e-4
     m = _model(pooling="mean", num_frames=8, motion_keypoints=8)
-    params = _setup_finetune(m, "head", 4)
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    for step in range(40):
-        idx = np.arange(16) + (step % 4) * 16
-        ids = m.tokenize([train.prompts[i] for i in idx])
-        out = bt_loss(
-            m(m.frames(train.video_a[idx]), ids)["score"],
-            m(m.frames(train.video_b[idx]), ids)["score"],
-            torch.from_numpy(train.target[idx]),
-        )
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    _fit(m, train, "head", 3e-3, 40)
     assert evaluate(m, held)["accuracy"] >= 0.9
 
 
