@@ -145,7 +145,8 @@ def _reward_backbone(cfg: DemoConfig, cache_dir: Path, progress: bool) -> Path:
        the clips as extra negatives of each caption (``reward_models/distort.py``), so that
        the embedding also ranks how well a clip shows its caption. Measured with 1000 steps:
        held-out pairwise accuracy of the backbone zero-shot 0.65 -> 0.70, of the demo's
-       fine-tuned reward model 0.741 -> 0.75-0.76; but RWR with it won less (see DemoConfig)."""
+       fine-tuned reward model (without the motion encoder) 0.741 -> 0.75-0.76; but RWR with it
+       won less (see DemoConfig)."""
     key = {
         "steps": cfg.reward_pretrain_steps,
         "seed": cfg.seed,
