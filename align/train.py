@@ -511,10 +511,16 @@ def rwr_step_losses(
     return out
 
 
-def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, gen):
-    """Online RWR: every ``online_steps_per_round`` steps, sample the *current* policy on
-    ``online_prompts_per_round`` prompts x ``online_samples_per_prompt`` seeds, score with the
-    reward model, and train on that buffer."""
+def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: int = 0):
+    """Online RWR in rounds: sample the *current* policy on ``online_prompts_per_round``
+    prompts x ``online_samples_per_prompt`` seeds, score with the reward model, and train on
+    that buffer for ``online_steps_per_round`` micro-batches (steps, without accumulation).
+
+    Round r draws its prompts and batch order from its own generator (seeded by the recipe's
+    seed and r), so a run resumed at micro-step ``start`` picks up at round
+    ``start // online_steps_per_round`` without replaying earlier rounds. At a round
+    boundary that is exact; mid-round, the round's buffer is sampled again from the restored
+    policy (the buffer itself is not checkpointed) and only the round's remaining steps run."""
     from align.data.synthetic import split_scenes
     from align.data.video import to_uint8
     from align.sample import generate
@@ -527,9 +533,10 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, gen):
         prompts = [ln.strip() for ln in lines]
     else:
         prompts = [s.prompt for s in split_scenes(0.2, seed=0)[0]]
-    rng = torch.Generator().manual_seed(cfg.seed + 17)
-    r = 0
+    spr = cfg.online_steps_per_round
+    r, n = divmod(start, spr)
     while True:
+        rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + r)
         pick = torch.randperm(len(prompts), generator=rng)[: cfg.online_prompts_per_round].tolist()
         k = cfg.online_samples_per_prompt
         ps = [prompts[i] for i in pick for _ in range(k)]
@@ -542,14 +549,13 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, gen):
         data = encode_scored(model, ps, videos, rewards, groups, cfg)
         loader = DataLoader(data, batch_size=cfg.train_batch_size, shuffle=True, generator=rng)
         yield {"round": r, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
-        n = 0
-        while n < cfg.online_steps_per_round:
+        while n < spr:
             for batch in loader:
                 yield tuple(x.to(accelerator.device) for x in batch)
                 n += 1
-                if n >= cfg.online_steps_per_round:
+                if n >= spr:
                     break
-        r += 1
+        r, n = r + 1, 0
 
 
 def _configure_deepspeed(accelerator, cfg: TrainConfig, micro: int) -> None:
@@ -596,11 +602,6 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"recipe key `dataset` is required for objective {cfg.objective!r} (unless online RWR)")
     if online and not cfg.reward_model:
         raise ValueError("online RWR needs `reward_model` (a directory from `vidalign reward train`)")
-    if online and cfg.resume:
-        raise ValueError(
-            "resume is not supported for online RWR (its sample buffer is not checkpointed); "
-            "start a new run, e.g. from the checkpoint's LoRA"
-        )
     accelerator = make_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(cfg, world)
@@ -662,7 +663,14 @@ def train(cfg: TrainConfig) -> Path:
         _load_checkpoint(ckpt, denoiser, optimizer, lr_scheduler, accelerator, gen)
         step, micro_step = resumed["step"], resumed["micro_step"]
     if online:
-        batches = _online_batches(cfg, model, reward_model, accelerator, gen)
+        batches = _online_batches(cfg, model, reward_model, accelerator, start=micro_step)
+        if ckpt is not None and micro_step % cfg.online_steps_per_round and accelerator.is_main_process:
+            print(
+                f"[vidalign] online RWR: {ckpt} is mid-round (micro-step {micro_step}, "
+                f"{cfg.online_steps_per_round} per round): this round's samples are drawn again "
+                "from the restored policy, so the run will not match an uninterrupted one exactly "
+                "(checkpoints on round boundaries resume exactly)"
+            )
         shard = (0, 1)
     else:
         batches = _shard_batches(data, micro, rank, world, cfg.seed, micro_step, accelerator.device)

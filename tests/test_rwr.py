@@ -83,6 +83,48 @@ def test_online_rwr_with_a_reward_model(tiny_model_dir, tmp_path):
         train(_cfg(tiny_model_dir, tmp_path, name="x", online=True))
 
 
+def test_online_rwr_resumes(tiny_model_dir, tmp_path, capsys):
+    """Stopped on a round boundary and resumed: bit-identical to an uninterrupted run (the
+    next round samples the restored policy with the same prompts and seeds). Resumed
+    mid-round: the round is sampled again, and the run finishes with a note saying so."""
+    torch.manual_seed(0)
+    VideoRewardModel(RewardModelConfig(pooling="mean")).save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\na blue circle moving up on a gray background\n")
+    kw = dict(
+        online=True,
+        reward_model=str(tmp_path / "rm"),
+        prompts_file=str(prompts),
+        online_prompts_per_round=2,
+        online_samples_per_prompt=2,
+        online_steps_per_round=2,
+        sample_steps=2,
+        train_batch_size=2,
+        lora_dropout=0.1,  # the torch RNG state matters too
+        checkpointing_steps=2,
+        max_steps=4,
+    )
+    full = train(_cfg(tiny_model_dir, tmp_path, name="full", **kw))
+    cut = train(_cfg(tiny_model_dir, tmp_path, name="cut", **(kw | {"max_steps": 2})))
+    resumed = train(_cfg(tiny_model_dir, tmp_path, name="cut", resume="latest", **kw))
+    assert resumed == cut and (cut / "checkpoint-4").is_dir()
+    a, b = (load_file(r / "lora" / "pytorch_lora_weights.safetensors") for r in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
+    keys = ("step", "round", "loss", "reward_mean")
+    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
+    assert [r["round"] for r in rows[1]] == [0, 0, 1, 1]
+
+    # a checkpoint at step 3, inside round 1: resuming redraws round 1 and runs its last step
+    mid = train(_cfg(tiny_model_dir, tmp_path, name="mid", **(kw | {"max_steps": 3, "checkpointing_steps": 3})))
+    capsys.readouterr()
+    train(_cfg(tiny_model_dir, tmp_path, name="mid", resume="latest", **(kw | {"checkpointing_steps": 3})))
+    assert "is mid-round" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (mid / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["round"]) for r in lines] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert [[r[k] for k in keys] for r in lines[:3]] == [[r[k] for k in keys] for r in rows[0][:3]]
+
+
 def test_rwr_needs_a_dataset_offline(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="dataset"):
         train(_cfg(tiny_model_dir, tmp_path, name="y"))
