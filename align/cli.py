@@ -55,7 +55,12 @@ def cmd_demo(args) -> int:
     for method in ("DPO", "RWR"):
         w = report["winrate"]["oracle"][method]
         print(f"{method} vs base, oracle win rate {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
-    print(f"reward model held-out accuracy vs oracle {report['reward_model']['accuracy']:.3f}")
+    rm = report["reward_model"]
+    ci = rm.get("accuracy_ci95")
+    print(
+        f"reward model held-out accuracy vs oracle {rm['accuracy']:.3f}"
+        + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap over prompts)" if ci else "")
+    )
     wr = report["winrate"]["oracle"]
     print(
         f"DPO vs base, oracle win rate {wr['rate']:.3f} (95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, "
@@ -301,7 +306,7 @@ def cmd_reward(args, extra) -> int:
         plot_calibration(res["calibration"], out / "calibration.png")
         keep = {k: v for k, v in res.items() if k not in ("score_a", "score_b")}
         (out / "reward_eval.json").write_text(json.dumps(keep, indent=2))
-        print(json.dumps({k: keep[k] for k in ("accuracy", "accuracy_with_ties", "n", "ties")}))
+        print(json.dumps({k: keep[k] for k in ("accuracy", "accuracy_ci95", "accuracy_with_ties", "n", "ties")}))
         return 0
     from align.data.video import read_video
 

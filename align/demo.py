@@ -375,6 +375,7 @@ def run_demo(
         "winrate": winrate,
         "reward_model": {
             "accuracy": rm_summary["best_eval_accuracy"],
+            "accuracy_ci95": rm_summary.get("best_eval_accuracy_ci95"),  # bootstrap over held-out prompts
             "accuracy_with_ties": rm_summary.get("best_eval_accuracy_with_ties"),
             "heldout": "all within-group pairs of held-out training prompts, labelled by the oracle",
             "eval_pairs": rm_summary["eval_pairs"],

@@ -123,10 +123,30 @@ def split_by_prompt(prompts: list[str], eval_fraction: float, seed: int) -> tupl
 
 
 @torch.no_grad()
+def accuracy_ci(
+    correct: np.ndarray, groups: Sequence, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the accuracy ``correct.mean()`` that
+    resamples *groups* (prompts) with replacement, not pairs: the pairs of one prompt share
+    videos, so their errors go together and resampling pairs would understate the spread."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(correct) == 0 or len(correct) != len(groups):
+        raise ValueError(f"accuracy_ci: {len(correct)} outcomes for {len(groups)} group labels")
+    _, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    hits, sizes = np.bincount(inverse, weights=correct), np.bincount(inverse).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(sizes), np.full(len(sizes), 1 / len(sizes)), size=n_boot)  # (n_boot, groups)
+    accs = (draws @ hits) / (draws @ sizes)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(accs, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
 def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1, batch_size: int = 64) -> dict:
     """Pairwise accuracy against the labels.
 
-    ``accuracy``: over pairs with a winner, the share where the higher score is the winner.
+    ``accuracy``: over pairs with a winner, the share where the higher score is the winner;
+    ``accuracy_ci95``: its 95% interval from a bootstrap over prompts (``accuracy_ci``).
     ``accuracy_with_ties``: over all pairs, three-way (a pair is predicted a tie when the
     scores differ by less than ``tie_threshold``). ``calibration``: mean predicted
     ``P(a > b) = sigmoid(s_a - s_b)`` vs the observed label mean, in 10 bins."""
@@ -134,7 +154,9 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
     sb = model.score(data.video_b, data.prompts, batch_size)
     d, y = sa - sb, data.target
     decided = y != 0.5
-    acc = float(((d > 0) == (y > 0.5))[decided].mean()) if decided.any() else float("nan")
+    correct = ((d > 0) == (y > 0.5))[decided]
+    acc = float(correct.mean()) if decided.any() else float("nan")
+    ci = list(accuracy_ci(correct, [q for q, k in zip(data.prompts, decided) if k])) if decided.any() else None
     pred3 = np.where(np.abs(d) < tie_threshold, 0.5, np.where(d > 0, 1.0, 0.0))
     p = 1 / (1 + np.exp(-d))
     bins = np.clip((p * 10).astype(int), 0, 9)
@@ -150,6 +172,7 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
     ]
     return {
         "accuracy": acc,
+        "accuracy_ci95": ci,
         "accuracy_with_ties": float((pred3 == y).mean()),
         "n": int(len(y)),
         "n_decided": int(decided.sum()),
@@ -312,6 +335,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
         "eval_pairs": len(ev_idx),
         "skipped_rows": data.skipped,
         "best_eval_accuracy": best,
+        "best_eval_accuracy_ci95": best_eval.get("accuracy_ci95"),
         "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),
         "calibration": best_eval.get("calibration"),
         "best_epoch": best_eval.get("epoch"),

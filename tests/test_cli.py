@@ -41,6 +41,8 @@ def test_demo_quick_end_to_end(tmp_path):
             w = report["winrate"][judge][method]
             assert w["n"] == wr["n"] and w["ci95"][0] <= w["rate"] <= w["ci95"][1]
     assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
+    lo, hi = report["reward_model"]["accuracy_ci95"]
+    assert lo <= report["reward_model"]["accuracy"] <= hi
     rm_cfg = json.loads((out / "reward_model" / "best" / "reward_config.json").read_text())
     assert rm_cfg["motion_keypoints"] == 16 and rm_cfg["motion_frame"]  # backbone + motion encoder
     # a second run reuses the cached pretrained model

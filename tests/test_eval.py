@@ -158,6 +158,7 @@ def test_report_files(tmp_path):
         "quick": True,
         "seed": 0,
         "data": {"pairs": 64, "ties": 3},
+        "reward_model": {"accuracy": 0.75, "accuracy_ci95": [0.7, 0.8]},
         "config": {"nested": {"ignored": 1}},
         "artifacts": {"winrates": "winrates.png", "grid": tmp_path / "grid.gif", "log": "train.log"},
     }
@@ -176,6 +177,7 @@ def test_report_files(tmp_path):
     assert "| dpo | 125 | 2:05 |" in md  # timings
     assert "| quick | True |" in md and "| pairs | 64 |" in md
     assert "| color | 0.25 | 0.75 |" in md
+    assert "| accuracy_ci95 | [0.700, 0.800] |" in md  # a dict with a CI still gets its table
     assert "![winrates](winrates.png)" in md and "[log](train.log)" in md
     assert "grid.gif)" in md
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]

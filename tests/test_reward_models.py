@@ -11,7 +11,14 @@ import torch
 
 from align.cli import main
 from reward_models.model import RewardModelConfig, VideoRewardModel, bt_loss, sample_frame_indices
-from reward_models.train import PairData, RewardTrainConfig, _setup_finetune, evaluate, train_reward_model
+from reward_models.train import (
+    PairData,
+    RewardTrainConfig,
+    _setup_finetune,
+    accuracy_ci,
+    evaluate,
+    train_reward_model,
+)
 
 
 def _model(**kw):
@@ -201,6 +208,8 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert main(["reward", "eval", data, "--model", str(best), "--out", str(tmp_path / "ev")]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 60 and res["ties"] == 9 and 0 <= res["accuracy"] <= 1
+    lo, hi = res["accuracy_ci95"]
+    assert lo <= res["accuracy"] <= hi
     assert (tmp_path / "ev" / "calibration.png").stat().st_size > 0
     from align.data.video import write_video
 
@@ -225,6 +234,22 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     assert main(["reward", "score", "--model", str(best), "--prompt", "p", "--video", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
+
+
+def test_accuracy_ci_resamples_prompts_not_pairs():
+    # 10 prompts x 10 pairs, 70 correct; by hand: all correct -> [1, 1]
+    assert accuracy_ci(np.ones(6), ["a", "a", "b", "b", "c", "c"]) == (1.0, 1.0)
+    spread = np.array([1] * 7 + [0] * 3, float)
+    prompts = [f"p{i // 10}" for i in range(100)]
+    even = np.tile(spread, 10)  # every prompt 7 of 10: prompts agree, so the interval is tight
+    lumped = np.repeat(np.array([1] * 7 + [0] * 3, float), 10)  # 7 prompts right, 3 all wrong
+    lo_e, hi_e = accuracy_ci(even, prompts)
+    lo_l, hi_l = accuracy_ci(lumped, prompts)
+    assert lo_e == hi_e == pytest.approx(0.7)  # no spread between prompts
+    assert lo_l < 0.5 and hi_l > 0.9  # a pair-level bootstrap would give about [0.61, 0.79]
+    assert accuracy_ci(lumped, prompts) == (lo_l, hi_l)  # seeded
+    with pytest.raises(ValueError, match="3 outcomes for 2 group labels"):
+        accuracy_ci(np.ones(3), ["a", "b"])
 
 
 def test_train_needs_prompts_in_both_splits(tmp_path):

@@ -72,9 +72,10 @@ def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
         parts.append("## Summary")
         parts.append(_table(["key", "value"], scalars))
     for key, value in report.items():
-        if key not in _KNOWN and isinstance(value, dict) and value and all(_is_scalar(v) for v in value.values()):
+        if key not in _KNOWN and isinstance(value, dict) and value and all(_is_cell(v) for v in value.values()):
             parts.append(f"## {key}")
-            parts.append(_table(["key", "value"], [[k, _fmt(v)] for k, v in value.items()]))
+            cells = [[k, _fmt_ci(v) if _is_ci(v) else _fmt(v)] for k, v in value.items()]
+            parts.append(_table(["key", "value"], cells))
 
     artifacts = report.get("artifacts") or {}
     if artifacts:
@@ -150,6 +151,16 @@ def _fmt_minutes(seconds) -> str:
 def _is_scalar(v) -> bool:
     """True for None, bools, numbers and strings (including numpy scalars)."""
     return v is None or isinstance(v, (bool, int, float, str, np.generic))
+
+
+def _is_ci(v) -> bool:
+    """True for a ``[lo, hi]`` pair of numbers (a confidence interval)."""
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float, np.number)) for x in v)
+
+
+def _is_cell(v) -> bool:
+    """What a key/value table can show in one cell: a scalar or a confidence interval."""
+    return _is_scalar(v) or _is_ci(v)
 
 
 def _relative(path, out_dir: str | Path | None) -> str:
