@@ -122,7 +122,6 @@ def split_by_prompt(prompts: list[str], eval_fraction: float, seed: int) -> tupl
     return [i for i, p in enumerate(prompts) if p not in held], [i for i, p in enumerate(prompts) if p in held]
 
 
-@torch.no_grad()
 def accuracy_ci(
     correct: np.ndarray, groups: Sequence, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
@@ -142,6 +141,7 @@ def accuracy_ci(
     return float(lo), float(hi)
 
 
+@torch.no_grad()
 def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1, batch_size: int = 64) -> dict:
     """Pairwise accuracy against the labels.
 

@@ -237,12 +237,12 @@ def test_train_eval_score_cli(tmp_path, capsys):
 
 
 def test_accuracy_ci_resamples_prompts_not_pairs():
-    # 10 prompts x 10 pairs, 70 correct; by hand: all correct -> [1, 1]
-    assert accuracy_ci(np.ones(6), ["a", "a", "b", "b", "c", "c"]) == (1.0, 1.0)
-    spread = np.array([1] * 7 + [0] * 3, float)
+    assert accuracy_ci(np.ones(6), ["a", "a", "b", "b", "c", "c"]) == (1.0, 1.0)  # all correct
+    # 10 prompts x 10 pairs, 70 correct either way
     prompts = [f"p{i // 10}" for i in range(100)]
-    even = np.tile(spread, 10)  # every prompt 7 of 10: prompts agree, so the interval is tight
-    lumped = np.repeat(np.array([1] * 7 + [0] * 3, float), 10)  # 7 prompts right, 3 all wrong
+    seven_of_ten = np.array([1] * 7 + [0] * 3, float)
+    even = np.tile(seven_of_ten, 10)  # every prompt 7 of 10: prompts agree, so the interval is tight
+    lumped = np.repeat(seven_of_ten, 10)  # 7 prompts all right, 3 all wrong
     lo_e, hi_e = accuracy_ci(even, prompts)
     lo_l, hi_l = accuracy_ci(lumped, prompts)
     assert lo_e == hi_e == pytest.approx(0.7)  # no spread between prompts

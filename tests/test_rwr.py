@@ -55,27 +55,27 @@ def test_scored_samples_bad_rows_are_named(tmp_path):
     assert len(s.prompts) == 7 and s.skipped == {"bad_row": 1}
 
 
-def test_online_rwr_with_a_reward_model(tiny_model_dir, tmp_path):
+def _online(tmp_path) -> dict:
+    """Recipe keys of a tiny online RWR run: a fresh reward model and two prompts in tmp_path,
+    rounds of 2 prompts x 2 samples, 2 steps per round."""
     torch.manual_seed(0)
-    rm = VideoRewardModel(RewardModelConfig(pooling="mean"))
-    rm.save_pretrained(tmp_path / "rm")
+    VideoRewardModel(RewardModelConfig(pooling="mean")).save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\na blue circle moving up on a gray background\n")
-    run = train(
-        _cfg(
-            tiny_model_dir,
-            tmp_path,
-            name="online",
-            online=True,
-            reward_model=str(tmp_path / "rm"),
-            prompts_file=str(prompts),
-            online_prompts_per_round=2,
-            online_samples_per_prompt=2,
-            online_steps_per_round=2,
-            max_steps=4,
-            sample_steps=2,
-        )
+    return dict(
+        online=True,
+        reward_model=str(tmp_path / "rm"),
+        prompts_file=str(prompts),
+        online_prompts_per_round=2,
+        online_samples_per_prompt=2,
+        online_steps_per_round=2,
+        max_steps=4,
+        sample_steps=2,
     )
+
+
+def test_online_rwr_with_a_reward_model(tiny_model_dir, tmp_path):
+    run = train(_cfg(tiny_model_dir, tmp_path, name="online", **_online(tmp_path)))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [0, 0, 1, 1]  # a fresh round of samples every 2 steps
     assert all(np.isfinite(r["reward_mean"]) for r in lines)
@@ -87,22 +87,10 @@ def test_online_rwr_resumes(tiny_model_dir, tmp_path, capsys):
     """Stopped on a round boundary and resumed: bit-identical to an uninterrupted run (the
     next round samples the restored policy with the same prompts and seeds). Resumed
     mid-round: the round is sampled again, and the run finishes with a note saying so."""
-    torch.manual_seed(0)
-    VideoRewardModel(RewardModelConfig(pooling="mean")).save_pretrained(tmp_path / "rm")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPT}\na blue circle moving up on a gray background\n")
-    kw = dict(
-        online=True,
-        reward_model=str(tmp_path / "rm"),
-        prompts_file=str(prompts),
-        online_prompts_per_round=2,
-        online_samples_per_prompt=2,
-        online_steps_per_round=2,
-        sample_steps=2,
+    kw = _online(tmp_path) | dict(
         train_batch_size=2,
         lora_dropout=0.1,  # the torch RNG state matters too
         checkpointing_steps=2,
-        max_steps=4,
     )
     full = train(_cfg(tiny_model_dir, tmp_path, name="full", **kw))
     cut = train(_cfg(tiny_model_dir, tmp_path, name="cut", **(kw | {"max_steps": 2})))
