@@ -82,6 +82,10 @@ class DemoConfig:
     # oracle win rate with it 0.614 -> 0.562 [0.514, 0.610] (README, "The motion encoder")
     reward_motion_keypoints: int = 16
     reward_motion_learning_rate: float = 1e-3
+    # frames at stride 2 with a random phase while training, scores averaged over both phases
+    # (so all 8 frames count): over six seeds (split + order + init) held-out accuracy 0.747 ->
+    # 0.762, higher on 5 of 6 (README, "Where the limit is")
+    reward_frame_sampling: str = "strided"
     eval_seeds_per_prompt: int = 5
     heldout_fraction: float = 0.2
 
@@ -116,6 +120,14 @@ def _hash(obj) -> str:
 # the demo's reward model: frames averaged, plus the signed last-minus-first frame so that a
 # frame-level CLIP can see where the shape moved (direction is a quarter of the oracle's score)
 REWARD_MODEL = RewardModelConfig(pooling="mean", motion_frame=True)
+
+
+def _reward_overrides(cfg: DemoConfig) -> dict:
+    """What the fine-tuned reward model changes in the backbone's config."""
+    out: dict = {"frame_sampling": cfg.reward_frame_sampling}
+    if cfg.reward_motion_keypoints:
+        out["motion_keypoints"] = cfg.reward_motion_keypoints
+    return out
 
 
 def _world_clips(seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -248,7 +260,7 @@ def run_demo(
         output_dir=str(out),
         name="reward_model",
         init_from=str(backbone),
-        model={"motion_keypoints": cfg.reward_motion_keypoints} if cfg.reward_motion_keypoints else {},
+        model=_reward_overrides(cfg),
         epochs=cfg.reward_epochs,
         learning_rate=cfg.reward_learning_rate,
         fresh_learning_rate=cfg.reward_motion_learning_rate,

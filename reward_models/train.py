@@ -296,8 +296,12 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             ids = model.tokenize([train_data.prompts[i] for i in idx])
-            fa = model.frames(train_data.video_a[idx], generator=gen)
-            fb = model.frames(train_data.video_b[idx], generator=gen)
+            # strided sampling: one random phase per step, the same for both clips of a pair
+            phase = None
+            if model.cfg.frame_sampling == "strided":
+                phase = int(torch.randint(0, model.num_phases(train_data.video_a), (1,), generator=gen))
+            fa = model.frames(train_data.video_a[idx], generator=gen, phase=phase)
+            fb = model.frames(train_data.video_b[idx], generator=gen, phase=phase)
             oa, ob = model(fa, ids), model(fb, ids)
             out = bt_loss(oa["score"], ob["score"], torch.from_numpy(train_data.target[idx]))
             loss = out["loss"]

@@ -45,6 +45,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert lo <= report["reward_model"]["accuracy"] <= hi
     rm_cfg = json.loads((out / "reward_model" / "best" / "reward_config.json").read_text())
     assert rm_cfg["motion_keypoints"] == 16 and rm_cfg["motion_frame"]  # backbone + motion encoder
+    assert rm_cfg["frame_sampling"] == "strided"  # a random phase while training, scores averaged over phases
     # a second run reuses the cached pretrained model
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

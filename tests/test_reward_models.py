@@ -60,6 +60,30 @@ def test_frame_sampling_is_deterministic():
         sample_frame_indices(3, 4)
 
 
+def test_strided_sampling_phases_and_the_phase_averaged_score():
+    # every 2nd frame of 8; the default (middle) phase is uniform's; leftovers split evenly
+    assert sample_frame_indices(8, 4, "strided") == sample_frame_indices(8, 4, "uniform") == [1, 3, 5, 7]
+    assert sample_frame_indices(8, 4, "strided", phase=0) == [0, 2, 4, 6]
+    assert sample_frame_indices(11, 4, "strided", phase=0) == [1, 3, 5, 7]  # stride 2, 3 left over
+    assert sample_frame_indices(12, 4, "strided", phase=2) == [2, 5, 8, 11]
+    draws = [sample_frame_indices(16, 4, "strided", torch.Generator().manual_seed(s)) for s in range(20)]
+    assert draws == [sample_frame_indices(16, 4, "strided", torch.Generator().manual_seed(s)) for s in range(20)]
+    assert {d[0] for d in draws} == {0, 1, 2, 3} and all(np.diff(d).tolist() == [4, 4, 4] for d in draws)
+    with pytest.raises(ValueError, match="phase 2 not in"):
+        sample_frame_indices(8, 4, "strided", phase=2)
+    with pytest.raises(ValueError, match="'strided'"):
+        RewardModelConfig(frame_sampling="every_other")
+    # a strided model's score is the mean of its per-phase scores, and still per-video
+    m = _model(pooling="temporal", frame_sampling="strided")
+    videos, prompts = _world(5)
+    ids = m.tokenize(prompts)
+    with torch.no_grad():
+        per_phase = [m(m.frames(videos, phase=p), ids)["score"].numpy() for p in (0, 1)]
+    assert m.num_phases(videos) == 2 and not np.allclose(per_phase[0], per_phase[1])
+    np.testing.assert_allclose(m.score(videos, prompts), (per_phase[0] + per_phase[1]) / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m.score(videos[2:3], prompts[2:3]), m.score(videos, prompts)[2:3], rtol=1e-5, atol=1e-5)
+
+
 def test_scores_do_not_depend_on_batch_composition():
     m = _model()
     videos = np.concatenate([_solid((255, 0, 0), 3, seed=1), _solid((0, 0, 255), 2, seed=2)])
