@@ -120,6 +120,11 @@ def sample_frame_indices(
     return sorted(int(i) for i in perm)
 
 
+def _is_uint8_video(videos) -> bool:
+    """uint8 ``(B, T, H, W, C)`` (numpy or torch) rather than float ``(B, C, T, H, W)``."""
+    return isinstance(videos, np.ndarray) or (isinstance(videos, torch.Tensor) and videos.dtype == torch.uint8)
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
@@ -261,7 +266,7 @@ class VideoRewardModel(nn.Module):
         """Pick K frames and preprocess: uint8 ``(B, T, H, W, C)`` arrays/tensors or float
         ``(B, C, T, H, W)`` in [-1, 1] -> normalised ``(B, K, 3, h, w)``. ``phase``: which
         stride offset ``strided`` sampling takes (None: drawn with ``generator``)."""
-        if isinstance(videos, np.ndarray) or (isinstance(videos, torch.Tensor) and videos.dtype == torch.uint8):
+        if _is_uint8_video(videos):
             x = torch.as_tensor(np.asarray(videos) if isinstance(videos, np.ndarray) else videos)
             if x.dim() != 5 or x.shape[-1] != 3:
                 raise ValueError(f"reward model: uint8 videos must be (B, T, H, W, 3), got {tuple(x.shape)}")
@@ -288,8 +293,7 @@ class VideoRewardModel(nn.Module):
         """How many stride offsets ``strided`` sampling has for these videos (1 otherwise)."""
         if self.cfg.frame_sampling != "strided":
             return 1
-        is_uint8 = isinstance(videos, np.ndarray) or videos.dtype == torch.uint8
-        T = int(videos.shape[1] if is_uint8 else videos.shape[2])
+        T = int(videos.shape[1] if _is_uint8_video(videos) else videos.shape[2])
         return max(1, T // self.cfg.num_frames)
 
     # -- scoring ---------------------------------------------------------------------

@@ -290,6 +290,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
     n = len(tr_idx)
     steps_per_epoch = max(1, n // cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"reward ({cfg.name})", disable=not cfg.progress)
+    num_phases = model.num_phases(train_data.video_a)  # 1 unless frame_sampling is strided
     for epoch in range(cfg.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).numpy()
@@ -299,7 +300,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
             # strided sampling: one random phase per step, the same for both clips of a pair
             phase = None
             if model.cfg.frame_sampling == "strided":
-                phase = int(torch.randint(0, model.num_phases(train_data.video_a), (1,), generator=gen))
+                phase = int(torch.randint(0, num_phases, (1,), generator=gen))
             fa = model.frames(train_data.video_a[idx], generator=gen, phase=phase)
             fb = model.frames(train_data.video_b[idx], generator=gen, phase=phase)
             oa, ob = model(fa, ids), model(fb, ids)
