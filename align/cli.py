@@ -283,6 +283,11 @@ def cmd_data_pairs(args) -> int:
     return 0
 
 
+def _tta(args) -> dict | None:
+    """``--test-time-shifts`` as a change to the saved reward model's config (None: as saved)."""
+    return None if args.test_time_shifts is None else {"test_time_shifts": args.test_time_shifts}
+
+
 def cmd_reward(args, extra) -> int:
     """``vidalign reward train | eval | score``."""
     from reward_models.model import VideoRewardModel
@@ -299,7 +304,7 @@ def cmd_reward(args, extra) -> int:
     if args.reward_command == "eval":
         from reward_models.train import evaluate, load_pairs, plot_calibration
 
-        model = VideoRewardModel.from_pretrained(args.model)
+        model = VideoRewardModel.from_pretrained(args.model, overrides=_tta(args))
         res = evaluate(model, load_pairs(args.dataset, "skip" if args.skip_bad_rows else "error"), args.tie_threshold)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +317,7 @@ def cmd_reward(args, extra) -> int:
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
-    model = VideoRewardModel.from_pretrained(args.model)
+    model = VideoRewardModel.from_pretrained(args.model, overrides=_tta(args))
     videos = [read_video(Path(v)) for v in args.video]
     shapes = {v.shape for v in videos}
     scores = (
@@ -476,6 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     rsc.add_argument("--model", required=True)
     rsc.add_argument("--prompt", required=True)
     rsc.add_argument("--video", nargs="+", required=True)
+    for q in (rev, rsc):
+        q.add_argument(
+            "--test-time-shifts",
+            type=int,
+            default=None,
+            help="average each score over the clip moved by this many pixels in 8 directions (default: as saved)",
+        )
 
     an = sub.add_parser("annotate", help="collect human preferences in a local web app")
     asub = an.add_subparsers(dest="annotate_command", required=True)

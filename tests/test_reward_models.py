@@ -84,6 +84,40 @@ def test_strided_sampling_phases_and_the_phase_averaged_score():
     np.testing.assert_allclose(m.score(videos[2:3], prompts[2:3]), m.score(videos, prompts)[2:3], rtol=1e-5, atol=1e-5)
 
 
+def test_test_time_shifts_average_the_score_over_shifted_copies():
+    m = _model(pooling="temporal", frame_sampling="strided")
+    videos, prompts = _world(3)
+    ids = m.tokenize(prompts)
+
+    def moved(v, dy, dx):  # by hand: numpy, edge rows / columns repeated
+        H, W = v.shape[2:4]
+        return v[:, :, np.clip(np.arange(H) - dy, 0, H - 1)][:, :, :, np.clip(np.arange(W) - dx, 0, W - 1)]
+
+    assert np.array_equal(moved(videos, 2, -1)[:, :, 2:, :-1], videos[:, :, :-2, 1:])
+    with torch.no_grad():
+        for dy, dx in ((2, -1), (-2, 2)):  # frames(shift=) moves exactly as by hand
+            torch.testing.assert_close(
+                m.frames(videos, phase=0, shift=(dy, dx)), m.frames(moved(videos, dy, dx), phase=0)
+            )
+        each = [
+            m(m.frames(moved(videos, dy, dx), phase=p), ids)["score"].numpy()
+            for p in (0, 1)
+            for dy in (-2, 0, 2)
+            for dx in (-2, 0, 2)
+        ]
+    plain = m.score(videos, prompts)
+    m.cfg.test_time_shifts = 2
+    tta = m.score(videos, prompts)
+    np.testing.assert_allclose(tta, np.mean(each, axis=0), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(tta, plain, atol=1e-4)
+    np.testing.assert_allclose(m.score(videos[1:2], prompts[1:2]), tta[1:2], rtol=1e-5, atol=1e-5)
+    m.cfg.test_time_shifts = 32
+    with pytest.raises(ValueError, match="does not fit 32x32 frames"):
+        m.score(videos, prompts)
+    with pytest.raises(ValueError, match="test_time_shifts must be >= 0"):
+        RewardModelConfig(test_time_shifts=-1)
+
+
 def test_scores_do_not_depend_on_batch_composition():
     m = _model()
     videos = np.concatenate([_solid((255, 0, 0), 3, seed=1), _solid((0, 0, 255), 2, seed=2)])
@@ -256,6 +290,18 @@ def test_train_eval_score_cli(tmp_path, capsys):
         == 0
     )
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    # --test-time-shifts overrides the saved model's setting for this scoring only
+    from align.data.video import read_video
+
+    clip, prompt = _world(1)
+    write_video(tmp_path / "world.gif", clip[0])
+    args = ["reward", "score", "--model", str(best), "--prompt", prompt[0], "--video", str(tmp_path / "world.gif")]
+    assert main([*args, "--test-time-shifts", "1"]) == 0
+    printed = float(capsys.readouterr().out.split()[0])
+    video = read_video(tmp_path / "world.gif")[None]
+    tta = VideoRewardModel.from_pretrained(best, overrides={"test_time_shifts": 1}).score(video, prompt)[0]
+    plain = VideoRewardModel.from_pretrained(best).score(video, prompt)[0]
+    assert printed == pytest.approx(tta, abs=1e-4) and abs(tta - plain) > 1e-4
     assert main(["reward", "score", "--model", str(best), "--prompt", "p", "--video", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
 
