@@ -68,7 +68,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     # 2. VAE
     t0 = time.time()
     vae = model.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    # foreach: the same numbers as the single-tensor loop PyTorch picks on CPU (checked bitwise),
+    # ~10% less time per step for a model of many small tensors
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, foreach=True)
     bar = tqdm(range(cfg.vae_steps), desc="pretrain VAE", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
@@ -99,7 +101,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     t0 = time.time()
     den, txt = model.denoiser.train(), model.text_encoder.train()
     params = list(den.parameters()) + list(txt.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.denoiser_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.denoiser_lr, weight_decay=0.0, foreach=True)
     ema = copy.deepcopy(den).requires_grad_(False) if cfg.ema_decay > 0 else None
     sched = model.scheduler
     bar = tqdm(range(cfg.denoiser_steps), desc="pretrain denoiser", disable=not progress)

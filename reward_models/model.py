@@ -251,6 +251,7 @@ class VideoRewardModel(nn.Module):
         if cfg.motion_keypoints:
             self.motion = KeypointMotionEncoder(cfg.num_frames, cfg.motion_keypoints, d)
         self.fresh_parameters: list[str] = []  # set by from_pretrained: parts its overrides added
+        self._token_cache: dict[str, torch.Tensor] = {}  # prompt -> token ids (see tokenize)
 
     @property
     def device(self) -> torch.device:
@@ -258,14 +259,22 @@ class VideoRewardModel(nn.Module):
 
     # -- inputs ----------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids; a prompt longer than the context is truncated with a warning."""
-        for i, p in enumerate(prompts):
-            n = len(self.tokenizer.encode(p)) + 2 if hasattr(self.tokenizer, "encode") else 0
-            if n > self.context_length:
-                warnings.warn(
-                    f"reward model: prompt {i} has {n} tokens, truncated to {self.context_length}", stacklevel=2
-                )
-        return self.tokenizer(prompts)
+        """Token ids ``(len(prompts), context_length)``; a prompt longer than the context is
+        truncated with a warning (once per prompt and model). Each prompt's ids are kept, so a
+        loop over a dataset's few hundred prompts tokenizes each one once."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._token_cache]
+        if new:
+            if len(self._token_cache) + len(new) > 100_000:
+                self._token_cache.clear()
+            for p in new:
+                n = len(self.tokenizer.encode(p)) + 2 if hasattr(self.tokenizer, "encode") else 0
+                if n > self.context_length:
+                    warnings.warn(
+                        f"reward model: prompt {prompts.index(p)} has {n} tokens, truncated to {self.context_length}",
+                        stacklevel=2,
+                    )
+            self._token_cache.update(zip(new, self.tokenizer(new)))
+        return torch.stack([self._token_cache[p] for p in prompts])
 
     def frames(
         self,

@@ -283,7 +283,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
     if fresh:
         lr = cfg.learning_rate if cfg.fresh_learning_rate is None else cfg.fresh_learning_rate
         groups.append({"params": fresh, "lr": lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = open(run_dir / "metrics.jsonl", "w")
     best, best_eval, t0 = -1.0, {}, time.time()
@@ -380,7 +380,7 @@ def contrastive_pretrain(
     A departure from CLIP for reward backbones (see ``reward_models/distort.py``)."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed + 11)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)  # same numbers, faster
     losses = []
     if hard_negatives is not None and len(hard_negatives) != len(prompts):
         raise ValueError(f"hard_negatives: {len(hard_negatives)} entries for {len(prompts)} items")
