@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 from conftest import PROMPT
 
@@ -46,6 +47,11 @@ def test_demo_quick_end_to_end(tmp_path):
     rm_cfg = json.loads((out / "reward_model" / "best" / "reward_config.json").read_text())
     assert rm_cfg["motion_keypoints"] == 16 and rm_cfg["motion_frame"]  # backbone + motion encoder
     assert rm_cfg["frame_sampling"] == "strided"  # a random phase while training, scores averaged over phases
+    # 2 rounds of 2 samples per prompt: DPO gets best-vs-worst of each round, the reward model
+    # every pair among a prompt's 4 samples from both rounds
+    dpo, rm = (datasets.load_from_disk(str(out / d)) for d in ("preference_data", "reward_data"))
+    n_prompts = len(set(rm["prompt"]))
+    assert len(dpo) == 2 * n_prompts and len(rm) == 6 * n_prompts and set(dpo["prompt"]) == set(rm["prompt"])
     # a second run reuses the cached pretrained model
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -57,6 +57,34 @@ def _dataset(rows: dict, shape):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
+def merge_groups(
+    prompts: list[str], videos: np.ndarray, totals: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Join the groups of ``sample_groups`` that share a prompt (e.g. several sampling rounds
+    over the same prompts) into one group per prompt, in order of first appearance:
+    ``(all_prompts, videos, totals (M, r*k))``. With ``pairs_from_groups(..., "all")`` a
+    prompt's r*k samples then give (r*k)(r*k-1)/2 pairs instead of r * k(k-1)/2. Every prompt
+    must have the same number of groups."""
+    n, k = totals.shape
+    if len(prompts) != n * k or len(videos) != n * k:
+        raise ValueError(f"merge_groups: {len(prompts)} prompts and {len(videos)} videos for {n} groups of {k}")
+    by_prompt: dict[str, list[int]] = {}
+    for g in range(n):
+        if any(prompts[g * k + j] != prompts[g * k] for j in range(k)):
+            raise ValueError(f"merge_groups: group {g} mixes prompts")
+        by_prompt.setdefault(prompts[g * k], []).append(g)
+    counts = {p: len(gs) for p, gs in by_prompt.items()}
+    if len(set(counts.values())) > 1:
+        lo = min(counts, key=counts.get)
+        raise ValueError(
+            f"merge_groups: prompts have different numbers of groups ({lo!r}: {counts[lo]}, "
+            f"others up to {max(counts.values())})"
+        )
+    rows = [g * k + j for gs in by_prompt.values() for g in gs for j in range(k)]
+    merged = np.stack([np.concatenate([totals[g] for g in gs]) for gs in by_prompt.values()])
+    return [prompts[i] for i in rows], videos[rows], merged
+
+
 def pairs_from_groups(
     prompts: list[str],
     videos: np.ndarray,
