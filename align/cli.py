@@ -1,6 +1,6 @@
 """The ``vidalign`` command line.
 
-    vidalign demo [--out runs/demo] [--quick]
+    vidalign demo [--out runs/demo] [--quick] [--set KEY=VALUE ...]
     vidalign pretrain [RECIPE] [--key value ...]
     vidalign train RECIPE [--key value ...]          (e.g. --beta 500)
     vidalign eval --model DIR --lora DIR [--prompts FILE] [--out DIR]
@@ -49,9 +49,10 @@ def _prompts_from(args) -> list[str]:
 
 
 def cmd_demo(args) -> int:
-    from align.demo import run_demo
+    from align.demo import parse_overrides, run_demo
 
-    report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, model=args.model)
+    overrides = parse_overrides(args.set or [])
+    report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, model=args.model, overrides=overrides)
     for method in ("DPO", "RWR"):
         w = report["winrate"]["oracle"][method]
         print(f"{method} vs base, oracle win rate {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
@@ -388,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help="align this TinySora directory instead of pretraining one")
     d.add_argument("--cache-dir", default="runs/cache", help="where the pretrained tiny model is cached")
     d.add_argument("--quick", action="store_true", help="tiny budgets, for tests (numbers mean nothing)")
+    d.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change a DemoConfig field (align/demo.py), e.g. --set reward_test_time_shifts=1 (repeatable)",
+    )
 
     pt = sub.add_parser("pretrain", help="pretrain the tiny Sora model on the synthetic world")
     pt.add_argument("recipe", nargs="?", default=None)

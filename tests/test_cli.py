@@ -47,15 +47,19 @@ def test_demo_quick_end_to_end(tmp_path):
     rm_cfg = json.loads((out / "reward_model" / "best" / "reward_config.json").read_text())
     assert rm_cfg["motion_keypoints"] == 16 and rm_cfg["motion_frame"]  # backbone + motion encoder
     assert rm_cfg["frame_sampling"] == "strided"  # a random phase while training, scores averaged over phases
-    # 2 rounds of 2 samples per prompt: DPO gets best-vs-worst of each round, the reward model
-    # every pair among a prompt's 4 samples from both rounds
+    # 2 rounds of 2 samples per prompt: DPO and the reward model get each round's pair
     dpo, rm = (datasets.load_from_disk(str(out / d)) for d in ("preference_data", "reward_data"))
     n_prompts = len(set(rm["prompt"]))
-    assert len(dpo) == 2 * n_prompts and len(rm) == 6 * n_prompts and set(dpo["prompt"]) == set(rm["prompt"])
-    # a second run reuses the cached pretrained model
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert len(dpo) == len(rm) == 2 * n_prompts and set(dpo["prompt"]) == set(rm["prompt"])
+    # a second run reuses the cached pretrained model; --set changes a DemoConfig field: the
+    # reward model now gets every pair among a prompt's 4 samples from both rounds
+    r = subprocess.run([*cmd, "--set", "reward_pairs_across_rounds=true"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "pretrain_cached" in json.loads((out / "report.json").read_text())["timings_s"]
+    report = json.loads((out / "report.json").read_text())
+    assert "pretrain_cached" in report["timings_s"] and report["config"]["reward_pairs_across_rounds"] is True
+    rm = datasets.load_from_disk(str(out / "reward_data"))
+    assert len(rm) == 6 * n_prompts and len(datasets.load_from_disk(str(out / "preference_data"))) == 2 * n_prompts
+    assert report["reward_model"]["eval_pairs"] > 0 and report["reward_model"]["train_pairs"] > 2 * n_prompts
 
 
 def test_generate_writes_videos_and_index(tiny_model_dir, tmp_path):
@@ -177,3 +181,22 @@ def test_user_errors_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, capsy
     assert "nowhere" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert not Path(tmp_path / "g").exists()
+    capsys.readouterr()
+    for bad, msg in [
+        ("no_such_field=1", "--set no_such_field: not a demo setting; choose from ["),
+        ("pretrain=1", "set by `vidalign pretrain` recipes"),
+        ("reward_epochs=three", "--set reward_epochs=three: expected int"),
+        ("reward_pairs_across_rounds=maybe", "expected true or false"),
+        ("reward_epochs", "expected KEY=VALUE"),
+    ]:
+        assert main(["demo", "--set", bad, "--out", str(tmp_path / "y")]) == 2
+        assert msg in capsys.readouterr().err, bad
+    assert not (tmp_path / "y").exists()  # refused before anything ran
+    from align.demo import DemoConfig, _reward_overrides, parse_overrides
+
+    got = parse_overrides(["reward_epochs=3", "learning_rate=2e-3", "reward_pairs_across_rounds=yes", "seed= 7 "])
+    assert got == {"reward_epochs": 3, "learning_rate": 0.002, "reward_pairs_across_rounds": True, "seed": 7}
+    assert type(got["learning_rate"]) is float and type(got["reward_epochs"]) is int
+    assert "test_time_shifts" not in _reward_overrides(DemoConfig())
+    cfg = DemoConfig(**parse_overrides(["reward_test_time_shifts=1"]))
+    assert _reward_overrides(cfg)["test_time_shifts"] == 1
