@@ -77,9 +77,9 @@ class DemoConfig:
     reward_distort_lr: float = 3e-4
     # True: the reward model's pairs are every pair among a prompt's samples from all
     # pair_rounds (8 samples: 28 pairs), not only within a round (2 x 6). Over six seeds (split
-    # + order + init), best-epoch held-out accuracy 0.764 -> 0.782, higher on 5 of 6, but in
-    # the demo (3 epochs) RWR's oracle win rate with that reward model fell to 0.552 [0.498,
-    # 0.602] (0.526 on the second seed set), so off (README, "Pairs across rounds")
+    # + order + init), best-epoch held-out accuracy 0.764 -> 0.782, higher on 5 of 6 (RWR with
+    # it: same mean over 3 training seeds). Off for its cost: +71 s for a gain that stays
+    # below 0.80 (README, "Pairs across rounds")
     reward_pairs_across_rounds: bool = False
     reward_epochs: int = 4
     reward_learning_rate: float = 1e-4

@@ -262,6 +262,8 @@ class VideoRewardModel(nn.Module):
         """Token ids ``(len(prompts), context_length)``; a prompt longer than the context is
         truncated with a warning (once per prompt and model). Each prompt's ids are kept, so a
         loop over a dataset's few hundred prompts tokenizes each one once."""
+        if len(prompts) == 0:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
         new = [p for p in dict.fromkeys(prompts) if p not in self._token_cache]
         if new:
             if len(self._token_cache) + len(new) > 100_000:

@@ -150,6 +150,7 @@ def test_bad_input_is_named():
     # token ids are kept per prompt: the same ids as the tokenizer's, in the batch's order
     ps = ["a red square", "a blue circle", "a red square", " ".join(["red"] * 40)]
     assert torch.equal(m.tokenize(ps), m.tokenizer(ps)) and torch.equal(m.tokenize(ps[1:2]), m.tokenizer(ps[1:2]))
+    assert m.tokenize([]).shape == (0, m.context_length)
     with pytest.raises(ValueError, match="unknown open_clip model name"):
         VideoRewardModel(RewardModelConfig(model_name="no-such-clip"))
     with pytest.raises(ValueError, match="pooling"):
