@@ -154,6 +154,21 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+def coerce_fields(cls: type, mapping: dict, source: str) -> dict[str, Any]:
+    """``mapping``'s values converted to the types of dataclass ``cls``'s fields; an unknown key
+    is an error naming ``source`` and the closest field."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if k not in fields:
+            close = difflib.get_close_matches(k, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{source}: unknown key {k!r} for {cls.__name__}{hint}")
+        out[k] = _coerce(v, hints[k], k, source)
+    return out
+
+
 def load_config(cls: type, recipe: str | Path | None = None, overrides: list[str] | dict | None = None):
     """Build config ``cls`` from a YAML recipe and CLI overrides, with errors that name the key."""
     values: dict[str, Any] = {}
@@ -174,15 +189,7 @@ def load_config(cls: type, recipe: str | Path | None = None, overrides: list[str
         values.update(loaded)
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {}
-    for src, mapping in ((source, values), ("command line", over)):
-        for k, v in mapping.items():
-            if k not in fields:
-                close = difflib.get_close_matches(k, fields, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{src}: unknown key {k!r} for {cls.__name__}{hint}")
-            out[k] = _coerce(v, hints[k], k, src)
+    out = {**coerce_fields(cls, values, source), **coerce_fields(cls, over, "command line")}
     missing = [n for n, f in fields.items() if f.default is REQUIRED and f.default_factory is REQUIRED and n not in out]
     if missing:
         raise ValueError(f"{source}: missing required key(s) {missing} for {cls.__name__}")

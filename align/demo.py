@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.config import PretrainConfig, TrainConfig
+from align.config import PretrainConfig, TrainConfig, coerce_fields
 from align.data.pairs import merge_groups, pairs_from_groups, sample_groups
 from align.data.samples import scored_samples_dataset
 from align.data.synthetic import DIRECTIONS, all_scenes, oracle_scores, sample_videos, split_scenes
@@ -144,28 +144,16 @@ def _reward_overrides(cfg: DemoConfig) -> dict:
 
 def parse_overrides(items: list[str]) -> dict:
     """``["reward_epochs=3", "reward_pairs_across_rounds=true"]`` -> DemoConfig changes, each
-    value converted to its field's type. Unknown fields and bad values are named."""
-    fields = {f.name: getattr(DemoConfig(), f.name) for f in dataclasses.fields(DemoConfig) if f.name != "pretrain"}
-    out: dict = {}
+    value converted to its field's type as recipes are (``align.config.coerce_fields``)."""
+    raw: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        if key not in fields:
-            hint = " (the generator's pretraining is set by `vidalign pretrain` recipes)" if key == "pretrain" else ""
-            raise ValueError(f"--set {key}: not a demo setting{hint}; choose from {sorted(fields)}")
-        kind = type(fields[key])
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"--set {key}={value}: expected true or false")
-            out[key] = value.lower() in ("true", "1", "yes")
-            continue
-        try:
-            out[key] = kind(value)
-        except ValueError:
-            raise ValueError(f"--set {key}={value}: expected {kind.__name__}") from None
-    return out
+        if key.strip() == "pretrain":
+            raise ValueError("--set pretrain: the generator's pretraining is set by `vidalign pretrain` recipes")
+        raw[key.strip()] = value.strip()
+    return coerce_fields(DemoConfig, raw, "--set")
 
 
 def _world_clips(seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:

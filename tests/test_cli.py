@@ -183,10 +183,10 @@ def test_user_errors_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, capsy
     assert not Path(tmp_path / "g").exists()
     capsys.readouterr()
     for bad, msg in [
-        ("no_such_field=1", "--set no_such_field: not a demo setting; choose from ["),
+        ("reward_epoch=1", "--set: unknown key 'reward_epoch' for DemoConfig (did you mean 'reward_epochs'?)"),
         ("pretrain=1", "set by `vidalign pretrain` recipes"),
-        ("reward_epochs=three", "--set reward_epochs=three: expected int"),
-        ("reward_pairs_across_rounds=maybe", "expected true or false"),
+        ("reward_epochs=three", "--set: key 'reward_epochs' must be int, got 'three'"),
+        ("reward_pairs_across_rounds=maybe", "key 'reward_pairs_across_rounds' must be true/false, got 'maybe'"),
         ("reward_epochs", "expected KEY=VALUE"),
     ]:
         assert main(["demo", "--set", bad, "--out", str(tmp_path / "y")]) == 2
