@@ -259,7 +259,8 @@ def cmd_data_cache(args) -> int:
 
 
 def cmd_data_pairs(args) -> int:
-    """Sample the model on the world's training prompts, label best vs worst with the oracle."""
+    """Sample the model on the world's training prompts (or yours), label best vs worst (or
+    all pairs) with the oracle, or with a reward model when ``--reward-model`` is given."""
     from align.data.pairs import oracle_preference_dataset
     from align.data.synthetic import split_scenes
     from align.models import load_model
@@ -268,6 +269,11 @@ def cmd_data_pairs(args) -> int:
         prompts = _prompts_from(args)
     else:
         prompts = [s.prompt for s in split_scenes(args.heldout_fraction, seed=args.split_seed)[0]]
+    score = None
+    if args.reward_model:
+        from reward_models.model import VideoRewardModel
+
+        score = VideoRewardModel.from_pretrained(args.reward_model).score
     model = load_model(args.model)
     ds = oracle_preference_dataset(
         model,
@@ -277,10 +283,16 @@ def cmd_data_pairs(args) -> int:
         num_steps=args.steps,
         guidance_scale=args.guidance,
         tie_margin=args.tie_margin,
+        score=score,
+        which=args.pairs,
     )
     ds.save_to_disk(args.out)
     prefs = ds["preference"]
-    print(f"wrote {len(ds)} pairs to {args.out} (a={prefs.count('a')} b={prefs.count('b')} tie={prefs.count('tie')})")
+    judge = f"reward model {args.reward_model}" if args.reward_model else "the oracle"
+    print(
+        f"wrote {len(ds)} pairs judged by {judge} to {args.out} "
+        f"(a={prefs.count('a')} b={prefs.count('b')} tie={prefs.count('tie')})"
+    )
     return 0
 
 
@@ -459,11 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--split", default="train", help="split of a hub dataset / DatasetDict")
     for q in (v, im, ca):
         q.add_argument("--allow-absolute-paths", action="store_true", help="trust absolute video paths")
-    pa = dsub.add_parser("pairs", help="sample a model, label best-vs-worst pairs with the oracle judge")
+    pa = dsub.add_parser(
+        "pairs", help="sample a model, label best-vs-worst pairs with the oracle judge or a reward model"
+    )
     sampling(pa)
     pa.add_argument("--samples-per-prompt", type=int, default=4)
     pa.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
-    pa.add_argument("--tie-margin", type=float, default=0.01, help="score gap below which a pair is a tie")
+    pa.add_argument(
+        "--tie-margin", type=float, default=0.01, help="score gap below which a pair is a tie (in the judge's units)"
+    )
+    pa.add_argument(
+        "--reward-model",
+        help="judge with this reward model (`vidalign reward train`) instead of the synthetic world's oracle",
+    )
+    pa.add_argument("--pairs", choices=("best_worst", "all"), default="best_worst", help="pairs per group of samples")
     pa.add_argument("--heldout-fraction", type=float, default=0.2, help="without prompts: the world's train split")
     pa.add_argument("--split-seed", type=int, default=0)
 

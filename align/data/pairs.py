@@ -1,14 +1,18 @@
-"""Build a preference dataset from a generator's own samples, judged by the oracle.
+"""Build a preference dataset from a generator's own samples, judged by the oracle or by a
+reward model.
 
-For each prompt the generator draws ``samples_per_prompt`` videos (different seeds); the
-oracle scores them; the best and the worst form a pair (best-of-n vs worst-of-n, as in
-on-policy preference pipelines). A pair whose scores differ by less than ``tie_margin`` is
+For each prompt the generator draws ``samples_per_prompt`` videos (different seeds); a judge
+scores them (the synthetic world's oracle by default, or any ``score(videos, prompts)`` such
+as a trained ``VideoRewardModel.score``: RLAIF-style labelling for prompts no oracle knows);
+the best and the worst form a pair (best-of-n vs worst-of-n, as in on-policy preference
+pipelines). A pair whose scores differ by less than ``tie_margin`` (in the judge's units) is
 labelled a tie. The a/b order is randomised so that "a" carries no bias.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,9 +29,11 @@ def sample_groups(
     num_steps: int = 20,
     guidance_scale: float = 4.0,
     progress: bool = True,
+    score: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``k`` samples per prompt (consecutive rows form a group) and their oracle totals:
-    ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``."""
+    """``k`` samples per prompt (consecutive rows form a group) and their scores:
+    ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``. ``score(videos,
+    prompts)`` returns one number per video; default: the oracle's total."""
     if not prompts:
         raise ValueError("sample_groups: empty prompt list")
     if samples_per_prompt < 2:
@@ -36,8 +42,20 @@ def sample_groups(
     all_prompts = [p for p in prompts for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
     videos = to_uint8(generate(model, all_prompts, seeds, num_steps, guidance_scale, progress=progress, desc="pairs"))
-    totals = np.array([s["total"] for s in oracle_scores(videos, all_prompts)]).reshape(len(prompts), k)
-    return all_prompts, videos, totals
+    if score is None:
+        flat = np.array([s["total"] for s in oracle_scores(videos, all_prompts)])
+    else:
+        flat = np.asarray(score(videos, all_prompts), dtype=np.float64).reshape(-1)
+        if flat.shape != (len(all_prompts),):
+            raise ValueError(f"sample_groups: the judge returned {flat.size} scores for {len(all_prompts)} videos")
+        bad = np.flatnonzero(~np.isfinite(flat))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"sample_groups: the judge gave {bad.size} non-finite scores, first for video {i} "
+                f"(prompt {all_prompts[i]!r}, seed {seeds[i]})"
+            )
+    return all_prompts, videos, flat.reshape(len(prompts), k)
 
 
 def _dataset(rows: dict, shape):
@@ -128,10 +146,13 @@ def oracle_preference_dataset(
     guidance_scale: float = 4.0,
     tie_margin: float = 0.01,
     progress: bool = True,
+    score: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None,
+    which: str = "best_worst",
 ):
-    """Best-vs-worst pairs of ``samples_per_prompt`` samples per prompt, judged by the oracle:
-    a ``datasets.Dataset`` in the project's schema, videos as uint8 arrays."""
+    """Pairs of ``samples_per_prompt`` samples per prompt (``which``: best vs worst, or all),
+    judged by the oracle or by ``score`` (see ``sample_groups``): a ``datasets.Dataset`` in the
+    project's schema, videos as uint8 arrays."""
     all_prompts, videos, totals = sample_groups(
-        model, prompts, samples_per_prompt, seed, num_steps, guidance_scale, progress
+        model, prompts, samples_per_prompt, seed, num_steps, guidance_scale, progress, score
     )
-    return pairs_from_groups(all_prompts, videos, totals, "best_worst", tie_margin, seed)
+    return pairs_from_groups(all_prompts, videos, totals, which, tie_margin, seed)
