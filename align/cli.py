@@ -261,7 +261,7 @@ def cmd_data_cache(args) -> int:
 def cmd_data_pairs(args) -> int:
     """Sample the model on the world's training prompts (or yours), label best vs worst (or
     all pairs) with the oracle, or with a reward model when ``--reward-model`` is given."""
-    from align.data.pairs import oracle_preference_dataset
+    from align.data.pairs import sampled_preference_dataset
     from align.data.synthetic import split_scenes
     from align.models import load_model
 
@@ -275,7 +275,7 @@ def cmd_data_pairs(args) -> int:
 
         score = VideoRewardModel.from_pretrained(args.reward_model).score
     model = load_model(args.model)
-    ds = oracle_preference_dataset(
+    ds = sampled_preference_dataset(
         model,
         prompts * args.rounds,
         args.samples_per_prompt,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from align.data.synthetic import oracle_scores
+from align.data.synthetic import oracle_scores, parse_prompt
 from align.data.video import to_uint8
 from align.sample import generate
 
@@ -38,6 +38,12 @@ def sample_groups(
         raise ValueError("sample_groups: empty prompt list")
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
+    if score is None:  # the oracle knows only the synthetic world's prompts: say so before sampling
+        for p in dict.fromkeys(prompts):
+            try:
+                parse_prompt(p)
+            except ValueError as e:
+                raise ValueError(f"{e}; judge prompts outside the synthetic world with a reward model") from None
     k = samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
@@ -137,7 +143,7 @@ def pairs_from_groups(
     return _dataset(rows, videos.shape[1:])
 
 
-def oracle_preference_dataset(
+def sampled_preference_dataset(
     model,
     prompts: list[str],
     samples_per_prompt: int = 4,
