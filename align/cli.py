@@ -324,7 +324,8 @@ def cmd_reward(args, extra) -> int:
         plot_calibration(res["calibration"], out / "calibration.png")
         keep = {k: v for k, v in res.items() if k not in ("score_a", "score_b")}
         (out / "reward_eval.json").write_text(json.dumps(keep, indent=2))
-        print(json.dumps({k: keep[k] for k in ("accuracy", "accuracy_ci95", "accuracy_with_ties", "n", "ties")}))
+        shown = ("accuracy", "accuracy_ci95", "accuracy_with_ties", "n", "ties", "aspect_agreement")
+        print(json.dumps({k: keep[k] for k in shown}))
         return 0
     from align.data.video import read_video
 

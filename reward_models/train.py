@@ -149,7 +149,11 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
     ``accuracy_ci95``: its 95% interval from a bootstrap over prompts (``accuracy_ci``).
     ``accuracy_with_ties``: over all pairs, three-way (a pair is predicted a tie when the
     scores differ by less than ``tie_threshold``). ``calibration``: mean predicted
-    ``P(a > b) = sigmoid(s_a - s_b)`` vs the observed label mean, in 10 bins."""
+    ``P(a > b) = sigmoid(s_a - s_b)`` vs the observed label mean, in 10 bins.
+    ``aspect_agreement`` (when the data has per-aspect labels ``preference_<aspect>``): for
+    each aspect, over pairs where it has a winner, the share where the *overall* score
+    prefers that winner, and the count. An aspect near 0.5 is one the reward model does not
+    see — a blind spot that a generator optimised against it is free to get worse on."""
     sa = model.score(data.video_a, data.prompts, batch_size)
     sb = model.score(data.video_b, data.prompts, batch_size)
     d, y = sa - sb, data.target
@@ -170,6 +174,12 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
         for b in range(10)
         if (bins == b).any()
     ]
+    aspect_agreement = {}
+    for name, ya in data.aspects.items():
+        won = ya != 0.5
+        if won.any():
+            agree = ((d > 0) == (ya > 0.5))[won]
+            aspect_agreement[name] = {"agreement": float(agree.mean()), "n": int(won.sum())}
     return {
         "accuracy": acc,
         "accuracy_ci95": ci,
@@ -178,6 +188,7 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
         "n_decided": int(decided.sum()),
         "ties": int((~decided).sum()),
         "calibration": calib,
+        "aspect_agreement": aspect_agreement,
         "score_a": sa.tolist(),
         "score_b": sb.tolist(),
     }

@@ -272,6 +272,8 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert res["n"] == 60 and res["ties"] == 9 and 0 <= res["accuracy"] <= 1
     lo, hi = res["accuracy_ci95"]
     assert lo <= res["accuracy"] <= hi
+    # the toy set's colour labels are its overall labels: agreement = accuracy, on the 51 decided pairs
+    assert res["aspect_agreement"] == {"color": {"agreement": res["accuracy"], "n": 51}}
     assert (tmp_path / "ev" / "calibration.png").stat().st_size > 0
     from align.data.video import write_video
 
@@ -308,6 +310,27 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert printed == pytest.approx(tta, abs=1e-4) and abs(tta - plain) > 1e-4
     assert main(["reward", "score", "--model", str(best), "--prompt", "p", "--video", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
+
+
+def test_evaluate_reports_which_aspects_the_score_follows():
+    """Hand-built pairs scored by their mean pixel: the score prefers b, a, b, a."""
+    from reward_models.train import PairData
+
+    class MeanPixel:
+        def score(self, videos, prompts, batch_size=64):
+            return videos.reshape(len(videos), -1).mean(axis=1).astype(np.float64)
+
+    va = np.stack([np.full((2, 2, 2, 3), v, np.uint8) for v in (10, 20, 30, 40)])
+    vb = np.stack([np.full((2, 2, 2, 3), v, np.uint8) for v in (20, 10, 40, 30)])
+    aspects = {
+        "color": np.array([0, 1, 0, 1], np.float32),  # always the score's pick
+        "background": np.array([1, 0.5, 0.5, 0], np.float32),  # decided twice, against the score both times
+        "shape": np.full(4, 0.5, np.float32),  # never decided: not reported
+    }
+    data = PairData(["p"] * 4, va, vb, np.array([0, 1, 1, 0.5], np.float32), aspects)
+    res = evaluate(MeanPixel(), data)
+    assert res["accuracy"] == pytest.approx(2 / 3) and res["n_decided"] == 3
+    assert res["aspect_agreement"] == {"color": {"agreement": 1.0, "n": 4}, "background": {"agreement": 0.0, "n": 2}}
 
 
 def test_accuracy_ci_resamples_prompts_not_pairs():
