@@ -354,6 +354,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
         "best_eval_accuracy_ci95": best_eval.get("accuracy_ci95"),
         "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),
         "calibration": best_eval.get("calibration"),
+        "best_eval_aspect_agreement": best_eval.get("aspect_agreement"),
         "best_epoch": best_eval.get("epoch"),
         "train_s": time.time() - t0,
         "config": asdict(cfg),

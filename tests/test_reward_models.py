@@ -266,6 +266,8 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert sum("eval_accuracy" in r for r in lines) == 2
     summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert summary["train_pairs"] + summary["eval_pairs"] == 60
+    agree = summary["best_eval_aspect_agreement"]["color"]  # colour labels = overall labels here
+    assert agree["agreement"] == summary["best_eval_accuracy"] and 0 < agree["n"] <= summary["eval_pairs"]
     capsys.readouterr()
     assert main(["reward", "eval", data, "--model", str(best), "--out", str(tmp_path / "ev")]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
