@@ -378,14 +378,19 @@ def run_demo(
         j: {**{f: winrate[j]["DPO"][f] for f in ("rate", "ci95", "n", "ties", "wins", "losses")}, **winrate[j]}
         for j in winrate
     }
-    # the reward model's agreement with the oracle on the held-out eval comparisons
+    # the reward model's agreement with the oracle on the held-out eval comparisons, overall and
+    # per attribute (its score's sign vs that attribute's gap): ~0.5 on an attribute is a blind
+    # spot that an aligner optimising the reward model is free to get worse on
     rm_base = reward_model.score(eval_videos["base"], prompts)
-    agree = []
+    attributes = [a for a in scores["base"][0] if a != "total"]
+    agree: list[bool] = []
+    agree_attr: dict[str, list[bool]] = {a: [] for a in attributes}
     for name in ("DPO", "RWR"):
-        d_oracle = np.array([a["total"] - b["total"] for a, b in zip(scores[name], scores["base"])])
         d_rm = reward_model.score(eval_videos[name], prompts) - rm_base
-        decided = np.abs(d_oracle) > 0.01
-        agree += list((np.sign(d_oracle) == np.sign(d_rm))[decided])
+        for a, sink in [("total", agree)] + [(a, agree_attr[a]) for a in attributes]:
+            d_oracle = np.array([x[a] - y[a] for x, y in zip(scores[name], scores["base"])])
+            decided = np.abs(d_oracle) > 0.01
+            sink += list((np.sign(d_oracle) == np.sign(d_rm))[decided])
     timings["eval"] = time.time() - t0
 
     # 6. plots, grid, report
@@ -425,6 +430,10 @@ def run_demo(
             "eval_pairs": rm_summary["eval_pairs"],
             "train_pairs": rm_summary["train_pairs"],
             "agreement_with_oracle_on_eval_comparisons": float(np.mean(agree)) if agree else None,
+            **{
+                f"agreement_with_oracle_{a}_on_eval_comparisons": float(np.mean(v)) if v else None
+                for a, v in agree_attr.items()
+            },
         },
         "timings_s": {k_: round(v, 1) for k_, v in timings.items()},
         "data": {

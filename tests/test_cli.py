@@ -44,6 +44,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
     lo, hi = report["reward_model"]["accuracy_ci95"]
     assert lo <= report["reward_model"]["accuracy"] <= hi
+    md = (out / "report.md").read_text()
+    for attr in ("background", "color", "shape", "direction", "smoothness"):  # where the reward model is blind
+        key = f"agreement_with_oracle_{attr}_on_eval_comparisons"
+        v = report["reward_model"][key]
+        assert (v is None or 0.0 <= v <= 1.0) and key in md
     rm_cfg = json.loads((out / "reward_model" / "best" / "reward_config.json").read_text())
     assert rm_cfg["motion_keypoints"] == 16 and rm_cfg["motion_frame"]  # backbone + motion encoder
     assert rm_cfg["frame_sampling"] == "strided"  # a random phase while training, scores averaged over phases
