@@ -382,15 +382,14 @@ def run_demo(
     # per attribute (its score's sign vs that attribute's gap): ~0.5 on an attribute is a blind
     # spot that an aligner optimising the reward model is free to get worse on
     rm_base = reward_model.score(eval_videos["base"], prompts)
-    attributes = [a for a in scores["base"][0] if a != "total"]
-    agree: list[bool] = []
-    agree_attr: dict[str, list[bool]] = {a: [] for a in attributes}
+    agree: dict[str, list[bool]] = {a: [] for a in scores["base"][0]}  # "total" and each attribute
     for name in ("DPO", "RWR"):
         d_rm = reward_model.score(eval_videos[name], prompts) - rm_base
-        for a, sink in [("total", agree)] + [(a, agree_attr[a]) for a in attributes]:
+        for a, sink in agree.items():
             d_oracle = np.array([x[a] - y[a] for x, y in zip(scores[name], scores["base"])])
             decided = np.abs(d_oracle) > 0.01
             sink += list((np.sign(d_oracle) == np.sign(d_rm))[decided])
+    agreement = {a: float(np.mean(v)) if v else None for a, v in agree.items()}
     timings["eval"] = time.time() - t0
 
     # 6. plots, grid, report
@@ -429,11 +428,8 @@ def run_demo(
             "heldout": "all within-group pairs of held-out training prompts, labelled by the oracle",
             "eval_pairs": rm_summary["eval_pairs"],
             "train_pairs": rm_summary["train_pairs"],
-            "agreement_with_oracle_on_eval_comparisons": float(np.mean(agree)) if agree else None,
-            **{
-                f"agreement_with_oracle_{a}_on_eval_comparisons": float(np.mean(v)) if v else None
-                for a, v in agree_attr.items()
-            },
+            "agreement_with_oracle_on_eval_comparisons": agreement["total"],
+            **{f"agreement_with_oracle_{a}_on_eval_comparisons": v for a, v in agreement.items() if a != "total"},
         },
         "timings_s": {k_: round(v, 1) for k_, v in timings.items()},
         "data": {
