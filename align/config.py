@@ -63,6 +63,11 @@ class TrainConfig:
     # fit the classifier-free-guided prediction u + g * (c - u) instead of the conditional one
     # (1.0 = plain RWR); set it to the guidance the samples were drawn with
     rwr_guidance_scale: float = 1.0
+    # batches of whole prompt groups, each group noised with one noise and one timestep (needs
+    # groups of one size k dividing train_batch_size); and the weight of the group-relative
+    # term sum((k * w - 1) * err) / groups added to the loss (needs rwr_group_batches)
+    rwr_group_batches: bool = False
+    rwr_advantage_weight: float = 0.0
     # online RWR: sample the current policy, score with reward_model, update, repeat
     online: bool = False
     reward_model: str | None = None  # a reward model directory (`vidalign reward train`)

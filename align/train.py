@@ -42,7 +42,7 @@ from align.data.preference import load_preference_dataset, to_pairs
 from align.data.video import from_uint8
 from align.models import load_model
 from align.models.lora import adapters_disabled, attach_lora, load_lora, lora_parameters, save_lora
-from align.objectives import diffusion_dpo_loss, per_sample_mse, rwr_loss, rwr_weights
+from align.objectives import diffusion_dpo_loss, per_sample_mse, rwr_advantage_loss, rwr_loss, rwr_weights
 from align.sample import guided_prediction
 
 OBJECTIVES = ("dpo", "rwr")
@@ -129,15 +129,20 @@ def encode_pairs(model, pairs, batch_size: int = 64) -> TensorDataset:
     return TensorDataset(torch.cat(lw), torch.cat(ll), torch.cat(txt))
 
 
-def _shared_draws(model, shape, generator, shard: tuple[int, int], device):
+def _shared_draws(model, shape, generator, shard: tuple[int, int], device, group_size: int = 1):
     """Noise and timesteps for the *global* batch (``shape[0] * world`` samples) from
     ``generator``, sliced to this process's part: every process draws the same numbers, so the
-    update does not depend on the number of processes."""
+    update does not depend on the number of processes. With ``group_size`` k > 1 the batch is
+    whole groups of k consecutive samples and each group gets one noise and one timestep
+    (k = 1 draws exactly what it always did)."""
     rank, world = shard
     n = shape[0]
-    noise = torch.randn((n * world, *shape[1:]), generator=generator)[rank * n : (rank + 1) * n].to(device)
-    t = model.scheduler.sample_timesteps(n * world, generator=generator, device=device)[rank * n : (rank + 1) * n]
-    return noise, t
+    if n % group_size:
+        raise ValueError(f"a micro-batch of {n} samples is not whole groups of {group_size}")
+    m = n * world // group_size
+    noise = torch.randn((m, *shape[1:]), generator=generator).repeat_interleave(group_size, dim=0)
+    t = model.scheduler.sample_timesteps(m, generator=generator, device=device).repeat_interleave(group_size, dim=0)
+    return noise[rank * n : (rank + 1) * n].to(device), t[rank * n : (rank + 1) * n]
 
 
 def dpo_step_losses(
@@ -350,6 +355,41 @@ def _shard_batches(data, micro: int, rank: int, world: int, seed: int, start: in
         yield tuple(x.to(device) for x in batch)
 
 
+def group_members(groups, micro: int) -> list[list[int]]:
+    """Sample indices of each group (in order of first appearance) for ``rwr_group_batches``;
+    checks that all groups have one size k > 1 that divides the micro-batch ``micro``."""
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    sizes = sorted({len(m) for m in members.values()})
+    if len(sizes) != 1:
+        odd = next(g for g, m in members.items() if len(m) != max(sizes))
+        raise ValueError(
+            f"rwr_group_batches needs groups of one size; got sizes {sizes} (group {odd!r} has "
+            f"{len(members[odd])} samples): drop or complete the odd groups, or turn it off"
+        )
+    k = sizes[0]
+    if k < 2 or micro % k:
+        raise ValueError(
+            f"rwr_group_batches: the micro-batch ({micro} samples per process) must be a multiple "
+            f"of the group size ({k}, >= 2); set train_batch_size to a multiple of {k}"
+        )
+    return list(members.values())
+
+
+def _shard_group_batches(
+    data, members: list[list[int]], micro: int, rank: int, world: int, seed: int, start: int, device
+):
+    """Like ``_shard_batches``, but a global batch is ``micro * world / k`` whole groups of k
+    (a seeded permutation of the groups, epoch by epoch) and each process takes whole groups."""
+    k = len(members[0])
+    per = micro // k
+    for gidx in _index_stream(len(members), per * world, seed, start):
+        idx = [i for g in gidx[rank * per : (rank + 1) * per] for i in members[g]]
+        batch = default_collate([data[i] for i in idx])
+        yield tuple(x.to(device) for x in batch)
+
+
 class _Trackers:
     """TensorBoard / Weights & Biases, each only when listed in ``report_to`` *and* installed;
     a requested but missing one is reported once and skipped. metrics.jsonl is always written."""
@@ -449,7 +489,8 @@ def _rwr_offline_data(cfg: TrainConfig, model) -> tuple[object, dict]:
 
     s = load_scored_samples(cfg.dataset, bad_rows=cfg.bad_rows)
     data = encode_scored(model, s.prompts, s.videos, s.rewards, s.groups, cfg)
-    return data, {"samples": len(s.prompts), "groups": int(len(set(s.groups.tolist()))), "skipped": s.skipped}
+    info = {"samples": len(s.prompts), "groups": int(len(set(s.groups.tolist()))), "skipped": s.skipped}
+    return data, info, s.groups.tolist()
 
 
 def rwr_step_losses(
@@ -463,10 +504,18 @@ def rwr_step_losses(
     base=None,
     kl_weight: float = 0.0,
     guidance_scale: float = 1.0,
+    group_size: int = 1,
+    advantage_weight: float = 0.0,
 ) -> dict:
     """RWR terms for one batch ``(latents, cond, weight)``: weighted denoising loss.
-    ``shard`` as in ``dpo_step_losses``. Three departures from plain RWR (Peng et al. 2019;
+    ``shard`` as in ``dpo_step_losses``. Four departures from plain RWR (Peng et al. 2019;
     Lee et al. 2023), all off by default:
+
+    - ``group_size`` k > 1: the batch is whole groups of k consecutive samples (one prompt's
+      samples, see ``_shard_group_batches``) and each group is noised with one noise and one
+      timestep, so the samples of a group differ only in themselves; ``advantage_weight`` > 0
+      adds ``advantage_weight * rwr_advantage_loss`` (the group-relative term, which needs
+      whole groups).
 
     - ``guidance_scale`` g != 1: the error is that of the classifier-free-guided prediction
       ``u + g * (c - u)`` (``u`` on ``uncond``, the empty prompt's state), not of the
@@ -485,7 +534,9 @@ def rwr_step_losses(
     (no reward) 0.54."""
     lat, cond, w = batch
     sched = model.scheduler
-    noise, t = _shared_draws(model, lat.shape, generator, shard, lat.device)
+    if advantage_weight > 0 and group_size < 2:
+        raise ValueError("rwr_step_losses: advantage_weight needs whole groups (group_size >= 2)")
+    noise, t = _shared_draws(model, lat.shape, generator, shard, lat.device, group_size)
     if cond_dropout > 0:
         if uncond is None:
             raise ValueError("rwr_step_losses: cond_dropout needs the empty prompt's state `uncond`")
@@ -499,7 +550,11 @@ def rwr_step_losses(
     u = uncond.to(cond.dtype).expand_as(cond) if guidance_scale != 1.0 else None
     pred = guided_prediction(denoiser, x_t, t, cond, u, guidance_scale)
     err = per_sample_mse(pred, sched.target(lat, noise, t))
-    out = rwr_loss(err, w.to(err.dtype))
+    out = rwr_loss(err, w.to(err.dtype), lat.shape[0] // group_size if group_size > 1 else None)
+    if advantage_weight > 0:
+        adv = rwr_advantage_loss(err, w.to(err.dtype), group_size)
+        out["loss"] = out["loss"] + advantage_weight * adv["loss"]
+        out["advantage_err"] = adv["advantage_err"]
     if kl_weight > 0:
         if base is None:
             raise ValueError("rwr_step_losses: kl_weight needs `base` (the LoRA-wrapped denoiser) for the reference")
@@ -511,10 +566,11 @@ def rwr_step_losses(
     return out
 
 
-def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: int = 0):
+def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: int = 0, micro: int | None = None):
     """Online RWR in rounds: sample the *current* policy on ``online_prompts_per_round``
     prompts x ``online_samples_per_prompt`` seeds, score with the reward model, and train on
-    that buffer for ``online_steps_per_round`` micro-batches (steps, without accumulation).
+    that buffer for ``online_steps_per_round`` micro-batches of ``micro`` samples (default
+    ``train_batch_size``) each (steps, without accumulation).
 
     Round r draws its prompts and batch order from its own generator (seeded by the recipe's
     seed and r), so a run resumed at micro-step ``start`` picks up at round
@@ -533,6 +589,7 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: i
         prompts = [ln.strip() for ln in lines]
     else:
         prompts = [s.prompt for s in split_scenes(0.2, seed=0)[0]]
+    micro = micro or cfg.train_batch_size
     spr = cfg.online_steps_per_round
     r, n = divmod(start, spr)
     while True:
@@ -547,7 +604,16 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: i
         rewards = reward_model.score(videos, ps)
         groups = [i // k for i in range(len(ps))]
         data = encode_scored(model, ps, videos, rewards, groups, cfg)
-        loader = DataLoader(data, batch_size=cfg.train_batch_size, shuffle=True, generator=rng)
+        if cfg.rwr_group_batches:  # whole groups, in a seeded order of groups
+            members = group_members(groups, micro)
+            per = micro // k
+            loader = [
+                default_collate([data[i] for g in order[j : j + per] for i in members[g]])
+                for order in [torch.randperm(len(members), generator=rng).tolist()]
+                for j in range(0, len(members) - per + 1, per)
+            ]
+        else:
+            loader = DataLoader(data, batch_size=micro, shuffle=True, generator=rng)
         yield {"round": r, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
         while n < spr:
             for batch in loader:
@@ -602,6 +668,15 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"recipe key `dataset` is required for objective {cfg.objective!r} (unless online RWR)")
     if online and not cfg.reward_model:
         raise ValueError("online RWR needs `reward_model` (a directory from `vidalign reward train`)")
+    if cfg.rwr_advantage_weight < 0:
+        raise ValueError(f"recipe key `rwr_advantage_weight` must be >= 0, got {cfg.rwr_advantage_weight}")
+    if cfg.rwr_advantage_weight > 0 and not cfg.rwr_group_batches:
+        raise ValueError(
+            "recipe key `rwr_advantage_weight` needs `rwr_group_batches: true` (the advantages of a "
+            "group sum to zero only when the whole group is in the batch)"
+        )
+    if cfg.rwr_group_batches and cfg.objective != "rwr":
+        raise ValueError(f"recipe key `rwr_group_batches` is for objective rwr, not {cfg.objective!r}")
     accelerator = make_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(cfg, world)
@@ -627,14 +702,21 @@ def train(cfg: TrainConfig) -> Path:
     model.requires_grad_(False)
     if stage == 3:
         check_zero3_layout(model)
+    members, group_size = None, 1  # rwr_group_batches: sample indices of each group, and their count
     if cfg.objective == "dpo":
         data, info = _dpo_data(cfg, model)
     elif not online:
-        data, info = _rwr_offline_data(cfg, model)
+        data, info, groups = _rwr_offline_data(cfg, model)
+        if cfg.rwr_group_batches:
+            members = group_members(groups, micro)
+            group_size = len(members[0])
     else:
         from reward_models.model import VideoRewardModel
 
         data, info = None, {"online": True}
+        if cfg.rwr_group_batches:
+            group_members([i // cfg.online_samples_per_prompt for i in range(cfg.online_samples_per_prompt)], micro)
+            group_size = cfg.online_samples_per_prompt
         reward_model = VideoRewardModel.from_pretrained(cfg.reward_model, device=accelerator.device)
     uncond = None
     if cfg.objective == "rwr" and (cfg.rwr_cond_dropout > 0 or cfg.rwr_guidance_scale != 1.0):
@@ -663,7 +745,7 @@ def train(cfg: TrainConfig) -> Path:
         _load_checkpoint(ckpt, denoiser, optimizer, lr_scheduler, accelerator, gen)
         step, micro_step = resumed["step"], resumed["micro_step"]
     if online:
-        batches = _online_batches(cfg, model, reward_model, accelerator, start=micro_step)
+        batches = _online_batches(cfg, model, reward_model, accelerator, start=micro_step, micro=micro)
         if ckpt is not None and micro_step % cfg.online_steps_per_round and accelerator.is_main_process:
             print(
                 f"[vidalign] online RWR: {ckpt} is mid-round (micro-step {micro_step}, "
@@ -672,10 +754,14 @@ def train(cfg: TrainConfig) -> Path:
                 "(checkpoints on round boundaries resume exactly)"
             )
         shard = (0, 1)
+    elif cfg.objective == "rwr" and cfg.rwr_group_batches:
+        batches = _shard_group_batches(data, members, micro, rank, world, cfg.seed, micro_step, accelerator.device)
+        shard = (rank, world)
     else:
         batches = _shard_batches(data, micro, rank, world, cfg.seed, micro_step, accelerator.device)
         shard = (rank, world)
     info.update(
+        **({"group_size": group_size} if group_size > 1 else {}),
         num_processes=world,
         zero_stage=stage,
         micro_batch_size=micro,
@@ -702,7 +788,14 @@ def train(cfg: TrainConfig) -> Path:
     keys = (
         ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff")
         if cfg.objective == "dpo"
-        else ("loss", "weighted_err", "mean_err", "ess", *(("kl",) if cfg.rwr_kl_weight > 0 else ()))
+        else (
+            "loss",
+            "weighted_err",
+            "mean_err",
+            "ess",
+            *(("advantage_err",) if cfg.rwr_advantage_weight > 0 else ()),
+            *(("kl",) if cfg.rwr_kl_weight > 0 else ()),
+        )
     )
 
     stop = threading.Event()  # set by SIGTERM: checkpoint at the end of this step, then exit
@@ -737,6 +830,8 @@ def train(cfg: TrainConfig) -> Path:
                         base=base,
                         kl_weight=cfg.rwr_kl_weight,
                         guidance_scale=cfg.rwr_guidance_scale,
+                        group_size=group_size,
+                        advantage_weight=cfg.rwr_advantage_weight,
                     )
                     loss = out["loss"]
                 accelerator.backward(loss)
