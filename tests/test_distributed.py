@@ -85,3 +85,39 @@ def test_two_processes_match_one(setup, kind):
         assert [(r["step"], r["loss"]) for r in _metrics(run)] == [(r["step"], r["loss"]) for r in _metrics(first)]
         a, b = load_file(first / LORA), load_file(run / LORA)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_group_relative_rwr_two_processes_match_one(tiny_model_dir, tmp_path):
+    """Offline RWR with whole groups per batch, one noise per group and the advantage term:
+    2 DDP processes (one group of 4 each) match 1 process (two groups) step for step."""
+    import numpy as np
+    from conftest import PROMPT, tiny_recipe
+
+    from align.data.samples import scored_samples_dataset
+
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 256, (16, 8, 32, 32, 3), dtype=np.uint8)
+    scored_samples_dataset([PROMPT] * 16, videos, rng.normal(size=16), [i // 4 for i in range(16)]).save_to_disk(
+        str(tmp_path / "samples")
+    )
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        tmp_path / "runs",
+        dataset=str(tmp_path / "samples"),
+        objective="rwr",
+        rwr_group_batches=True,
+        rwr_advantage_weight=2.0,
+        rwr_kl_weight=1.0,
+        max_steps=3,
+        effective_batch_size=8,
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    one = train(TrainConfig(**recipe, name="one"))
+    launch("ddp", tmp_path / "recipe.yaml", 2, "--name", "two")
+    ref, got = _metrics(one), _metrics(one.parent / "two")
+    keys = ("loss", "weighted_err", "advantage_err", "kl")
+    diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(ref, got)) for k in keys}
+    assert [r["step"] for r in got] == [1, 2, 3] and all(d <= TOL for d in diffs.values()), diffs
+    assert ref[2]["kl"] > 0
+    a, b = load_file(one / LORA), load_file(one.parent / "two" / LORA)
+    assert all(torch.allclose(a[k], b[k], atol=TOL, rtol=0) for k in a)
