@@ -68,6 +68,11 @@ class DemoConfig:
     rwr_learning_rate: float = 1e-3
     rwr_kl_weight: float = 4.0
     rwr_cond_dropout: float = 0.0
+    # whole prompt groups per batch, one noise per group, + the group-relative term (README:
+    # "Group-relative RWR"); needs the group size (pair_rounds x samples_per_prompt) to divide
+    # dpo_batch_size
+    rwr_group_batches: bool = False
+    rwr_advantage_weight: float = 0.0
     reward_pretrain_steps: int = 2400
     # stage 2 of the reward backbone (distorted clips as negatives), off by default: measured
     # (without the motion encoder) reward-model accuracy 0.741 -> 0.75-0.76 with 1000 steps,
@@ -338,6 +343,8 @@ def run_demo(
             rwr_max_weight=cfg.rwr_max_weight,
             rwr_kl_weight=cfg.rwr_kl_weight,
             rwr_cond_dropout=cfg.rwr_cond_dropout,
+            rwr_group_batches=cfg.rwr_group_batches,
+            rwr_advantage_weight=cfg.rwr_advantage_weight,
             rwr_guidance_scale=cfg.guidance_scale,  # fit the guided prediction that drew the samples
             **common,
         )
