@@ -484,7 +484,8 @@ def encode_scored(model, prompts: list[str], videos, rewards, groups, cfg: Train
     return TensorDataset(torch.cat(lat), torch.cat(txt), w)
 
 
-def _rwr_offline_data(cfg: TrainConfig, model) -> tuple[object, dict]:
+def _rwr_offline_data(cfg: TrainConfig, model) -> tuple[object, dict, list]:
+    """The encoded scored samples, a summary for the log, and each sample's group."""
     from align.data.samples import load_scored_samples
 
     s = load_scored_samples(cfg.dataset, bad_rows=cfg.bad_rows)
@@ -516,7 +517,6 @@ def rwr_step_losses(
       timestep, so the samples of a group differ only in themselves; ``advantage_weight`` > 0
       adds ``advantage_weight * rwr_advantage_loss`` (the group-relative term, which needs
       whole groups).
-
     - ``guidance_scale`` g != 1: the error is that of the classifier-free-guided prediction
       ``u + g * (c - u)`` (``u`` on ``uncond``, the empty prompt's state), not of the
       conditional one. The samples were drawn with guidance, so this is the prediction that
@@ -607,11 +607,10 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: i
         if cfg.rwr_group_batches:  # whole groups, in a seeded order of groups
             members = group_members(groups, micro)
             per = micro // k
-            loader = [
-                default_collate([data[i] for g in order[j : j + per] for i in members[g]])
-                for order in [torch.randperm(len(members), generator=rng).tolist()]
-                for j in range(0, len(members) - per + 1, per)
-            ]
+            order = torch.randperm(len(members), generator=rng).tolist()
+            loader = []
+            for j in range(0, len(members) - per + 1, per):
+                loader.append(default_collate([data[i] for g in order[j : j + per] for i in members[g]]))
         else:
             loader = DataLoader(data, batch_size=micro, shuffle=True, generator=rng)
         yield {"round": r, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
@@ -715,8 +714,13 @@ def train(cfg: TrainConfig) -> Path:
 
         data, info = None, {"online": True}
         if cfg.rwr_group_batches:
-            group_members([i // cfg.online_samples_per_prompt for i in range(cfg.online_samples_per_prompt)], micro)
             group_size = cfg.online_samples_per_prompt
+            group_members([0] * group_size, micro)  # the size checks
+            if cfg.online_prompts_per_round < micro // group_size:
+                raise ValueError(
+                    f"online RWR with rwr_group_batches: a micro-batch holds {micro // group_size} groups "
+                    f"but a round has only online_prompts_per_round = {cfg.online_prompts_per_round}"
+                )
         reward_model = VideoRewardModel.from_pretrained(cfg.reward_model, device=accelerator.device)
     uncond = None
     if cfg.objective == "rwr" and (cfg.rwr_cond_dropout > 0 or cfg.rwr_guidance_scale != 1.0):

@@ -404,3 +404,5 @@ def test_online_rwr_with_group_batches(tiny_model_dir, tmp_path):
     assert [r["round"] for r in lines] == [0, 0, 1, 1] and all(np.isfinite(r["advantage_err"]) for r in lines)
     with pytest.raises(ValueError, match="multiple of the group size \\(2"):
         train(_cfg(tiny_model_dir, tmp_path, name="x", **(kw | {"train_batch_size": 3})))
+    with pytest.raises(ValueError, match="holds 4 groups but a round has only online_prompts_per_round = 2"):
+        train(_cfg(tiny_model_dir, tmp_path, name="x", **(kw | {"train_batch_size": 8})))
