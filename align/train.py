@@ -781,7 +781,9 @@ def train(cfg: TrainConfig) -> Path:
         # drop records a killed run wrote after its last checkpoint; the resumed run rewrites them
         kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    metrics_f = open(metrics_path, "a") if accelerator.is_main_process else None
+    # a fresh run (no checkpoint) starts the file over: an earlier run of the same name would otherwise
+    # be left in front of this one's records
+    metrics_f = open(metrics_path, "a" if ckpt is not None else "w") if accelerator.is_main_process else None
     trackers = _Trackers(cfg, run_dir, accelerator.is_main_process)
     bar = tqdm(
         total=cfg.max_steps,

@@ -56,15 +56,19 @@ def test_demo_quick_end_to_end(tmp_path):
     dpo, rm = (datasets.load_from_disk(str(out / d)) for d in ("preference_data", "reward_data"))
     n_prompts = len(set(rm["prompt"]))
     assert len(dpo) == len(rm) == 2 * n_prompts and set(dpo["prompt"]) == set(rm["prompt"])
-    # a second run reuses the cached pretrained model; --set changes a DemoConfig field: the
-    # reward model now gets every pair among a prompt's 4 samples from both rounds
-    r = subprocess.run([*cmd, "--set", "reward_pairs_across_rounds=true"], capture_output=True, text=True, env=ENV)
+    # a second run reuses the cached pretrained model; --set changes DemoConfig fields: the
+    # reward model now gets every pair among a prompt's 4 samples from both rounds, and RWR
+    # takes whole groups of 4 per batch with the group-relative term
+    sets = ["reward_pairs_across_rounds=true", "rwr_group_batches=true", "rwr_advantage_weight=0.5"]
+    r = subprocess.run([*cmd, *(a for kv in sets for a in ("--set", kv))], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert "pretrain_cached" in report["timings_s"] and report["config"]["reward_pairs_across_rounds"] is True
     rm = datasets.load_from_disk(str(out / "reward_data"))
     assert len(rm) == 6 * n_prompts and len(datasets.load_from_disk(str(out / "preference_data"))) == 2 * n_prompts
     assert report["reward_model"]["eval_pairs"] > 0 and report["reward_model"]["train_pairs"] > 2 * n_prompts
+    assert json.loads((out / "rwr" / "summary.json").read_text())["group_size"] == 4
+    assert all("advantage_err" in json.loads(x) for x in (out / "rwr" / "metrics.jsonl").read_text().splitlines())
 
 
 def test_generate_writes_videos_and_index(tiny_model_dir, tmp_path):

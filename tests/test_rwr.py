@@ -45,6 +45,8 @@ def test_offline_rwr_trains_lora_only(tiny_model_dir, tmp_path):
     after = load_file(tiny_model_dir / "denoiser.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((run / "summary.json").read_text())["groups"] == 2
+    again = train(_cfg(tiny_model_dir, tmp_path, dataset=data, max_steps=2))  # same name, no checkpoint: starts over
+    assert [json.loads(x)["step"] for x in (again / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_scored_samples_bad_rows_are_named(tmp_path):
