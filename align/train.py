@@ -531,7 +531,9 @@ def rwr_step_losses(
     Measured in the demo setting (200 steps, lr 1e-3, oracle win rate vs base on held-out
     prompts): plain 0.23; KL 1 + dropout 0.1 0.28; guided (g 4) without KL 0.16; guided + KL
     1 / 2 / 4 / 8: 0.51 / 0.58 / 0.60 / 0.62 [0.58, 0.66]; guided + KL 4 with uniform weights
-    (no reward) 0.54."""
+    (no reward) 0.54. Group batches + advantage weight 0 / 0.5 / 1 / 2 on the demo's data, mean
+    over training seeds 0-5: 0.555 / 0.563 / 0.549 / 0.539 (uniform weights 0.553): larger
+    weights follow the reward model's ranking more (README "Group-relative RWR")."""
     lat, cond, w = batch
     sched = model.scheduler
     if advantage_weight > 0 and group_size < 2:
