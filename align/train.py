@@ -595,7 +595,8 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: i
     spr = cfg.online_steps_per_round
     r, n = divmod(start, spr)
     while True:
-        rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + r)
+        round_seed = cfg.seed * 1_000_003 + 17 + r
+        rng = torch.Generator().manual_seed(round_seed)
         pick = torch.randperm(len(prompts), generator=rng)[: cfg.online_prompts_per_round].tolist()
         k = cfg.online_samples_per_prompt
         ps = [prompts[i] for i in pick for _ in range(k)]
@@ -606,13 +607,9 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: i
         rewards = reward_model.score(videos, ps)
         groups = [i // k for i in range(len(ps))]
         data = encode_scored(model, ps, videos, rewards, groups, cfg)
-        if cfg.rwr_group_batches:  # whole groups, in a seeded order of groups
+        if cfg.rwr_group_batches:  # whole groups, in seeded orders of the round's groups (endless)
             members = group_members(groups, micro)
-            per = micro // k
-            order = torch.randperm(len(members), generator=rng).tolist()
-            loader = []
-            for j in range(0, len(members) - per + 1, per):
-                loader.append(default_collate([data[i] for g in order[j : j + per] for i in members[g]]))
+            loader = _shard_group_batches(data, members, micro, 0, 1, round_seed, 0, accelerator.device)
         else:
             loader = DataLoader(data, batch_size=micro, shuffle=True, generator=rng)
         yield {"round": r, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
