@@ -568,11 +568,11 @@ def rwr_step_losses(
     return out
 
 
-def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: int = 0, micro: int | None = None):
+def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, micro: int, start: int = 0):
     """Online RWR in rounds: sample the *current* policy on ``online_prompts_per_round``
     prompts x ``online_samples_per_prompt`` seeds, score with the reward model, and train on
-    that buffer for ``online_steps_per_round`` micro-batches of ``micro`` samples (default
-    ``train_batch_size``) each (steps, without accumulation).
+    that buffer for ``online_steps_per_round`` micro-batches of ``micro`` samples each (steps,
+    without accumulation).
 
     Round r draws its prompts and batch order from its own generator (seeded by the recipe's
     seed and r), so a run resumed at micro-step ``start`` picks up at round
@@ -591,7 +591,6 @@ def _online_batches(cfg: TrainConfig, model, reward_model, accelerator, start: i
         prompts = [ln.strip() for ln in lines]
     else:
         prompts = [s.prompt for s in split_scenes(0.2, seed=0)[0]]
-    micro = micro or cfg.train_batch_size
     spr = cfg.online_steps_per_round
     r, n = divmod(start, spr)
     while True:
@@ -748,7 +747,7 @@ def train(cfg: TrainConfig) -> Path:
         _load_checkpoint(ckpt, denoiser, optimizer, lr_scheduler, accelerator, gen)
         step, micro_step = resumed["step"], resumed["micro_step"]
     if online:
-        batches = _online_batches(cfg, model, reward_model, accelerator, start=micro_step, micro=micro)
+        batches = _online_batches(cfg, model, reward_model, accelerator, micro, start=micro_step)
         if ckpt is not None and micro_step % cfg.online_steps_per_round and accelerator.is_main_process:
             print(
                 f"[vidalign] online RWR: {ckpt} is mid-round (micro-step {micro_step}, "
