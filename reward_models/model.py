@@ -19,6 +19,7 @@ A video is scored against its prompt like PickScore scores an image, extended ov
    small conv net maps each of the K frames to C heat maps, a spatial soft-argmax turns
    each map into a keypoint (x, y), and an MLP reads the C keypoint trajectories (centred
    over time) plus each map's peak -> D (zero-initialised, so it starts as the plain model).
+   ``frame_weight`` scales the image tower's part before the two are added (0.3 in the demo);
    This is the spatial soft-argmax of deep spatial autoencoders (Finn et al. 2016) used as
    a trajectory encoder; frame CLIPs see where things are, not how fast they go, and on the
    demo's data direction and speed are what the reward model got wrong most;
@@ -67,6 +68,10 @@ class RewardModelConfig:
     aspects: list = field(default_factory=list)  # names of per-aspect heads
     motion_frame: bool = False  # add the signed difference of the last and first sampled frames
     motion_keypoints: int = 0  # C > 0: a keypoint-trajectory motion encoder with C keypoints
+    # with a motion encoder: the weight of the image tower's part of the video embedding (frame
+    # mean + temporal pooling) against the motion encoder's, before the two are added and
+    # normalised; < 1 lets the motion part count for more (see VideoRewardModel.encode_video)
+    frame_weight: float = 1.0
     # s > 0: a score is the mean over the clip and its 8 copies moved by s pixels (edges repeated);
     # scoring only, 9x the forward passes (see VideoRewardModel.score)
     test_time_shifts: int = 0
@@ -80,6 +85,13 @@ class RewardModelConfig:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.motion_keypoints < 0:
             raise ValueError(f"motion_keypoints must be >= 0 (0 = off), got {self.motion_keypoints}")
+        if not self.frame_weight > 0:
+            raise ValueError(f"frame_weight must be > 0, got {self.frame_weight}")
+        if self.frame_weight != 1.0 and not self.motion_keypoints:
+            raise ValueError(
+                f"frame_weight={self.frame_weight} weighs the image tower against the motion encoder; "
+                "set motion_keypoints > 0 as well (without it the normalised embedding ignores the weight)"
+            )
         if self.test_time_shifts < 0:
             raise ValueError(f"test_time_shifts must be >= 0 (0 = off), got {self.test_time_shifts}")
 
@@ -327,14 +339,19 @@ class VideoRewardModel(nn.Module):
 
     # -- scoring ---------------------------------------------------------------------
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """Preprocessed frames ``(B, K, 3, h, w)`` -> normalised video embeddings ``(B, D)``."""
+        """Preprocessed frames ``(B, K, 3, h, w)`` -> normalised video embeddings ``(B, D)``.
+
+        With a motion encoder the embedding is ``frame_weight * frames + motion``, normalised.
+        Scaling the image tower's part down is the same as scaling the motion part up: its
+        zero-initialised output then outweighs the frame embedding after fewer steps. On the
+        demo's data (six seeds), 0.3 instead of 1 raised held-out accuracy 0.764 -> 0.771."""
         B, K = frames.shape[:2]
         f = self.clip.encode_image(frames.flatten(0, 1)).view(B, K, -1)
         v = f.mean(dim=1)  # (with a motion frame, it is averaged in like a frame)
         if self.cfg.pooling == "temporal":
             v = v + self.temporal_out(self.temporal(f + self.time_pos[:, :K]).mean(dim=1))
-        if self.cfg.motion_keypoints:
-            v = v + self.motion(frames[:, : self.cfg.num_frames])  # the sampled frames, not the motion frame
+        if self.cfg.motion_keypoints:  # the sampled frames, not the motion frame
+            v = self.cfg.frame_weight * v + self.motion(frames[:, : self.cfg.num_frames])
         return F.normalize(v, dim=-1)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:

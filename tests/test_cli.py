@@ -209,3 +209,5 @@ def test_user_errors_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, capsy
     assert "test_time_shifts" not in _reward_overrides(DemoConfig())
     cfg = DemoConfig(**parse_overrides(["reward_test_time_shifts=1"]))
     assert _reward_overrides(cfg)["test_time_shifts"] == 1
+    assert _reward_overrides(DemoConfig())["frame_weight"] == DemoConfig().reward_frame_weight
+    assert "frame_weight" not in _reward_overrides(DemoConfig(reward_frame_weight=1.0))

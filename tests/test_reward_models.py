@@ -472,6 +472,33 @@ def test_motion_encoder_starts_at_zero_and_loads_onto_a_saved_model(tmp_path):
         RewardModelConfig(motion_keypoints=-1)
 
 
+def test_frame_weight_scales_the_image_towers_part_against_the_motion_encoders():
+    """encode_video = normalise(frame_weight * frame part + motion part). With the motion
+    encoder still at zero the weight cancels in the normalisation, so a saved model scores
+    the same with any weight until the encoder has learned something."""
+    videos, prompts = _world(4)
+    m1 = _model(pooling="mean", motion_keypoints=4)
+    m3 = _model(pooling="mean", motion_keypoints=4, frame_weight=0.3)
+    np.testing.assert_allclose(m3.score(videos, prompts), m1.score(videos, prompts), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for m in (m1, m3):
+            torch.manual_seed(1)
+            m.motion.mlp[2].weight.normal_(0, 0.5)
+        frames = m1.frames(videos)[:, : m1.cfg.num_frames]
+        B, K = frames.shape[:2]
+        image = m1.clip.encode_image(frames.flatten(0, 1)).view(B, K, -1).mean(dim=1)
+        motion = m1.motion(frames)
+        assert motion.abs().max() > 0
+        for w, m in ((1.0, m1), (0.3, m3)):
+            want = torch.nn.functional.normalize(w * image + motion, dim=-1)
+            torch.testing.assert_close(m.encode_video(frames), want, rtol=1e-5, atol=1e-6)
+    assert np.abs(m3.score(videos, prompts) - m1.score(videos, prompts)).max() > 1e-3
+    with pytest.raises(ValueError, match="frame_weight must be > 0"):
+        RewardModelConfig(motion_keypoints=4, frame_weight=0)
+    with pytest.raises(ValueError, match="set motion_keypoints > 0"):
+        RewardModelConfig(frame_weight=0.5)
+
+
 def test_motion_encoder_learns_the_direction_that_frame_averaging_cannot_see():
     """Frame-mean pooling scores a clip and its reversal identically; with the keypoint
     motion encoder, a few steps rank the prompt's direction above its reversal."""
