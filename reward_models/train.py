@@ -379,9 +379,10 @@ def contrastive_pretrain(
     batch are not counted as negatives of each other. Returns the loss per step.
 
     ``hard_negatives[i]``: the index of item i's hard negative (e.g. the same clip played
-    backwards, captioned with the opposite direction). With it, each batch is
-    ``batch_size // 2`` random items plus their hard negatives, so the only way to tell them
-    apart is what differs (motion), as in temporal hard-negative training of video-text
+    backwards, captioned with the opposite direction), or a row of m indices ``(N, m)`` (e.g.
+    the same scene moving in each other direction). With it, each batch is
+    ``batch_size // (m + 1)`` random items plus their hard negatives, so the only way to tell
+    them apart is what differs (motion), as in temporal hard-negative training of video-text
     models. Without it, time-reversed pairs rarely meet in a batch and a tiny CLIP never
     learns direction (measured: 0.27 zero-shot direction accuracy, chance 0.25).
 
@@ -394,8 +395,25 @@ def contrastive_pretrain(
     rng = np.random.default_rng(seed + 11)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)  # same numbers, faster
     losses = []
-    if hard_negatives is not None and len(hard_negatives) != len(prompts):
-        raise ValueError(f"hard_negatives: {len(hard_negatives)} entries for {len(prompts)} items")
+    if hard_negatives is not None:
+        hard_negatives = np.asarray(hard_negatives)
+        if hard_negatives.ndim == 1:
+            hard_negatives = hard_negatives[:, None]
+        if hard_negatives.ndim != 2 or len(hard_negatives) != len(prompts):
+            raise ValueError(
+                f"hard_negatives: expected {len(prompts)} entries (one index or a row of indices per item), "
+                f"got shape {hard_negatives.shape}"
+            )
+        if hard_negatives.min() < 0 or hard_negatives.max() >= len(prompts):
+            raise ValueError(
+                f"hard_negatives: indices must lie in [0, {len(prompts)}), "
+                f"got {hard_negatives.min()}..{hard_negatives.max()}"
+            )
+        if batch_size // (hard_negatives.shape[1] + 1) < 1:
+            raise ValueError(
+                f"hard_negatives: batch_size {batch_size} cannot hold an item "
+                f"and its {hard_negatives.shape[1]} hard negatives"
+            )
     if distortions:
         check_distortions(distortions)
     model.train()
@@ -403,8 +421,9 @@ def contrastive_pretrain(
         if hard_negatives is None:
             idx = torch.randint(0, len(prompts), (batch_size,), generator=gen).numpy()
         else:
-            first = torch.randint(0, len(prompts), (batch_size // 2,), generator=gen).numpy()
-            idx = np.concatenate([first, np.asarray(hard_negatives)[first]])
+            m = hard_negatives.shape[1]
+            first = torch.randint(0, len(prompts), (batch_size // (m + 1),), generator=gen).numpy()
+            idx = np.concatenate([first, *(hard_negatives[first, j] for j in range(m))])
         ps, clips = [prompts[i] for i in idx], videos[idx]
         if distortions:
             clips = np.concatenate([clips, distort(clips, rng, distortions)])

@@ -197,6 +197,7 @@ def test_user_errors_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, capsy
         ("reward_epochs=three", "--set: key 'reward_epochs' must be int, got 'three'"),
         ("reward_pairs_across_rounds=maybe", "key 'reward_pairs_across_rounds' must be true/false, got 'maybe'"),
         ("reward_epochs", "expected KEY=VALUE"),
+        ("reward_pretrain_negatives=flips", "reward_pretrain_negatives must be 'reversal' or 'directions'"),
     ]:
         assert main(["demo", "--set", bad, "--out", str(tmp_path / "y")]) == 2
         assert msg in capsys.readouterr().err, bad

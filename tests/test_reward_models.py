@@ -376,6 +376,59 @@ def test_contrastive_pretraining_batches_hold_their_hard_negatives():
         contrastive_pretrain(model, videos, prompts, 1, hard_negatives=reversal[:3], progress=False)
 
 
+def test_contrastive_pretraining_batches_hold_groups_of_hard_negatives():
+    """A row of m hard negatives per item: each batch is batch_size // (m + 1) items, then
+    their j-th hard negatives for j = 1..m, in that order."""
+    from reward_models.train import contrastive_pretrain
+
+    model = _model()
+    videos = np.concatenate([_solid((255, 0, 0), 3), _solid((0, 255, 0), 3), _solid((0, 0, 255), 3)])
+    prompts = [f"clip {i}" for i in range(9)]
+    own = np.arange(9).reshape(3, 3)  # three groups of three
+    groups = np.stack([np.roll(own, -1, axis=1), np.roll(own, -2, axis=1)], axis=-1).reshape(9, 2)
+    seen = []
+    tokenize = model.tokenize
+    model.tokenize = lambda ps: seen.append(list(ps)) or tokenize(ps)
+    losses = contrastive_pretrain(model, videos, prompts, 3, batch_size=7, progress=False, hard_negatives=groups)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    for batch in seen:
+        assert len(batch) == 6  # 7 // 3 = 2 items, each with its 2 hard negatives
+        first = [prompts.index(p) for p in batch[:2]]
+        assert batch[2:4] == [prompts[groups[i, 0]] for i in first]
+        assert batch[4:6] == [prompts[groups[i, 1]] for i in first]
+        for k, i in enumerate(first):  # an item and its negatives: one whole group
+            assert sorted(prompts.index(p) for p in batch[k::2]) == list(own[i // 3])
+    with pytest.raises(ValueError, match="indices must lie"):
+        contrastive_pretrain(model, videos, prompts, 1, hard_negatives=groups + 1, progress=False)
+    with pytest.raises(ValueError, match="cannot hold"):
+        contrastive_pretrain(model, videos, prompts, 1, batch_size=2, hard_negatives=groups, progress=False)
+    with pytest.raises(ValueError, match="got shape"):
+        contrastive_pretrain(model, videos, prompts, 1, hard_negatives=groups[None], progress=False)
+
+
+@pytest.mark.parametrize("negatives", ["reversal", "directions"])
+def test_demo_backbone_clips_come_with_their_hard_negatives(negatives):
+    """The demo's backbone data: each item's hard negatives are the same scene with another
+    direction in the caption (reversal: the opposite one, on the same clip played backwards)."""
+    from align.data.synthetic import DIRECTIONS, parse_prompt
+    from align.demo import _world_clips
+
+    videos, prompts, neg = _world_clips(0, negatives)
+    neg = neg.reshape(len(prompts), -1)
+    assert len(videos) == len(prompts) == (4096 if negatives == "reversal" else 8192)
+    assert neg.shape[1] == (1 if negatives == "reversal" else len(DIRECTIONS) - 1)
+    for i in range(0, len(prompts), 97):
+        scene, others = parse_prompt(prompts[i]), [parse_prompt(prompts[j]) for j in neg[i]]
+        if negatives == "directions":  # the group: the scene moving each of the four ways
+            assert sorted([scene.direction, *(o.direction for o in others)]) == sorted(DIRECTIONS)
+        else:  # the opposite way
+            assert tuple(-v for v in DIRECTIONS[scene.direction]) == DIRECTIONS[others[0].direction]
+        for o in others:
+            assert (o.color, o.shape, o.background) == (scene.color, scene.shape, scene.background)
+            if negatives == "reversal":
+                np.testing.assert_array_equal(videos[neg[i, 0]], videos[i, ::-1])
+
+
 def _world(n=8, seed=0):
     from align.data.synthetic import all_scenes, sample_videos
 
