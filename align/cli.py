@@ -271,9 +271,9 @@ def cmd_data_pairs(args) -> int:
         prompts = [s.prompt for s in split_scenes(args.heldout_fraction, seed=args.split_seed)[0]]
     score = None
     if args.reward_model:
-        from reward_models.model import VideoRewardModel
+        from reward_models.model import load_reward_model
 
-        score = VideoRewardModel.from_pretrained(args.reward_model).score
+        score = load_reward_model(args.reward_model).score
     model = load_model(args.model)
     ds = sampled_preference_dataset(
         model,
@@ -288,7 +288,7 @@ def cmd_data_pairs(args) -> int:
     )
     ds.save_to_disk(args.out)
     prefs = ds["preference"]
-    judge = f"reward model {args.reward_model}" if args.reward_model else "the oracle"
+    judge = f"reward model {' + '.join(args.reward_model)}" if args.reward_model else "the oracle"
     print(
         f"wrote {len(ds)} pairs judged by {judge} to {args.out} "
         f"(a={prefs.count('a')} b={prefs.count('b')} tie={prefs.count('tie')})"
@@ -303,7 +303,7 @@ def _tta(args) -> dict | None:
 
 def cmd_reward(args, extra) -> int:
     """``vidalign reward train | eval | score``."""
-    from reward_models.model import VideoRewardModel
+    from reward_models.model import load_reward_model
 
     if args.reward_command == "train":
         from align.config import load_config
@@ -317,7 +317,7 @@ def cmd_reward(args, extra) -> int:
     if args.reward_command == "eval":
         from reward_models.train import evaluate, load_pairs, plot_calibration
 
-        model = VideoRewardModel.from_pretrained(args.model, overrides=_tta(args))
+        model = load_reward_model(args.model, overrides=_tta(args))
         res = evaluate(model, load_pairs(args.dataset, "skip" if args.skip_bad_rows else "error"), args.tie_threshold)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def cmd_reward(args, extra) -> int:
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
-    model = VideoRewardModel.from_pretrained(args.model, overrides=_tta(args))
+    model = load_reward_model(args.model, overrides=_tta(args))
     videos = [read_video(Path(v)) for v in args.video]
     shapes = {v.shape for v in videos}
     scores = (
@@ -351,7 +351,7 @@ def cmd_data_samples(args) -> int:
     from align.data.video import to_uint8
     from align.models import load_model
     from align.sample import generate
-    from reward_models.model import VideoRewardModel
+    from reward_models.model import load_reward_model
 
     if args.prompt or args.prompts_file:
         prompts = _prompts_from(args)
@@ -359,11 +359,12 @@ def cmd_data_samples(args) -> int:
         prompts = [s.prompt for s in split_scenes(0.2, seed=0)[0]]
     k = args.samples_per_prompt
     ps = [p for p in prompts for _ in range(k)]
+    reward_model = load_reward_model(args.reward_model)  # before sampling: a bad path fails at once
     model = load_model(args.model)
     videos = to_uint8(
         generate(model, ps, [args.seed + i for i in range(len(ps))], args.steps, args.guidance, progress=True)
     )
-    rewards = VideoRewardModel.from_pretrained(args.reward_model).score(videos, ps)
+    rewards = reward_model.score(videos, ps)
     scored_samples_dataset(ps, videos, rewards, [i // k for i in range(len(ps))]).save_to_disk(args.out)
     print(
         f"wrote {len(ps)} scored samples ({len(prompts)} prompts x {k}) to {args.out}; "
@@ -483,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pa.add_argument(
         "--reward-model",
-        help="judge with this reward model (`vidalign reward train`) instead of the synthetic world's oracle",
+        nargs="+",
+        help="judge with this reward model (`vidalign reward train`; several: their mean score) "
+        "instead of the synthetic world's oracle",
     )
     pa.add_argument("--pairs", choices=("best_worst", "all"), default="best_worst", help="pairs per group of samples")
     pa.add_argument("--heldout-fraction", type=float, default=0.2, help="without prompts: the world's train split")
@@ -491,7 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sa = dsub.add_parser("samples", help="sample a model K times per prompt and score with a reward model (for RWR)")
     sampling(sa)
-    sa.add_argument("--reward-model", required=True, help="a reward model directory (`vidalign reward train`)")
+    sa.add_argument(
+        "--reward-model",
+        nargs="+",
+        required=True,
+        help="a reward model directory (`vidalign reward train`); several: the mean of their scores",
+    )
     sa.add_argument("--samples-per-prompt", type=int, default=4)
 
     rw = sub.add_parser("reward", help="CLIP-based video reward models: train, eval, score")
@@ -500,14 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("recipe")
     rev = rsub.add_parser("eval", help="pairwise accuracy (with and without ties) and a calibration plot")
     rev.add_argument("dataset")
-    rev.add_argument("--model", required=True)
+    rev.add_argument("--model", nargs="+", required=True, help="a reward model directory; several: their mean score")
     rev.add_argument("--out", default="runs/reward_eval")
     rev.add_argument(
         "--tie-threshold", type=float, default=0.1, help="|score difference| below which a tie is predicted"
     )
     rev.add_argument("--skip-bad-rows", action="store_true")
     rsc = rsub.add_parser("score", help="score video files against a prompt")
-    rsc.add_argument("--model", required=True)
+    rsc.add_argument("--model", nargs="+", required=True, help="a reward model directory; several: their mean score")
     rsc.add_argument("--prompt", required=True)
     rsc.add_argument("--video", nargs="+", required=True)
     for q in (rev, rsc):

@@ -58,8 +58,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(dpo) == len(rm) == 2 * n_prompts and set(dpo["prompt"]) == set(rm["prompt"])
     # a second run reuses the cached pretrained model; --set changes DemoConfig fields: the
     # reward model now gets every pair among a prompt's 4 samples from both rounds, and RWR
-    # takes whole groups of 4 per batch with the group-relative term
-    sets = ["reward_pairs_across_rounds=true", "rwr_group_batches=true", "rwr_advantage_weight=0.5"]
+    # takes whole groups of 4 per batch with the group-relative term; and a second reward model
+    # from the direction-group backbone joins the first as an ensemble
+    sets = [
+        "reward_pairs_across_rounds=true",
+        "rwr_group_batches=true",
+        "rwr_advantage_weight=0.5",
+        "reward_ensemble=true",
+    ]
     r = subprocess.run([*cmd, *(a for kv in sets for a in ("--set", kv))], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -68,6 +74,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert len(rm) == 6 * n_prompts and len(datasets.load_from_disk(str(out / "preference_data"))) == 2 * n_prompts
     assert report["reward_model"]["eval_pairs"] > 0 and report["reward_model"]["train_pairs"] > 2 * n_prompts
     assert json.loads((out / "rwr" / "summary.json").read_text())["group_size"] == 4
+    members = report["reward_model"]["member_accuracy"]
+    assert set(members) == {"reversal", "directions"} and all(0.0 <= v <= 1.0 for v in members.values())
+    assert (out / "reward_model_directions" / "best" / "model.safetensors").is_file()
+    # the second backbone is cached under its own key: 2 backbones x (contrastive + distortion stage)
+    assert len(list(cache.glob("reward_backbone-*"))) == 4
     assert all("advantage_err" in json.loads(x) for x in (out / "rwr" / "metrics.jsonl").read_text().splitlines())
 
 

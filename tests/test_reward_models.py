@@ -310,6 +310,14 @@ def test_train_eval_score_cli(tmp_path, capsys):
     tta = VideoRewardModel.from_pretrained(best, overrides={"test_time_shifts": 1}).score(video, prompt)[0]
     plain = VideoRewardModel.from_pretrained(best).score(video, prompt)[0]
     assert printed == pytest.approx(tta, abs=1e-4) and abs(tta - plain) > 1e-4
+    # two models: the mean of their scores (a second one trained with another seed)
+    assert main(["reward", "train", str(recipe), "--eval_fraction", "0.3", "--seed", "1", "--name", "rm2"]) == 0
+    best2 = tmp_path / "rm2" / "best"
+    capsys.readouterr()
+    assert main([*args[:4], str(best2), *args[4:]]) == 0
+    both = float(capsys.readouterr().out.split()[0])
+    other = VideoRewardModel.from_pretrained(best2).score(video, prompt)[0]
+    assert abs(other - plain) > 1e-4 and both == pytest.approx((plain + other) / 2, abs=1e-4)
     assert main(["reward", "score", "--model", str(best), "--prompt", "p", "--video", str(tmp_path / "nope.mp4")]) == 2
     assert "nope.mp4" in capsys.readouterr().err
 
@@ -355,6 +363,33 @@ def test_train_needs_prompts_in_both_splits(tmp_path):
     data = _save_toy_dataset(tmp_path / "toy", 6, 0)
     with pytest.raises(ValueError, match="cannot be split"):
         train_reward_model(RewardTrainConfig(dataset=data, output_dir=str(tmp_path), eval_fraction=0.0, progress=False))
+
+
+def test_ensemble_scores_are_the_mean_of_its_members(tmp_path):
+    from reward_models.model import RewardEnsemble, load_reward_model
+
+    a, b = _model(), _model(pooling="mean")
+    torch.manual_seed(1)
+    for p in b.parameters():  # b: other weights, so its scores differ from a's
+        p.data.add_(0.05 * torch.randn_like(p))
+    videos = np.concatenate([_solid((255, 0, 0), 3, seed=1), _solid((0, 0, 255), 2, seed=2)])
+    prompts = ["a red square moving left on a black background"] * 3 + [
+        "a blue circle moving up on a gray background"
+    ] * 2
+    sa, sb = a.score(videos, prompts), b.score(videos, prompts)
+    assert np.abs(sa - sb).max() > 1e-3
+    ens = RewardEnsemble([a, b])
+    np.testing.assert_allclose(ens.score(videos, prompts, batch_size=2), (sa + sb) / 2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ens.score(videos[3:4], prompts[3:4]), [(sa[3] + sb[3]) / 2], rtol=1e-5, atol=1e-5)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    assert isinstance(load_reward_model(tmp_path / "a"), VideoRewardModel)
+    loaded = load_reward_model([str(tmp_path / "a"), str(tmp_path / "b")])
+    np.testing.assert_allclose(loaded.score(videos, prompts), (sa + sb) / 2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no members"):
+        RewardEnsemble([])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_reward_model([str(tmp_path / "a"), str(tmp_path / "nowhere")])
 
 
 def test_contrastive_pretraining_batches_hold_their_hard_negatives():
