@@ -1,4 +1,3 @@
-"""CLIP-based video reward models (scoring, Bradley-Terry training, accuracy).
-
-Planned in the reward-model issue; nothing here yet.
-"""
+"""CLIP-based video reward models: ``model.py`` (``VideoRewardModel`` on an open_clip backbone,
+``RewardEnsemble``, ``bt_loss``), ``train.py`` (Bradley-Terry training with ties, evaluation,
+contrastive backbone pretraining) and ``distort.py`` (distortions as pretraining negatives)."""
