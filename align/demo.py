@@ -187,6 +187,16 @@ def parse_overrides(items: list[str]) -> dict:
     return coerce_fields(DemoConfig, raw, "--set")
 
 
+# the reward backbone's two kinds of hard negatives, each mapped to the other (the ensemble's
+# second member is pretrained with the other kind)
+OTHER_NEGATIVES = {"reversal": "directions", "directions": "reversal"}
+
+
+def _check_negatives(negatives: str) -> None:
+    if negatives not in OTHER_NEGATIVES:
+        raise ValueError(f"reward_pretrain_negatives must be 'reversal' or 'directions', got {negatives!r}")
+
+
 def _world_clips(seed: int, negatives: str = "reversal") -> tuple[np.ndarray, list[str], np.ndarray]:
     """Clips of 2048 scenes of the synthetic world with their captions, and each item's hard
     negatives (indices into them).
@@ -199,14 +209,13 @@ def _world_clips(seed: int, negatives: str = "reversal") -> tuple[np.ndarray, li
     scenes = all_scenes()
     picks = [scenes[i] for i in rng.integers(0, len(scenes), 2048)]
     n = len(picks)
+    _check_negatives(negatives)
     if negatives == "directions":
         dirs = list(DIRECTIONS)
         group = [dataclasses.replace(s, direction=d) for s in picks for d in dirs]
         own = np.arange(n * len(dirs)).reshape(n, len(dirs))  # row g: the items of scene g
         others = np.stack([np.roll(own, -k, axis=1) for k in range(1, len(dirs))], axis=-1)
         return sample_videos(group, rng), [s.prompt for s in group], others.reshape(n * len(dirs), -1)
-    if negatives != "reversal":
-        raise ValueError(f"reward_pretrain_negatives must be 'reversal' or 'directions', got {negatives!r}")
     videos = sample_videos(picks, rng)
     flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
     assert set(flip) == set(DIRECTIONS)
@@ -293,10 +302,7 @@ def run_demo(
     DemoConfig fields to change (see ``parse_overrides``); the report's ``config`` records them."""
     cfg = DemoConfig.quick() if quick else DemoConfig()
     cfg = dataclasses.replace(cfg, **(overrides or {}))
-    if cfg.reward_pretrain_negatives not in ("reversal", "directions"):
-        raise ValueError(
-            f"reward_pretrain_negatives must be 'reversal' or 'directions', got {cfg.reward_pretrain_negatives!r}"
-        )
+    _check_negatives(cfg.reward_pretrain_negatives)  # before anything runs, also when the backbone is cached
     out, cache_dir = Path(out), Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -314,7 +320,7 @@ def run_demo(
         pre.output_dir = str(model_dir)
         pretrain(pre, progress=progress)
     backbone = _reward_backbone(cfg, cache_dir, progress)
-    other = {"reversal": "directions", "directions": "reversal"}[cfg.reward_pretrain_negatives]
+    other = OTHER_NEGATIVES[cfg.reward_pretrain_negatives]
     backbone2 = (
         _reward_backbone(dataclasses.replace(cfg, reward_pretrain_negatives=other), cache_dir, progress)
         if cfg.reward_ensemble
