@@ -50,7 +50,6 @@ from reward_models.train import (
     evaluate,
     load_pairs,
     plot_calibration,
-    split_by_prompt,
     train_reward_model,
 )
 
@@ -377,8 +376,8 @@ def run_demo(
             json.loads((run2 / "summary.json").read_text())["best_eval_accuracy"],
         ]
         reward_model = RewardEnsemble([reward_model, VideoRewardModel.from_pretrained(run2 / "best")])
-        data = load_pairs(str(reward_data), rcfg.bad_rows)
-        ev = evaluate(reward_model, data.subset(split_by_prompt(data.prompts, rcfg.eval_fraction, rcfg.seed)[1]))
+        data, held = load_pairs(str(reward_data), rcfg.bad_rows), set(rm_summary["eval_prompts"])
+        ev = evaluate(reward_model, data.subset([i for i, p in enumerate(data.prompts) if p in held]))
         rm_summary = {
             **rm_summary,
             "best_eval_accuracy": ev["accuracy"],

@@ -349,6 +349,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
     summary = {
         "train_pairs": len(tr_idx),
         "eval_pairs": len(ev_idx),
+        "eval_prompts": sorted(set(eval_data.prompts)),  # the held-out prompts, to evaluate other models alike
         "skipped_rows": data.skipped,
         "best_eval_accuracy": best,
         "best_eval_accuracy_ci95": best_eval.get("accuracy_ci95"),

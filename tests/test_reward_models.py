@@ -17,6 +17,7 @@ from reward_models.train import (
     _setup_finetune,
     accuracy_ci,
     evaluate,
+    load_pairs,
     train_reward_model,
 )
 
@@ -266,6 +267,9 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert sum("eval_accuracy" in r for r in lines) == 2
     summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
     assert summary["train_pairs"] + summary["eval_pairs"] == 60
+    held = set(summary["eval_prompts"])  # the held-out prompts, recorded: exactly the eval pairs' prompts
+    toy_prompts = load_pairs(data).prompts
+    assert sum(p in held for p in toy_prompts) == summary["eval_pairs"] > 0
     agree = summary["best_eval_aspect_agreement"]["color"]  # colour labels = overall labels here
     assert agree["agreement"] == summary["best_eval_accuracy"] and 0 < agree["n"] <= summary["eval_pairs"]
     capsys.readouterr()
