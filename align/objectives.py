@@ -170,3 +170,92 @@ def rwr_advantage_loss(model_err: torch.Tensor, weights: torch.Tensor, group_siz
     adv = group_size * weights.detach() - 1.0
     loss = (adv * model_err).sum() / (n // group_size)
     return {"loss": loss, "advantage_err": loss.detach()}
+
+
+def group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4, global_std: bool = False
+) -> torch.Tensor:
+    """GRPO's group-normalised advantages (Shao et al. 2024; Flow-GRPO, Liu et al. 2025):
+    ``(r - mean_group) / (std_group + eps)`` for each sample, ``groups`` naming the prompt
+    group of each. The std is the population std (``ddof = 0``, as Flow-GRPO's ``np.std``);
+    with ``global_std`` it is the std of all ``rewards`` instead (Flow-GRPO's ``global_std``
+    option), the mean still the group's. A group of one sample gets advantage 0. Pass the
+    rewards of *every* process (gathered) so all processes compute the same advantages.
+    Returns ``(N,)`` float32, no gradient."""
+    if rewards.dim() != 1 or rewards.shape != groups.shape:
+        raise ValueError(f"group_advantages: rewards and groups must both be (N,), got {rewards.shape}, {groups.shape}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("group_advantages: rewards contain NaN or inf")
+    if eps <= 0:
+        raise ValueError(f"group_advantages: eps must be > 0, got {eps}")
+    r = rewards.detach().double()
+    adv = torch.zeros_like(r)
+    all_std = r.std(unbiased=False) if r.numel() > 1 else r.new_zeros(())
+    for g in torch.unique(groups):
+        m = groups == g
+        std = all_std if global_std else r[m].std(unbiased=False)
+        adv[m] = (r[m] - r[m].mean()) / (std + eps)
+    return adv.float()
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL between two Gaussian steps with the same std, ``KL(N(mean, s^2) || N(ref_mean, s^2))
+    = ||mean - ref_mean||^2 / (2 s^2)`` per sample ``(B,)`` (Flow-GRPO's KL to the reference).
+    ``std`` is ``(B,)``; ``reduction`` over elements is ``mean`` (Flow-GRPO, matching the
+    mean-reduced log-probabilities of ``align.sample``) or ``sum`` (the exact KL)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"gaussian_kl: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if mean.shape != ref_mean.shape:
+        raise ValueError(f"gaussian_kl: mean {tuple(mean.shape)} and ref_mean {tuple(ref_mean.shape)} differ")
+    sq = (mean.float() - ref_mean.float()).pow(2).flatten(1)
+    sq = sq.mean(dim=1) if reduction == "mean" else sq.sum(dim=1)
+    return sq / (2 * std.float().reshape(-1) ** 2)
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    kl: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """GRPO / PPO-clip loss of one denoising step per sample (Flow-GRPO's per-step objective):
+
+        ratio = exp(log_prob - old_log_prob)
+        loss  = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + kl_weight mean(kl)
+
+    ``log_prob`` is the current policy's (with gradient), ``old_log_prob`` the rollout
+    policy's, ``advantages`` from :func:`group_advantages`, ``kl`` per sample to the reference
+    (:func:`gaussian_kl`), all ``(B,)``. Returns ``loss``, ``policy_loss``, ``clip_fraction``
+    (share with ``|ratio - 1| > eps``), ``approx_kl`` (``0.5 mean((log_prob - old)^2)``, as
+    DDPO / Flow-GRPO log it), ``ratio_mean`` / ``ratio_max`` / ``ratio_min`` and ``kl`` (mean,
+    0 without a KL term); diagnostics detached."""
+    if clip_range <= 0:
+        raise ValueError(f"grpo_loss: clip_range must be > 0, got {clip_range}")
+    if kl_weight < 0:
+        raise ValueError(f"grpo_loss: kl_weight must be >= 0, got {kl_weight}")
+    shapes = {log_prob.shape, old_log_prob.shape, advantages.shape} | ({kl.shape} if kl is not None else set())
+    if len(shapes) != 1 or log_prob.dim() != 1:
+        raise ValueError(f"grpo_loss: log_prob, old_log_prob, advantages (and kl) must all be (B,), got {shapes}")
+    if kl_weight > 0 and kl is None:
+        raise ValueError("grpo_loss: kl_weight > 0 needs kl")
+    diff = log_prob.float() - old_log_prob.detach().float()
+    ratio = torch.exp(diff)
+    adv = advantages.detach().float()
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    kl_mean = kl.float().mean() if kl is not None else policy_loss.new_zeros(())
+    loss = policy_loss + kl_weight * kl_mean if kl_weight > 0 else policy_loss
+    r = ratio.detach()
+    return {
+        "loss": loss,
+        "policy_loss": policy_loss.detach(),
+        "clip_fraction": ((r - 1.0).abs() > clip_range).float().mean(),
+        "approx_kl": 0.5 * diff.detach().pow(2).mean(),
+        "ratio_mean": r.mean(),
+        "ratio_max": r.max(),
+        "ratio_min": r.min(),
+        "kl": kl_mean.detach(),
+    }

@@ -7,9 +7,13 @@ and the aligned model: the basis of paired win rates.
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from tqdm.auto import tqdm
 
+from align.data.video import to_uint8
 from align.models.base import VideoDiffusionModel
 
 
@@ -89,3 +93,241 @@ def generate(
         lat = sample_latents(model, prompts[i : i + batch_size], seeds[i : i + batch_size], num_steps, guidance_scale)
         out.append(model.decode_latents(lat).cpu())
     return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------------------
+# Stochastic steps with log-probabilities (GRPO rollouts)
+
+
+class StepOutput(NamedTuple):
+    """One stochastic denoising step: the sample, its Gaussian log-probability ``(B,)``, the
+    step's mean (shape of the latents) and its standard deviation ``(B,)`` (one per sample)."""
+
+    x_next: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Log-density of ``x`` under ``N(mean, std^2 I)`` per sample, ``(B,)``: the per-element
+    log-density averaged (``mean``, Flow-GRPO's and DDPO's choice, which makes the likelihood
+    ratio the geometric mean of the per-element ratios and independent of the latent size) or
+    summed (``sum``, the exact log-density) over every dim but the batch. ``std`` is ``(B,)``."""
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {LOG_PROB_REDUCTIONS}, got {reduction!r}")
+    sd = std.float().reshape(-1, *([1] * (x.dim() - 1)))
+    lp = -((x.float() - mean.float()) ** 2) / (2 * sd**2) - torch.log(sd) - 0.5 * math.log(2 * math.pi)
+    lp = lp.flatten(1)
+    return lp.mean(dim=1) if reduction == "mean" else lp.sum(dim=1)
+
+
+def _per_sample(v: float | torch.Tensor, batch: int, device) -> torch.Tensor:
+    """A float or a ``(B,)`` / scalar tensor as a float32 ``(B,)`` tensor."""
+    t = torch.as_tensor(v, dtype=torch.float32, device=device)
+    return t.expand(batch).clone() if t.dim() == 0 else t.reshape(batch)
+
+
+def _finish_step(x_next, mean, std, noise, reduction) -> StepOutput:
+    """Draw ``x_next = mean + std * noise`` unless given, then its log-probability."""
+    if x_next is None:
+        if noise is None:
+            raise ValueError("a stochastic step needs either x_next (to score) or noise (to sample)")
+        x_next = mean + std.reshape(-1, *([1] * (mean.dim() - 1))) * noise.float()
+    return StepOutput(x_next.float(), gaussian_log_prob(x_next.detach(), mean, std, reduction), mean, std)
+
+
+def flow_sde_step(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    s: float | torch.Tensor,
+    s_next: float | torch.Tensor,
+    sde_noise: float,
+    x_next: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> StepOutput:
+    """One Euler-Maruyama step, from noise level ``s`` down to ``s_next`` (floats or ``(B,)``, in
+    [0, 1]), of the reverse SDE that has the flow ODE's marginals (Flow-GRPO, Liu et al. 2025).
+
+    Derivation. With ``x_s = (1 - s) x0 + s eps`` and the velocity ``v = eps - x0``, the
+    probability-flow ODE is ``dx = v ds``. Since ``E[eps | x_s] = x_s + (1 - s) v``, the score is
+    ``grad log p_s(x) = -(x + (1 - s) v) / s``. Every SDE ``dx = [v - (sigma^2 / 2) grad log p] ds
+    + sigma dw`` run backwards in ``s`` has the same marginals as the ODE (Song et al. 2021, the
+    reverse-time SDE with the drift corrected by half the diffusion times the score), i.e.
+
+        dx = [v + sigma_s^2 / (2 s) (x + (1 - s) v)] ds + sigma_s dw,   sigma_s = a sqrt(s / (1 - s))
+
+    with ``a = sde_noise``. Euler-Maruyama with ``ds = s_next - s < 0`` gives a Gaussian step
+
+        mean = x + [v + sigma_s^2 / (2 s) (x + (1 - s) v)] (s_next - s),
+        std  = sigma_s sqrt(s - s_next).
+
+    At ``s = 1`` (pure noise) ``sigma_s`` is infinite; as Flow-GRPO does (it uses the second
+    sigma of the schedule there), ``1 - s`` in ``sigma_s`` is replaced by ``1 - s_next``.
+    ``sde_noise = 0`` is the ODE's Euler step (std 0: sampling works, the log-probability does
+    not). If ``x_next`` is given it is scored (the recomputation for the current policy), else
+    it is drawn as ``mean + std * noise``. Computed in float32 (bf16 overflows here).
+    """
+    v, xf = velocity.float(), x.float()
+    b, dev = x.shape[0], x.device
+    s_, sn = _per_sample(s, b, dev), _per_sample(s_next, b, dev)
+    if bool((sn >= s_).any()) or bool((s_ <= 0).any()):
+        raise ValueError(f"flow_sde_step: need 0 <= s_next < s <= 1, got s={s_.tolist()}, s_next={sn.tolist()}")
+    one_minus = torch.where(s_ >= 1, 1 - sn, 1 - s_).clamp(min=1e-6)
+    sigma = sde_noise * torch.sqrt(s_ / one_minus)
+    bs = lambda u: u.reshape(-1, *([1] * (x.dim() - 1)))  # noqa: E731
+    drift = v + bs(sigma**2 / (2 * s_)) * (xf + bs(1 - s_) * v)
+    mean = xf + drift * bs(sn - s_)
+    std = sigma * torch.sqrt(s_ - sn)
+    return _finish_step(x_next, mean, std, noise, reduction)
+
+
+def ddim_step(
+    model_out: torch.Tensor,
+    x: torch.Tensor,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    sched,
+    eta: float,
+    x_next: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> StepOutput:
+    """One DDIM step with ``eta > 0`` (Song et al. 2021, eq. 12; DDPO's ``ddim_step_with_logprob``,
+    Black et al. 2023) for epsilon / v models, from timestep ``t`` to ``t_next < t`` (floats or
+    ``(B,)``, integers in ``[0, T)``): with ``x0, eps`` predicted from ``model_out`` and
+    ``a = alphas_cumprod``,
+
+        std  = eta sqrt((1 - a_next) / (1 - a_t)) sqrt(1 - a_t / a_next),
+        mean = sqrt(a_next) x0 + sqrt(1 - a_next - std^2) eps.
+
+    ``t_next = 0`` means ``a_next = alphas_cumprod[0]`` (not 1, so that the last step keeps a
+    positive std and a log-probability, as DDPO with ``set_alpha_to_one=False``). No x0
+    clipping. Scores ``x_next`` if given, else draws ``mean + std * noise``; float32.
+    """
+    b, dev = x.shape[0], x.device
+    tt, tn = _per_sample(t, b, dev), _per_sample(t_next, b, dev)
+    if bool((tn >= tt).any()) or bool((tn < 0).any()):
+        raise ValueError(f"ddim_step: need 0 <= t_next < t, got t={tt.tolist()}, t_next={tn.tolist()}")
+    x0, eps = sched.predict_x0_eps(x.float(), model_out.float(), tt)
+    acp = sched.alphas_cumprod.to(dev).float()
+    a_t, a_n = acp[tt.long()], acp[tn.long()]
+    std = eta * torch.sqrt((1 - a_n) / (1 - a_t)) * torch.sqrt((1 - a_t / a_n).clamp(min=0))
+    bs = lambda u: u.reshape(-1, *([1] * (x.dim() - 1)))  # noqa: E731
+    mean = bs(a_n.sqrt()) * x0 + bs((1 - a_n - std**2).clamp(min=0).sqrt()) * eps
+    return _finish_step(x_next, mean, std, noise, reduction)
+
+
+def stochastic_timesteps(model: VideoDiffusionModel, num_steps: int) -> torch.Tensor:
+    """The ``num_steps + 1`` timesteps (model units, ``[0, T]``) a stochastic rollout visits:
+    for flow models the shifted ``s = linspace(1, 0)`` times ``T`` (sample_latents' grid); for
+    epsilon / v models ``linspace(T - 1, 0).round()`` with one more point than sample_latents,
+    so that every one of the ``num_steps`` model calls is a stochastic step (the last one ends at
+    ``t = 0``, noise level ``sqrt(1 - alphas_cumprod[0])``)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sched = model.scheduler
+    T = sched.num_train_timesteps
+    if model.prediction_type == "flow":
+        return sched.shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1)) * T
+    return torch.linspace(T - 1, 0, num_steps + 1).round()
+
+
+def policy_step(
+    model: VideoDiffusionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    t_next: torch.Tensor,
+    cond,
+    uncond,
+    guidance_scale: float,
+    sde_noise: float = 0.7,
+    eta: float = 1.0,
+    x_next: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> StepOutput:
+    """One stochastic step ``x`` (timestep ``t``) -> ``t_next`` (``(B,)`` each, model units) under
+    the model's current guided prediction: the flow SDE step (``sde_noise``) for flow models,
+    DDIM(``eta``) otherwise. With ``x_next`` it recomputes the log-probability of that recorded
+    step (differentiable in the model's parameters: GRPO's new policy; under ``torch.no_grad`` or
+    with adapters disabled: the rollout or reference policy); with ``noise`` it draws the step.
+    The rollout calls it too, so recomputing a rollout step with the same weights and batch
+    gives bit-identical log-probabilities (ratio exactly 1)."""
+    t = t.to(x.device).float()
+    t_next = t_next.to(x.device).float()
+    out = guided_prediction(model.predict, x, t, cond, uncond, guidance_scale)
+    if model.prediction_type == "flow":
+        T = model.scheduler.num_train_timesteps
+        return flow_sde_step(out, x, t / T, t_next / T, sde_noise, x_next=x_next, noise=noise, reduction=reduction)
+    return ddim_step(out, x, t, t_next, model.scheduler, eta, x_next=x_next, noise=noise, reduction=reduction)
+
+
+def _step_noise(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample_with_logprobs(
+    model: VideoDiffusionModel,
+    prompts: list[str],
+    seeds: list[int],
+    num_steps: int = 10,
+    guidance_scale: float = 4.0,
+    sde_noise: float = 0.7,
+    eta: float = 1.0,
+    reduction: str = "mean",
+    decode: bool = True,
+) -> dict:
+    """Stochastic rollouts with classifier-free guidance, recording every step for GRPO.
+
+    Sample ``i`` starts from ``initial_noise``'s latent for ``seeds[i]`` (the same start as
+    :func:`generate`) and draws its step noise from the same per-seed generator, so a rollout
+    depends on its seed only, not on the batch it is in. Flow models take the SDE of
+    :func:`flow_sde_step` (noise ``sde_noise``), epsilon / v models DDIM with ``eta``.
+
+    Returns a dict: ``latents`` ``(B, S + 1, *latent_shape)`` (the trajectory, float32),
+    ``log_probs`` ``(B, S)`` (``reduction`` over elements), ``timesteps`` and ``next_timesteps``
+    ``(S,)``, ``cond`` / ``uncond`` (``uncond`` None without guidance) and, with ``decode``,
+    ``videos`` uint8 ``(B, T, H, W, C)``.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample_with_logprobs: need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    if not prompts:
+        raise ValueError("sample_with_logprobs: empty prompt list")
+    noise_level = sde_noise if model.prediction_type == "flow" else eta
+    if noise_level <= 0:
+        name = "sde_noise" if model.prediction_type == "flow" else "eta"
+        raise ValueError(f"sample_with_logprobs: {name} must be > 0 for a stochastic sampler, got {noise_level}")
+    device = next(model.denoiser.parameters()).device
+    shape = tuple(model.latent_shape)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = _step_noise(gens, shape, device).float()  # == initial_noise(shape, seeds)
+    cond = model.encode_prompts(list(prompts))
+    uncond = model.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
+    grid = stochastic_timesteps(model, num_steps)
+    traj, lps = [x], []
+    for i in range(num_steps):
+        t, t_next = grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0])
+        z = _step_noise(gens, shape, device)
+        step = policy_step(
+            model, x, t, t_next, cond, uncond, guidance_scale, sde_noise, eta, noise=z, reduction=reduction
+        )
+        x = step.x_next
+        traj.append(x)
+        lps.append(step.log_prob)
+    result = {
+        "latents": torch.stack(traj, dim=1),
+        "log_probs": torch.stack(lps, dim=1),
+        "timesteps": grid[:-1].clone(),
+        "next_timesteps": grid[1:].clone(),
+        "cond": cond,
+        "uncond": uncond,
+    }
+    if decode:
+        result["videos"] = to_uint8(model.decode_latents(x).cpu())
+    return result
