@@ -15,7 +15,6 @@ from conftest import SMALL, make_preference_rows, tiny_recipe
 from safetensors.torch import load_file
 from test_data_formats import clip
 
-from align.config import TrainConfig
 from align.data import latent_cache as lc
 from align.data.latent_cache import (
     build_latent_cache,
@@ -27,7 +26,8 @@ from align.data.preference import PreferenceDataError, load_preference_dataset, 
 from align.data.video import write_video
 from align.models import load_model
 from align.models.tiny_sora import TinySora, TinySoraConfig
-from align.train import encode_pairs, train
+from align.training import build_config, train
+from align.training.dpo import encode_pairs
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +194,17 @@ def test_streaming_build_with_preprocessing_and_bad_rows(model, tmp_path):
     fp, meta = video_fingerprint(model, pre)
     assert meta["preprocessing"] == {"fps": 8.0, "height": 32, "num_frames": 8, "width": 32}
     assert (tmp_path / "c" / f"video-{fp[:16]}").is_dir()
-    with pytest.raises(ValueError, match=r"too short for 8 frames at 1 fps"):
-        build_latent_cache(model, ds, tmp_path / "c", src, src, preprocessing=pre | {"fps": 1}, bad_rows="skip")
+    # too short for the target: a bad row named with its file, found while validating (before any encoding)
+    with pytest.raises(PreferenceDataError, match=r"row 1: video_a: .*\.mp4: .*too short for 8 frames at 1 fps"):
+        build_latent_cache(model, ds, tmp_path / "c", src, src, target=pre | {"fps": 1})
+    with pytest.raises(ValueError, match=r"no usable pairs \(skipped: \{'bad_row': 4"):
+        build_latent_cache(model, ds, tmp_path / "c", src, src, target=pre | {"fps": 1}, bad_rows="skip")
 
 
 def test_train_with_the_cache_matches_training_without(tiny_model_dir, pref_dataset_dir, tmp_path):
     def cfg(name, **kw):
         base = dict(dataset=pref_dataset_dir, name=name, max_steps=2, train_batch_size=4)
-        return TrainConfig(**tiny_recipe(tiny_model_dir, tmp_path, **(base | kw)))
+        return build_config(**tiny_recipe(tiny_model_dir, tmp_path, **(base | kw)))
 
     plain = train(cfg("plain"))
     cached = train(cfg("cached", latent_cache_dir=str(tmp_path / "cache")))
@@ -267,7 +270,7 @@ def _track_decodes(monkeypatch) -> dict:
 def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monkeypatch):
     """With latent_cache_dir, train() validates and encodes row by row (never to_pairs, never all
     videos in memory), skips and counts as bad_rows says, and trains the same LoRA as without."""
-    import align.train as train_module
+    import align.training.dpo as train_module
     from align.data import preference
 
     src = _mp4_dataset(tmp_path, n=24)  # 48 distinct mp4 files; every 4th row a tie
@@ -277,7 +280,7 @@ def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monk
 
     def cfg(name, **kw):
         base = dict(dataset=src, name=name, max_steps=2, train_batch_size=4, bad_rows="skip")
-        return TrainConfig(**tiny_recipe(tiny_model_dir, tmp_path / "runs", **(base | kw)))
+        return build_config(**tiny_recipe(tiny_model_dir, tmp_path / "runs", **(base | kw)))
 
     plain = train(cfg("plain"))  # to_pairs: every video decoded into memory at once
 

@@ -140,15 +140,17 @@ def test_untyped_nested_list_problems_are_named(tmp_path):
     }
     rows["video_a"][1][3] = rows["video_a"][1][3][:16]  # frame 3 has 16 rows, the others 32
     rows["video_b"][2] = None
-    rows["video_b"][3] = [[[[1, 2, 3]]]]  # one 1x1 frame: a video, but of another shape
+    rows["video_b"][3] = [[[[1, 2, 3]]]]  # one 1x1 frame: a still of another size, which is fine
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(dict(zip(rows, r))) + "\n" for r in zip(*rows.values())))
     ds = load_preference_dataset(tmp_path / "prefs.jsonl")  # JSON: int64 lists
     rep = check_rows(ds, "prefs.jsonl")
     msgs = {p.row: p.message for p in rep.problems}
-    assert sorted(msgs) == [1, 2, 3]
+    assert sorted(msgs) == [1, 2]
     assert msgs[1] == "video_a: <nested lists>: nested lists of uneven lengths, not a (T, H, W, 3) array"
     assert msgs[2] == "video_b: <none>: no video (empty value)"
-    assert "video_a (8, 32, 32, 3) and video_b (1, 1, 1, 3) differ in shape" in msgs[3]
-    pairs = to_pairs(ds, bad_rows="skip")
-    assert pairs.rows == [0] and pairs.chosen.dtype == np.uint8
+    assert rep.info["sizes"] == {"32x32": 5, "1x1": 1} and rep.info["stills"] == 1  # reported, not a problem
+    with pytest.raises(ValueError, match=r"videos of 2 shapes .*pass the model's input as the target"):
+        to_pairs(ds, bad_rows="skip")  # two sizes and no target: cannot be stacked
+    pairs = to_pairs(ds, bad_rows="skip", target={"num_frames": 1, "height": 16, "width": 16})
+    assert pairs.rows == [0, 3] and pairs.chosen.shape == (2, 1, 16, 16, 3) and pairs.chosen.dtype == np.uint8
     assert summarize(ds)["unreadable_videos"] == ["row 1 video_a: <nested lists>"]

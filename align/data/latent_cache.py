@@ -52,10 +52,10 @@ from align.data.preference import (
     content_hash,
     dataset_root,
     load_video_value,
-    resolve_video_path,
     value_reader,
+    video_fps,
 )
-from align.data.video import from_uint8, prepare_video, video_info
+from align.data.video import from_uint8, resample_frames
 
 CACHE_VERSION = 1
 SHARD_BYTES = 256 << 20  # a shard is written once this much is buffered
@@ -389,6 +389,7 @@ def build_latent_cache(
     root=None,
     *,
     preprocessing: dict | None = None,
+    target: dict | None = None,
     bad_rows: str = "error",
     allow_absolute_paths: bool = False,
     min_frames: int = 1,
@@ -398,26 +399,36 @@ def build_latent_cache(
     """Validate ``ds`` and fill the cache from it, streaming: at most one batch of decoded videos
     is in memory at any time, so datasets whose pixels exceed RAM can be cached and trained.
 
-    ``preprocessing`` (``num_frames``, ``height``, ``width``, ``fps``; see
-    :func:`align.data.video.prepare_video`) brings videos to the model's input; it is part of the
-    fingerprint. With it, videos of different sizes are allowed. Bad rows raise
-    :class:`PreferenceDataError` (``bad_rows="error"``) or are skipped and counted (``"skip"``);
-    ties are skipped and counted. Videos are decoded once to validate and hash them, and again
-    only where the cache misses. Returns the pairs as a :class:`LatentPairDataset`; its
-    ``stats`` holds the counts and ``rows`` the source row of each pair.
+    ``target`` (or its older name ``preprocessing``; ``target`` wins where both set a key):
+    ``num_frames``, ``height``, ``width``, ``fps``, the model's input. Every video is brought to
+    it by :func:`align.data.video.resample_frames` (timestamps at ``fps``, resize + centre crop),
+    so videos of any size, fps and length share one cache; it is part of the fingerprint. A video
+    too short for it is a bad row. Without a target, all videos must share one shape. Bad rows
+    raise :class:`PreferenceDataError` (``bad_rows="error"``) or are skipped and counted
+    (``"skip"``); ties are skipped and counted. Videos are decoded once to validate and hash
+    them, and again only where the cache misses. Returns the pairs as a
+    :class:`LatentPairDataset`; its ``stats`` holds the counts and ``rows`` the source row of
+    each pair.
     """
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     if len(ds) == 0:
         raise ValueError(f"{source}: the preference dataset is empty")
-    pre = normalize_preprocessing(preprocessing)
+    pre = normalize_preprocessing(
+        {**(preprocessing or {}), **{k: v for k, v in (target or {}).items() if v is not None}}
+    )
     root = dataset_root(root)
     report = check_rows(
-        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, same_shape=not pre
+        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, target=pre or None
     )
     if report.fatal and bad_rows == "error":
         raise PreferenceDataError(source, [(p.row, p.message) for p in report.fatal])
     bad = report.bad_rows
+    if not pre and len(report.info.get("sizes", {})) + len(report.info.get("frames", {})) > 2:
+        raise ValueError(
+            f"{source}: videos of several sizes or lengths ({report.info['sizes']}, frames {report.info['frames']}); "
+            f"pass the model's input as the target (num_frames, height, width, fps) to resample them to one"
+        )
     vstore, tstore = _open_stores(model, cache_dir, pre, shard_bytes)
 
     prefs = [str(p) for p in ds["preference"]]
@@ -440,20 +451,18 @@ def build_latent_cache(
         raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
 
     readers = {col: value_reader(ds, col) for col in ("video_a", "video_b")}
+    fps_readers = {col: value_reader(ds, f"fps_{col[-1]}") for col in readers if f"fps_{col[-1]}" in ds.column_names}
 
     def load(i: int, col: str) -> np.ndarray:
         value = readers[col](i)
         frames = load_video_value(value, root, allow_absolute_paths)
         if not pre:
             return frames
-        src_fps = None
-        if "fps" in pre:
-            if not isinstance(value, str):
-                raise ValueError(f"{source}: row {i} {col}: fps-aware sampling needs a video file that records its fps")
-            src_fps = video_info(resolve_video_path(value, root, allow_absolute_paths))["fps"]
+        column_fps = fps_readers[col](i) if col in fps_readers else None
+        src_fps = video_fps(value, root, allow_absolute_paths, column_fps)
         try:
-            return prepare_video(
-                frames, pre.get("num_frames"), pre.get("height"), pre.get("width"), src_fps, pre.get("fps")
+            return resample_frames(
+                frames, src_fps, pre.get("num_frames"), pre.get("fps"), pre.get("height"), pre.get("width")
             )
         except ValueError as e:
             raise ValueError(f"{source}: row {i} {col}: {e}") from None

@@ -22,6 +22,7 @@ from PIL import GifImagePlugin, Image, ImageDraw, ImageFont, ImageSequence
 from align.atomic import atomic_write
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # read as one-frame videos (T = 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +176,9 @@ def write_grid_gif(
 
 
 def read_video(path: str | Path, num_frames: int | None = None) -> np.ndarray:
-    """Decode a video file to uint8 RGB ``(T, H, W, 3)``: GIFs with PIL, anything else with PyAV.
+    """Decode a video file to uint8 RGB ``(T, H, W, 3)``: GIFs and images with PIL, anything else
+    with PyAV. An image (``IMAGE_SUFFIXES``: JPEG, PNG, WebP, BMP) is a video with ``T = 1``; a
+    truncated or corrupt one is an error naming the file, never a half-grey picture.
 
     With ``num_frames``, returns that many frames sampled uniformly over the video (first and last
     included). Raises ``ValueError`` naming the file if it is missing, cannot be decoded, has no
@@ -186,10 +189,12 @@ def read_video(path: str | Path, num_frames: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: no such video file")
     if num_frames is not None and num_frames < 1:
         raise ValueError(f"{path}: num_frames must be >= 1, got {num_frames}")
+    image = path.suffix.lower() in IMAGE_SUFFIXES
     try:
-        frames = _read_gif(path) if path.suffix.lower() == ".gif" else _read_av(path)
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+        frames = _read_gif(path) if path.suffix.lower() == ".gif" or image else _read_av(path)
+    except (av.FFmpegError, OSError, ValueError, EOFError, SyntaxError) as e:
+        what = "image" if image else "video"
+        raise ValueError(f"{path}: cannot decode {what} ({type(e).__name__}: {e})") from e
     if not frames:
         raise ValueError(f"{path}: video has no frames")
     if len({f.shape for f in frames}) != 1:
@@ -269,8 +274,9 @@ def _write_av(filename: str, frames: np.ndarray, fps: float, fmt: str, codec: st
         container.mux(stream.encode(None))  # flush delayed frames
 
 
-def _read_gif(path: Path) -> list[np.ndarray]:
-    """All frames of a GIF as RGB arrays (Pillow composites partial frames onto the canvas)."""
+def _read_gif(path) -> list[np.ndarray]:
+    """All frames of a GIF (or of any image Pillow reads: one frame for a still) as RGB arrays
+    (Pillow composites partial frames onto the canvas). ``path`` may be a file object."""
     with Image.open(path) as im:
         return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(im)]
 
@@ -329,7 +335,7 @@ def video_info(path: str | Path) -> dict:
         raise ValueError(f"{path}: no such video file")
     size = path.stat().st_size
     try:
-        if path.suffix.lower() == ".gif":
+        if path.suffix.lower() == ".gif" or path.suffix.lower() in IMAGE_SUFFIXES:
             with Image.open(path) as im:
                 n = getattr(im, "n_frames", 1)
                 ms = im.info.get("duration") or 0
@@ -371,30 +377,87 @@ def sniff_video_format(data: bytes) -> str | None:
     return None
 
 
+def sniff_image_format(data: bytes) -> str | None:
+    """The suffix (``.jpg`` / ``.png`` / ``.webp`` / ``.bmp``) that the first bytes of an image say, or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    if data[:2] == b"BM":
+        return ".bmp"
+    return None
+
+
+def sniff_media_format(data: bytes) -> str | None:
+    """The suffix of a video or image from its first 16 bytes (video formats first), or None."""
+    return sniff_video_format(data) or sniff_image_format(data)
+
+
+def check_image(source, name: str) -> tuple[int, int]:
+    """Decode an image (a path or a file object) just enough to know it is whole; return
+    ``(height, width)``. JPEGs are decoded at 1/8 scale (Pillow's draft mode reads every
+    entropy-coded byte, so truncation is still found, for a fraction of the cost). Raises
+    ``ValueError`` naming ``name`` for a truncated, corrupt or unknown image."""
+    try:
+        with Image.open(source) as im:
+            size = (im.height, im.width)
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    return size
+
+
 def decode_video_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode an encoded video held in memory (e.g. a dataset's ``bytes`` column) to uint8
-    ``(T, H, W, 3)``. Raises ``ValueError`` naming ``name`` when it is not a decodable video."""
+    """Decode an encoded video or image held in memory (e.g. a dataset's ``bytes`` column) to
+    uint8 ``(T, H, W, 3)`` (an image: ``T = 1``). Raises ``ValueError`` naming ``name`` when it
+    is neither a decodable video (mp4, webm, gif) nor a decodable image (jpeg, png, webp, bmp)."""
     import io
 
-    kind = sniff_video_format(bytes(data[:16]))
-    if kind is None:
-        raise ValueError(f"{name}: bytes are not an mp4, webm or gif video")
+    head = bytes(data[:16])
+    kind = sniff_video_format(head)
+    image = kind is None and sniff_image_format(head) is not None
+    if kind is None and not image:
+        raise ValueError(f"{name}: bytes are not an mp4, webm or gif video nor a jpeg, png, webp or bmp image")
     try:
-        if kind == ".gif":
-            with Image.open(io.BytesIO(data)) as im:
-                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+        if kind == ".gif" or image:
+            frames = _read_gif(io.BytesIO(data))
         else:
             with av.open(io.BytesIO(data)) as container:
                 if not container.streams.video:
                     raise ValueError("no video stream")
                 frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{name}: cannot decode video ({type(e).__name__}: {e})") from e
+    except (av.FFmpegError, OSError, ValueError, EOFError, SyntaxError) as e:
+        what = "image" if image else "video"
+        raise ValueError(f"{name}: cannot decode {what} ({type(e).__name__}: {e})") from e
     if not frames:
         raise ValueError(f"{name}: video has no frames")
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"{name}: frames change size mid-video")
     return np.stack(frames)
+
+
+def bytes_fps(data: bytes) -> float | None:
+    """The frame rate an encoded video in memory records (None for images, GIFs without a
+    frame delay, or anything unreadable: this is a hint, decoding reports the errors)."""
+    import io
+
+    head = bytes(data[:16])
+    try:
+        if sniff_video_format(head) == ".gif":
+            with Image.open(io.BytesIO(data)) as im:
+                ms = im.info.get("duration") or 0
+                return 1000.0 / ms if ms else None
+        if sniff_video_format(head) is None:
+            return None
+        with av.open(io.BytesIO(data)) as container:
+            rate = container.streams.video[0].average_rate if container.streams.video else None
+            return float(rate) if rate else None
+    except (av.FFmpegError, OSError, ValueError, EOFError):
+        return None
 
 
 def sample_frame_indices(
@@ -461,3 +524,72 @@ def prepare_video(
     if height is not None or width is not None:
         frames = resize_center_crop(frames, height or frames.shape[1], width or frames.shape[2])
     return frames
+
+
+def resample_indices(
+    total: int, src_fps: float | None, num_frames: int | None = None, fps: float | None = None
+) -> np.ndarray:
+    """Which source frames make a clip of ``num_frames`` frames at ``fps``, by timestamps.
+
+    Output frame ``k`` shows the source frame on screen at time ``k / fps``: index
+    ``floor(k * src_fps / fps)``, from the start of the video. A faster source skips frames, a
+    slower one repeats them; the frame count is never squeezed to fit. Without ``src_fps`` (arrays,
+    stills, GIFs without a frame delay) the source is taken to play at ``fps``. ``num_frames=None``
+    keeps the whole duration; ``fps=None`` spreads ``num_frames`` uniformly over the video (the
+    old rule, for callers without a frame rate). A one-frame video (an image) gives one frame and
+    cannot give more. Raises ``ValueError`` saying how long the video is and how long it must be.
+    """
+    if total < 1:
+        raise ValueError("video has no frames")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if total == 1 and (num_frames or 1) > 1:
+        raise ValueError(
+            f"an image (1 frame) cannot give the {num_frames} frames the model takes: import it with "
+            f"--repeat-frames {num_frames}, or use a model that takes single frames"
+        )
+    if fps is None:
+        if num_frames is None:
+            return np.arange(total)
+        return sample_frame_indices(total, num_frames)
+    if fps <= 0 or (src_fps is not None and src_fps <= 0):
+        raise ValueError(f"frame rates must be > 0: source {src_fps}, target {fps}")
+    src = float(src_fps or fps)
+    n = num_frames if num_frames is not None else max(1, int(np.floor(total / src * fps + 1e-6)))
+    idx = np.floor(np.arange(n) * (src / fps) + 1e-6).astype(int)
+    if idx[-1] >= total:
+        raise ValueError(
+            f"video has {total} frames at {src:g} fps ({total / src:.2f} s), too short for {n} frames at "
+            f"{fps:g} fps ({n / fps:.2f} s); use fewer frames or a lower fps"
+        )
+    return idx
+
+
+def resample_frames(
+    video: np.ndarray,
+    src_fps: float | None,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> np.ndarray:
+    """Bring uint8 frames ``(T, H, W, C)`` of any size, fps and length to a model's input:
+    temporal sampling by timestamps at ``fps`` (:func:`resample_indices`), then resize and centre
+    crop to ``height x width`` (:func:`resize_center_crop`). ``None`` leaves that part as it is.
+    Returns uint8 ``(num_frames, height, width, C)``."""
+    video = _check_frames(video, "resample_frames")
+    if num_frames is not None or fps is not None:
+        idx = resample_indices(len(video), src_fps, num_frames, fps)
+        if len(idx) != len(video) or (idx != np.arange(len(video))).any():
+            video = video[idx]
+    if height is not None or width is not None:
+        video = resize_center_crop(video, height or video.shape[1], width or video.shape[2])
+    return video
+
+
+def repeat_frames(frames: np.ndarray, n: int) -> np.ndarray:
+    """A still (``T = 1``) as ``n`` identical frames, for models that cannot take one frame."""
+    frames = _check_frames(frames, "repeat_frames")
+    if n < 1:
+        raise ValueError(f"--repeat-frames must be >= 1, got {n}")
+    return np.repeat(frames[:1], n, axis=0) if len(frames) == 1 else frames
