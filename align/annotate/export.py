@@ -89,7 +89,7 @@ def export_dataset(
     }
 
 
-def _vote(values: list[str | None]) -> str | None:
+def majority_vote(values: list[str | None]) -> str | None:
     """The outcome with most votes; a shared top count is a tie; ``None`` without votes."""
     counts = Counter(v for v in values if v is not None)
     if not counts:
@@ -111,8 +111,8 @@ def _majority_rows(labels: list[dict], pairs: dict[int, dict], min_labels: int) 
         rows.append(
             {
                 "prompt": pairs[pid]["prompt"],
-                "preference": _vote([r["choice"] for r in group]),
-                **{ASPECT_PREFIX + a: _vote([r[a] for r in group]) for a in ASPECTS},
+                "preference": majority_vote([r["choice"] for r in group]),
+                **{ASPECT_PREFIX + a: majority_vote([r[a] for r in group]) for a in ASPECTS},
                 "pair_id": pid,
                 "pair_key": pairs[pid]["key"],
                 "n_labels": len(group),

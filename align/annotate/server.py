@@ -21,10 +21,23 @@ percent-decoding), or when the path resolves, symlinks followed, outside its roo
 inside the root that is not a video of some pair is 404. Bound to a loopback address the
 server also checks the ``Host`` header (against DNS rebinding), and every POST must be
 ``application/json`` from the same origin (a cross-site form cannot post labels).
+
+Access control. With a shared secret (``--secret``) or invite tokens required
+(``--require-invite``; tokens from ``vidalign annotate invite NAME``, kept hashed in the
+database) every request -- the page, its script, the videos, the API, label POSTs -- must
+carry a valid token: ``Authorization: Bearer T`` or ``X-Vidalign-Token: T``, the query
+parameter ``?token=T``, or the cookie the server sets (``HttpOnly; SameSite=Lax``, one name per
+port) on the first request that brought a valid token some other way. A request without a
+valid token is answered 401 before its body is read, and nothing is written. An invite
+token names its annotator: the labels and the API calls made with it are that annotator's
+(a request naming someone else is 403), and ``/api/info`` tells the page who it is. A shared
+secret lets people type their names as on loopback. Binding anything but a loopback address
+without access control is refused (:func:`make_server` raises ``ValueError``).
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import os
@@ -34,9 +47,10 @@ import socket
 import sys
 import threading
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from align.annotate.pairs import inside
 from align.annotate.stats import json_safe, store_stats
@@ -54,6 +68,15 @@ MAX_COMMENT = 2000
 MAX_NAME = 64
 CHUNK = 256 * 1024
 SIDES = ("left", "right", "tie")
+MIN_SECRET = 12
+COOKIE_PREFIX = "vidalign_token_"  # + the port: cookies are per host, not per port
+COOKIE_MAX_AGE = 30 * 24 * 3600
+UNAUTHORIZED_PAGE = (
+    "<!doctype html><meta charset='utf-8'><title>vidalign annotate</title>"
+    "<h1>This annotation app needs an invite link</h1>"
+    "<p>Open the link you were sent (it ends in <code>?token=...</code>). "
+    "The person running the study makes one with <code>vidalign annotate invite YOUR_NAME --db DB</code>.</p>"
+)
 
 
 class BadRequest(Exception):
@@ -67,9 +90,20 @@ class BadRequest(Exception):
 class AnnotateApp:
     """What the handler needs: the store, the served roots and the set of servable videos."""
 
-    def __init__(self, store: LabelStore, roots: dict[str, Path], per_pair: int = 1):
+    def __init__(
+        self,
+        store: LabelStore,
+        roots: dict[str, Path],
+        per_pair: int = 1,
+        secret: str | None = None,
+        require_invite: bool = False,
+    ):
         if per_pair < 1:
             raise ValueError(f"labels per pair must be >= 1, got {per_pair}")
+        check_secret(secret)
+        self.secret = secret
+        #: whether every request needs a token (the shared secret or an invite of ``store``)
+        self.protected = secret is not None or require_invite
         self.store = store
         self.roots = {k: Path(os.path.realpath(v)) for k, v in roots.items()}
         self.per_pair = per_pair
@@ -81,8 +115,23 @@ class AnnotateApp:
     # ------------------------------------------------------------------------------------
     # API
 
-    def info(self) -> dict:
-        return {"pairs": len(self.pairs), "per_pair": self.per_pair, "aspects": list(ASPECTS)}
+    def info(self, bound: str | None = None) -> dict:
+        """Pairs, labels per pair, aspects; ``annotator``: the name an invite token binds (else null)."""
+        return {
+            "pairs": len(self.pairs),
+            "per_pair": self.per_pair,
+            "aspects": list(ASPECTS),
+            "access": "token" if self.protected else "open",
+            "annotator": bound,
+        }
+
+    def check_token(self, token: str) -> tuple[bool, str | None]:
+        """``(valid, annotator)``: the shared secret is valid without a name, a live invite token
+        with its annotator's name; anything else is invalid."""
+        if self.secret is not None and hmac.compare_digest(token.encode(), self.secret.encode()):
+            return True, None
+        name = self.store.invite_annotator(token)
+        return name is not None, name
 
     def display(self, pair: dict, annotator: str) -> dict:
         """A pair as the annotator sees it: the left/right sides chosen for them."""
@@ -100,12 +149,14 @@ class AnnotateApp:
         return {"url": "/media/" + media, "type": MIME.get(Path(media).suffix.lower(), "application/octet-stream")}
 
     def next(self, annotator: str) -> dict:
+        """The pair to show ``annotator`` next and their progress."""
         pair, progress = self.store.next_pair(annotator, self.per_pair)
         return {"pair": self.display(pair, annotator) if pair else None, "progress": progress}
 
-    def label(self, body: dict) -> dict:
-        """Validate a label request completely, then write it (one transaction)."""
-        annotator = _annotator(body.get("annotator"))
+    def label(self, body: dict, bound: str | None = None) -> dict:
+        """Validate a label request completely, then write it (one transaction). ``bound`` is
+        the annotator of the request's invite token, if any."""
+        annotator = _annotator(body.get("annotator"), bound)
         _only(body, {"annotator", "pair_id", "choice", "aspects", "comment"})
         pid = body.get("pair_id")
         if not isinstance(pid, int) or isinstance(pid, bool):
@@ -139,8 +190,9 @@ class AnnotateApp:
             raise BadRequest(404, str(e)) from None
         return {"ok": True, "label_id": label_id, "progress": self.store.progress(annotator, self.per_pair)}
 
-    def undo(self, body: dict) -> dict:
-        annotator = _annotator(body.get("annotator"))
+    def undo(self, body: dict, bound: str | None = None) -> dict:
+        """Undo the annotator's last label; the pair comes back with the same sides."""
+        annotator = _annotator(body.get("annotator"), bound)
         _only(body, {"annotator"})
         undone = self.store.undo_last(annotator)
         if undone is None:
@@ -176,7 +228,22 @@ class AnnotateApp:
         return real
 
 
-def _annotator(name) -> str:
+def check_secret(secret: str | None) -> None:
+    """Raise ``ValueError`` for a shared secret too short or with spaces or control characters."""
+    if secret is not None and (len(secret) < MIN_SECRET or any(not c.isprintable() or c.isspace() for c in secret)):
+        raise ValueError(
+            f"--secret must be at least {MIN_SECRET} printable characters without spaces "
+            '(make one with: python -c "import secrets; print(secrets.token_urlsafe())")'
+        )
+
+
+def _annotator(name, bound: str | None = None) -> str:
+    """The annotator a request acts for: ``bound`` (an invite token's name) when set, and then
+    ``name`` must be absent or the same; otherwise ``name``, checked."""
+    if bound is not None:
+        if name is None or (isinstance(name, str) and name.strip() in ("", bound)):
+            return bound
+        raise BadRequest(403, f"this invite belongs to {bound!r}; it cannot act for {name!r}")
     if not isinstance(name, str) or not name.strip():
         raise BadRequest(400, "annotator must be a non-empty name")
     name = name.strip()
@@ -233,14 +300,16 @@ class Handler(BaseHTTPRequestHandler):
         self._handle(head=True)
 
     def do_POST(self) -> None:  # noqa: N802
+        self._cookie = None
         try:
             self._check_host()
+            bound = self._authorize()  # before the body is read: an unauthorised one is never parsed
             body = self._json_body()
             path = urlsplit(self.path).path
             if path == "/api/label":
-                self._send_json(200, self.app.label(body))
+                self._send_json(200, self.app.label(body, bound))
             elif path == "/api/undo":
-                self._send_json(200, self.app.undo(body))
+                self._send_json(200, self.app.undo(body, bound))
             else:
                 raise BadRequest(404, "no such endpoint")
         except BadRequest as e:
@@ -251,18 +320,20 @@ class Handler(BaseHTTPRequestHandler):
             raise
 
     def _handle(self, head: bool) -> None:
+        self._cookie = None
+        url = urlsplit(self.path)
+        path = url.path
         try:
             self._check_host()
-            url = urlsplit(self.path)
-            path = url.path
+            bound = self._authorize()
             if path in STATIC_FILES:
                 name, ctype = STATIC_FILES[path]
                 self._send_bytes(200, (STATIC / name).read_bytes(), ctype, head)
             elif path == "/api/info":
-                self._send_json(200, self.app.info(), head)
+                self._send_json(200, self.app.info(bound), head)
             elif path == "/api/next":
                 names = parse_qs(url.query).get("annotator", [])
-                self._send_json(200, self.app.next(_annotator(names[0] if names else None)), head)
+                self._send_json(200, self.app.next(_annotator(names[0] if names else None, bound)), head)
             elif path == "/api/stats":
                 self._send_json(200, self.app.stats(), head)
             elif path.startswith("/media/"):
@@ -270,7 +341,10 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise BadRequest(404, "not found")
         except BadRequest as e:
-            self._send_json(e.status, {"ok": False, "error": e.message}, head)
+            if e.status == 401 and path == "/":  # a person opened the page without a link: say what to do
+                self._send_bytes(401, UNAUTHORIZED_PAGE.encode(), "text/html; charset=utf-8", head)
+            else:
+                self._send_json(e.status, {"ok": False, "error": e.message}, head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the browser stopped reading (e.g. seeking a video)
         except Exception as e:  # a bug or a locked database: 500, then the traceback on stderr
@@ -284,6 +358,51 @@ class Handler(BaseHTTPRequestHandler):
         allowed = self.app.allowed_hosts
         if allowed is not None and (self.headers.get("Host") or "").lower() not in allowed:
             raise BadRequest(403, "Host not allowed (the app answers only to its loopback address)")
+
+    def _authorize(self) -> str | None:
+        """Check the request's token when the app is protected (raise 401 without a valid one);
+        return the annotator its invite names (``None`` for the shared secret or an open app).
+        A token that came by header or query is set as the cookie on the response."""
+        if not self.app.protected:
+            return None
+        token, source = self._token()
+        if token is None:
+            self.close_connection = True  # a POST body stays unread: this connection cannot go on
+            raise BadRequest(401, "this app needs an access token (open the invite link you were sent)")
+        ok, name = self.app.check_token(token)
+        if not ok:
+            self.close_connection = True
+            raise BadRequest(401, "invalid or revoked access token")
+        if source != "cookie":
+            self._cookie = token
+        return name
+
+    def _token(self) -> tuple[str | None, str | None]:
+        """``(token, where it came from)``: a header first, then ``?token=``, then the cookie."""
+        auth = self.headers.get("Authorization") or ""
+        if auth[:7].lower() == "bearer " and auth[7:].strip():
+            return auth[7:].strip(), "header"
+        if self.headers.get("X-Vidalign-Token"):
+            return self.headers["X-Vidalign-Token"].strip(), "header"
+        query = parse_qs(urlsplit(self.path).query).get("token")
+        if query:
+            return query[0], "query"
+        try:
+            cookie = SimpleCookie(self.headers.get("Cookie") or "").get(self._cookie_name())
+        except CookieError:
+            cookie = None
+        return (cookie.value, "cookie") if cookie is not None and cookie.value else (None, None)
+
+    def _cookie_name(self) -> str:
+        return f"{COOKIE_PREFIX}{self.server.server_address[1]}"
+
+    def _common_headers(self) -> None:
+        """Headers of every response: the token cookie to set, if any; 401's challenge."""
+        if getattr(self, "_cookie", None):
+            self.send_header(
+                "Set-Cookie",
+                f"{self._cookie_name()}={self._cookie}; Path=/; Max-Age={COOKIE_MAX_AGE}; HttpOnly; SameSite=Lax",
+            )
 
     def _json_body(self) -> dict:
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -315,6 +434,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_bytes(self, status: int, data: bytes, ctype: str, head: bool = False) -> None:
         self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="vidalign-annotate"')
+        else:
+            self._common_headers()
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
@@ -337,6 +460,7 @@ class Handler(BaseHTTPRequestHandler):
         first, last = rng if rng else (0, size - 1)
         length = last - first + 1 if size else 0
         self.send_response(206 if rng else 200)
+        self._common_headers()
         self.send_header("Content-Type", MIME.get(path.suffix.lower(), "application/octet-stream"))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(length))
@@ -371,17 +495,31 @@ class _ThreadingHTTPServerV6(ThreadingHTTPServer):
 
 
 def host_warning(host: str) -> str | None:
-    """The warning to print when binding ``host`` exposes the app beyond this machine."""
+    """The warning to print when binding ``host`` exposes the (protected) app beyond this machine."""
     if is_loopback(host):
         return None
     return (
-        f"warning: --host {host} is not a loopback address: anyone who can reach this machine can watch "
-        "the videos and add labels (the app has no authentication)"
+        f"warning: --host {host} is not a loopback address: the app is reachable from the network over plain "
+        "HTTP, so tokens, videos and labels travel unencrypted (beyond a trusted network, put it behind an "
+        "HTTPS reverse proxy)"
+    )
+
+
+def access_error(host: str) -> str:
+    """Why ``host`` may not be bound without access control, and what to pass instead."""
+    return (
+        f"--host {host} is not a loopback address: anyone who can reach this machine could watch the videos "
+        "and add labels. Serving beyond loopback needs access control: --secret S (a shared secret; links are "
+        "http://HOST:PORT/?token=S) or per-annotator invites (`vidalign annotate invite NAME --db DB` prints "
+        "each person's link; serve with --require-invite)"
     )
 
 
 def make_server(app: AnnotateApp, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> ThreadingHTTPServer:
-    """A threading HTTP server for ``app`` bound to ``host:port`` (0: any free port); not started."""
+    """A threading HTTP server for ``app`` bound to ``host:port`` (0: any free port); not started.
+    Raises ``ValueError`` (before binding) for a non-loopback ``host`` when ``app`` is not protected."""
+    if not is_loopback(host) and not app.protected:
+        raise ValueError(access_error(host))
     server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
     server = server_class((host, port), Handler)
     server.daemon_threads = True
@@ -409,11 +547,18 @@ def serve(
     root: str | Path | None = None,
     cache_format: str = "webm",
     verbose: bool = False,
+    secret: str | None = None,
+    require_invite: bool = False,
 ) -> None:
     """Load ``pairs`` into the database ``db`` (first time) or check them (later), then serve
-    until interrupted. Converted videos go to ``<db name>.videos/`` beside the database."""
+    until interrupted. Converted videos go to ``<db name>.videos/`` beside the database.
+    ``secret`` / ``require_invite`` turn on access control (see the module docstring); a
+    non-loopback ``host`` without either is refused before anything is loaded."""
     from align.annotate.pairs import load_pairs
 
+    check_secret(secret)
+    if not is_loopback(host) and secret is None and not require_invite:
+        raise ValueError(access_error(host))
     warning = host_warning(host)
     if warning:
         print(warning, file=sys.stderr)
@@ -422,11 +567,19 @@ def serve(
     source = load_pairs(pairs, cache, root=root, cache_format=cache_format)
     store = LabelStore(db)
     store.sync_pairs(source.pairs, source.source, source.kind)
-    app = AnnotateApp(store, source.roots, per_pair)
+    app = AnnotateApp(store, source.roots, per_pair, secret=secret, require_invite=require_invite)
     server = make_server(app, host, port, verbose)
     shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{server.server_address[1]}/"
     print(f"{len(app.pairs)} pairs, {per_pair} label(s) each; labels in {db}", flush=True)
-    print(f"serving on http://{shown}:{server.server_address[1]}/  (Ctrl-C to stop)", flush=True)
+    if app.protected:
+        invited = store.invites()
+        print(f"access control on: every request needs a token; {len(invited)} annotator(s) invited", flush=True)
+        if secret is not None:
+            print(f"team link (shared secret): {base}?token={quote(secret, safe='')}", flush=True)
+        if not invited and secret is None:
+            print(f"no invites yet: `vidalign annotate invite NAME --db {db}` prints a link", file=sys.stderr)
+    print(f"serving on {base}  (Ctrl-C to stop)", flush=True)
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C / SIGINT stops the server also when it was started with SIGINT ignored (a
         # background job of a script inherits that; Python then installs no KeyboardInterrupt
@@ -438,3 +591,15 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+def invite_link(base_url: str | None, token: str) -> str:
+    """The link an invited annotator opens: ``BASE/?token=TOKEN`` (default base: this machine's
+    host name on the default port; pass the address annotators really reach)."""
+    base = base_url or f"http://{socket.gethostname()}:8765"
+    url = urlsplit(base)
+    if url.scheme not in ("http", "https") or not url.netloc or url.path not in ("", "/") or url.query:
+        raise ValueError(
+            f"--base-url must be http(s)://HOST:PORT, the app's own root (it serves absolute paths), got {base!r}"
+        )
+    return f"{url.scheme}://{url.netloc}/?token={quote(token, safe='')}"

@@ -16,6 +16,9 @@ Tables:
   partial unique index allows one live row per (pair, annotator): no duplicated labels.
 - ``leases``: which annotator was last handed which pair, and until when, so that two
   annotators working at once are handed different pairs while a pair still needs labels.
+- ``invites``: per-annotator access tokens (``vidalign annotate invite NAME``), stored as their
+  SHA-256 (the database does not hold the tokens themselves), with the annotator's name and an
+  optional revocation time. The table is created on open, so older databases gain it too.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ CREATE TABLE IF NOT EXISTS leases (
     annotator TEXT NOT NULL,
     expires_at REAL NOT NULL,
     PRIMARY KEY (pair_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS invites (
+    token_sha256 TEXT PRIMARY KEY,
+    annotator TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
 );
 """
 
@@ -356,3 +365,50 @@ class LabelStore:
         sql = "SELECT * FROM labels" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         with self._tx() as con:
             return [dict(r) for r in con.execute(sql)]
+
+    # ----------------------------------------------------------------------------------------
+    # invites (per-annotator access tokens)
+
+    def add_invite(self, annotator: str, now: float | None = None) -> str:
+        """A new random token for ``annotator`` (URL-safe, 192 bits); only its hash is stored.
+        Earlier tokens of the same name stay valid until :meth:`revoke_invites`."""
+        if not isinstance(annotator, str) or not annotator.strip():
+            raise ValueError("an invite needs a non-empty annotator name")
+        name = annotator.strip()
+        if len(name) > 64 or any(not c.isprintable() for c in name):
+            raise ValueError(f"annotator names are at most 64 printable characters, got {annotator!r}")
+        token = secrets.token_urlsafe(24)
+        now = time.time() if now is None else now
+        with self._tx(write=True) as con:
+            con.execute("INSERT INTO invites VALUES (?, ?, ?, NULL)", (token_hash(token), name, now))
+        return token
+
+    def invite_annotator(self, token: str) -> str | None:
+        """The annotator a live (unrevoked) invite token belongs to, or ``None``."""
+        with self._tx() as con:
+            row = con.execute(
+                "SELECT annotator FROM invites WHERE token_sha256 = ? AND revoked_at IS NULL", (token_hash(token),)
+            ).fetchone()
+        return row[0] if row else None
+
+    def revoke_invites(self, annotator: str, now: float | None = None) -> int:
+        """Revoke every live token of ``annotator``; returns how many there were."""
+        now = time.time() if now is None else now
+        with self._tx(write=True) as con:
+            cur = con.execute(
+                "UPDATE invites SET revoked_at = ? WHERE annotator = ? AND revoked_at IS NULL", (now, annotator)
+            )
+            return cur.rowcount
+
+    def invites(self) -> dict[str, int]:
+        """Annotator name -> number of live invite tokens."""
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT annotator, COUNT(*) FROM invites WHERE revoked_at IS NULL GROUP BY annotator ORDER BY annotator"
+            )
+            return dict(rows.fetchall())
+
+
+def token_hash(token: str) -> str:
+    """The SHA-256 (hex) an invite token is stored and looked up by."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,5 +1,8 @@
 // vidalign annotate: the page's logic. It talks to the server's JSON API only:
 //   GET /api/info, GET /api/next?annotator=, POST /api/label, POST /api/undo.
+// With access control the link carries ?token=...: the server answers the page with a cookie
+// that every later request (API and videos) carries, and the page drops the token from the
+// address bar. An invite token names its annotator (/api/info says who): no name to type.
 // A label counts once the server has answered 200 (it has been committed to SQLite by then);
 // until that answer the buttons stay disabled, and on an error the same pair stays on screen.
 "use strict";
@@ -11,6 +14,7 @@ const right = $("video-right");
 let annotator = null;
 let pair = null;
 let busy = false;
+let boundName = null;  // the annotator an invite link names (null: type a name)
 
 function setState(state) {
   document.body.dataset.state = state;
@@ -54,8 +58,9 @@ function showLogin() {
 
 function startAs(name) {
   annotator = name.trim();
-  localStorage.setItem("vidalign.annotator", annotator);
+  if (!boundName) localStorage.setItem("vidalign.annotator", annotator);
   $("annotator-name").textContent = annotator;
+  $("switch").hidden = !!boundName;
   $("who").hidden = false;
   $("login").hidden = true;
   loadNext();
@@ -274,8 +279,25 @@ $("login-form").addEventListener("submit", (ev) => {
   if ($("name-input").value.trim()) startAs($("name-input").value);
 });
 
+async function init() {
+  const params = new URLSearchParams(location.search);
+  try {
+    const info = await api("GET", "/api/info");
+    boundName = info.annotator || null;
+  } catch (e) {
+    status(e.status === 401 ? "This app needs an invite link: open the link you were sent." :
+      `Could not reach the server: ${e.message}`, true);
+    setState("error");
+    return;
+  }
+  if (params.has("token")) {  // the cookie carries it from now on; keep it out of the address bar
+    params.delete("token");
+    history.replaceState(null, "", location.pathname + (params.toString() ? `?${params}` : ""));
+  }
+  const saved = boundName || params.get("annotator") || localStorage.getItem("vidalign.annotator");
+  if (saved && saved.trim()) startAs(saved); else showLogin();
+}
+
 buildAspects();
 requestAnimationFrame(follow);
-const fromUrl = new URLSearchParams(location.search).get("annotator");
-const saved = fromUrl || localStorage.getItem("vidalign.annotator");
-if (saved && saved.trim()) startAs(saved); else showLogin();
+init();
