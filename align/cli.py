@@ -3,14 +3,21 @@
     vidalign demo [--out runs/demo] [--quick] [--set KEY=VALUE ...]
     vidalign pretrain [RECIPE] [--key value ...]
     vidalign train RECIPE [--key value ...]          (e.g. --beta 500)
-    vidalign eval --model DIR --lora DIR [--prompts FILE] [--out DIR]
-    vidalign generate --model DIR [--lora DIR] --prompt TEXT [...] --out DIR
+    vidalign eval --model M --lora L [--baseline-lora L0] --prompts-file F --judge SPEC [--judge ...]
+                  [--seeds-per-prompt K] --out DIR           (SPEC: reward:DIR | clip:MODEL[@W] | http:URL | human)
+    vidalign eval human --db labels.sqlite [--task DIR]      (the human win rate of an `eval --judge human` task)
+    vidalign generate --model DIR [--lora DIR] --prompt TEXT [...] --out DIR [--resume]
     vidalign data validate DATASET [--min-frames N] [--allow-absolute-paths]
     vidalign data import --format pickapic|videogen-rewardbench|chosen-rejected SRC DST [--num-frames N ...]
     vidalign data inspect DATASET [--out PNG]
     vidalign data cache DATASET --model DIR --cache-dir DIR
-    vidalign data pairs --model DIR --out DATASET_DIR [--samples-per-prompt 4]
+    vidalign data pairs --model DIR --prompts-file F --judge SPEC --out DATASET_DIR [--samples-per-prompt 4]
+    vidalign data samples --model DIR --prompts-file F --judge SPEC --out DATASET_DIR
+      (every sampling command: [--num-frames N --height H --width W] [--batch-size B] [--device D]
+       [--sampler pipeline|vidalign] [--resume])
     vidalign annotate serve PAIRS --db labels.sqlite [--per-pair N] [--host 127.0.0.1] [--port 8765]
+                                 [--secret S | --require-invite]   (required for a non-loopback --host)
+    vidalign annotate invite NAME --db labels.sqlite [--base-url http://HOST:PORT] [--revoke]
     vidalign annotate stats --db labels.sqlite [--json]
     vidalign annotate export --db labels.sqlite OUT [--mode majority|all] [--min-labels N]
 
@@ -30,6 +37,8 @@ import numpy as np
 
 
 def _prompts_from(args) -> list[str]:
+    """The prompts of ``--prompt`` (repeatable) and ``--prompts-file`` (one per line); none, or an
+    empty one, is an error that says how to give them (no command but the demo has default prompts)."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
         f = Path(args.prompts_file)
@@ -38,14 +47,38 @@ def _prompts_from(args) -> list[str]:
         lines = f.read_text().rstrip("\n").split("\n")
         for i, line in enumerate(lines):
             if not line.strip():
-                raise ValueError(f"prompts file {f}: line {i + 1} is empty")
+                raise ValueError(f"prompts file {f}: line {i + 1} is empty (one prompt per line, no blank lines)")
         prompts += [ln.strip() for ln in lines]
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"--prompt number {i + 1} is empty")
     if not prompts:
-        raise ValueError("no prompts given (use --prompt TEXT or --prompts-file FILE)")
+        raise ValueError(
+            "no prompts given: use --prompt TEXT (repeatable) or --prompts-file FILE (one prompt per line); "
+            "only `vidalign demo` has prompts of its own"
+        )
     return prompts
+
+
+def _judges(args, command: str, device=None) -> list:
+    """The judges of ``--judge SPEC`` (repeatable) and ``--reward-model DIR ...`` (= ``--judge
+    reward:DIR``), built now so that a bad spec fails before anything is sampled."""
+    from align.judges import load_judges
+
+    specs = list(args.judge or []) + [f"reward:{d}" for d in (args.reward_model or [])]
+    if not specs:
+        raise ValueError(
+            f"{command} needs a judge: --judge reward:DIR (a `vidalign reward train` model), "
+            "--judge clip:MODEL[@WEIGHTS] or --judge http:URL (repeatable; --judge oracle: the demo's world only)"
+        )
+    return load_judges(specs, device=device)
+
+
+def _one_score(judges: list, scores: dict) -> np.ndarray:
+    """One score per video: a single judge's own, several judges' mean z-score."""
+    from align.judges import combine_scores
+
+    return scores[judges[0].name] if len(judges) == 1 else combine_scores([scores[j.name] for j in judges])
 
 
 def cmd_demo(args) -> int:
@@ -80,73 +113,84 @@ def cmd_pretrain(args, extra) -> int:
 
 
 def cmd_train(args, extra) -> int:
-    from align.config import TrainConfig, load_config
-    from align.train import train
+    from align.training import load_train_config, train
 
-    cfg = load_config(TrainConfig, args.recipe, extra)
-    run_dir = train(cfg)
+    run_dir = train(load_train_config(args.recipe, extra))
     print(f"run written to {run_dir} (LoRA in {run_dir / 'lora'})")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from align.data.synthetic import split_scenes
-    from align.eval.evaluate import oracle_winrate, sample_paired
-    from align.eval.plots import plot_winrates
-    from align.eval.report import write_report
-    from align.train import load_aligned
+    """Paired win rates of ``--lora`` against the base (or ``--baseline-lora``) by every judge."""
+    from align.eval.evaluate import EvalConfig, run_eval
 
-    if args.prompt or args.prompts_file:
-        prompts = _prompts_from(args)
-    else:
-        prompts = [s.prompt for s in split_scenes(args.heldout_fraction, seed=args.split_seed)[1]]
-    prompts = [p for p in prompts for _ in range(args.seeds_per_prompt)]
-    seeds = [args.seed + i for i in range(len(prompts))]
-    model = load_aligned(args.model, args.lora)
-    samples = sample_paired(model, prompts, seeds, args.steps, args.guidance)
-    wr = oracle_winrate(samples)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_winrates({"aligned vs base (oracle)": wr}, out / "winrates.png")
-    write_report(
-        {
-            "winrate": {"oracle": wr},
-            "model": str(args.model),
-            "lora": str(args.lora),
-            "artifacts": {"winrates": "winrates.png"},
-        },
-        out,
+    prompts = _prompts_from(args)
+    specs = list(args.judge or []) + [f"reward:{d}" for d in (args.reward_model or [])]
+    cfg = EvalConfig(
+        model=args.model,
+        lora=args.lora,
+        prompts=prompts,
+        out=args.out,
+        judges=specs,
+        baseline_lora=args.baseline_lora,
+        seeds_per_prompt=args.seeds_per_prompt,
+        seed=args.seed,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        batch_size=args.batch_size,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        device=args.device,
+        tie_margin=args.tie_margin,
+        fps=args.fps,
+        resume=args.resume,
     )
-    print(json.dumps({"oracle": {k: wr[k] for k in ("rate", "ci95", "n", "ties")}}))
+    report = run_eval(cfg)
+    for name, wr in (report.get("winrate") or {}).items():
+        lo, hi = wr["ci95"]
+        print(
+            f"{name}: win rate {wr['rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={wr['n']}, "
+            f"wins/ties/losses {wr['wins']}/{wr['ties']}/{wr['losses']})"
+        )
+    for name in report.get("suspect_judges") or []:
+        print(f"warning: judge {name} prefers the aligned model while the other judges do not (reward hacking?)")
+    if "human_task" in report:
+        print(f"blinded A/B task for annotators: {report['human_task']} (vidalign annotate serve ...)")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    summary = {k: {f: wr[f] for f in ("rate", "ci95", "n", "ties")} for k, wr in (report.get("winrate") or {}).items()}
+    print(json.dumps(summary))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from align.data.video import to_uint8, write_video
-    from align.sample import generate
-    from align.train import load_aligned
+    """Sample videos for prompts into ``--out`` (an mp4 or GIF per video + index.jsonl)."""
+    from align.generation import default_batch_size, load_generator, sample_to_disk
 
     prompts = _prompts_from(args)
     prompts = [p for p in prompts for _ in range(args.num)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    import torch
-
-    tiny = Path(args.model, "vae.safetensors").is_file()  # TinySora samples on the CPU, as before
-    model = load_aligned(args.model, args.lora, device="cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    if hasattr(model, "generate_videos"):  # a diffusers model: the real pipeline (its own scheduler)
-        model.set_video_size(args.num_frames, args.height, args.width)
-        videos = to_uint8(model.generate_videos(prompts, seeds, args.steps, args.guidance))
-    else:
-        videos = to_uint8(generate(model, prompts, seeds, args.steps, args.guidance, progress=True))
-    scale = args.scale if args.scale is not None else (1 if hasattr(model, "generate_videos") else 4)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    index = []
-    for i, (p, s, v) in enumerate(zip(prompts, seeds, videos)):
-        f = write_video(out / f"{i:04d}_seed{s}.{args.format}", v, fps=args.fps, scale=scale)
-        index.append({"file": f.name, "prompt": p, "seed": s})
-    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in index))
-    print(f"wrote {len(index)} videos to {out}")
+    model = load_generator(args.model, args.lora, args.device)
+    rows = sample_to_disk(
+        model,
+        prompts,
+        seeds,
+        args.out,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        batch_size=args.batch_size or default_batch_size(model),
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        model_name=args.model,
+        lora=args.lora,
+        resume=args.resume,
+        fps=args.fps,
+        video_format=args.format,
+    )
+    print(f"wrote {len(rows)} videos to {args.out} (index.jsonl: file, prompt, seed, model, lora, settings)")
     return 0
 
 
@@ -171,6 +215,8 @@ def cmd_data(args) -> int:
     )
     c = rep.counts
     print(f"{args.dataset}: {len(ds)} rows; a={c['a']} b={c['b']} tie={c['tie']}")
+    for line in rep.info_lines():  # mixed sizes / lengths / fps are information: training resamples
+        print(f"  info: {line}")
     for p in rep.problems:
         print(f"  {p}")
     print(f"{len(rep.fatal)} problem(s) in {len(rep.bad_rows)} row(s), {len(rep.warnings)} warning(s)")
@@ -258,39 +304,57 @@ def cmd_data_cache(args) -> int:
     return 0
 
 
-def cmd_data_pairs(args) -> int:
-    """Sample the model on the world's training prompts (or yours), label best vs worst (or
-    all pairs) with the oracle, or with a reward model when ``--reward-model`` is given."""
-    from align.data.pairs import sampled_preference_dataset
-    from align.data.synthetic import split_scenes
-    from align.models import load_model
+def _sample_and_judge(args, command: str, rounds: int = 1) -> tuple[list[str], list[str], dict, list]:
+    """``data pairs`` / ``data samples``: prompts and judges checked first, then K samples per
+    prompt and round into ``OUT/videos`` (resumable), then every judge's scores:
+    ``(prompts, files relative to OUT, scores by judge name, judges)``."""
+    from align.eval.evaluate import score_samples
+    from align.generation import default_batch_size, load_generator, sample_to_disk
+    from align.judges import check_prompts
 
-    if args.prompt or args.prompts_file:
-        prompts = _prompts_from(args)
-    else:
-        prompts = [s.prompt for s in split_scenes(args.heldout_fraction, seed=args.split_seed)[0]]
-    score = None
-    if args.reward_model:
-        from reward_models.model import load_reward_model
-
-        score = load_reward_model(args.reward_model).score
-    model = load_model(args.model)
-    ds = sampled_preference_dataset(
+    prompts = _prompts_from(args)
+    k = args.samples_per_prompt
+    if k < 2:
+        raise ValueError(f"--samples-per-prompt must be >= 2 (samples are compared with each other), got {k}")
+    judges = _judges(args, command, args.device)
+    check_prompts(judges, prompts)
+    ps = [p for p in prompts * rounds for _ in range(k)]
+    seeds = [args.seed * 1_000_003 + i for i in range(len(ps))]
+    videos = Path(args.out) / "videos"
+    model = load_generator(args.model, None, args.device)
+    rows = sample_to_disk(
         model,
-        prompts * args.rounds,
-        args.samples_per_prompt,
-        seed=args.seed,
+        ps,
+        seeds,
+        videos,
         num_steps=args.steps,
         guidance_scale=args.guidance,
-        tie_margin=args.tie_margin,
-        score=score,
-        which=args.pairs,
+        batch_size=args.batch_size or default_batch_size(model),
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        sampler=args.sampler,
+        model_name=args.model,
+        resume=args.resume,
+        fps=args.fps,
+        desc=command,
     )
+    del model
+    return ps, [f"videos/{r['file']}" for r in rows], score_samples(judges, videos, rows), judges
+
+
+def cmd_data_pairs(args) -> int:
+    """Sample the model K times per prompt (and round), score every video with the judges, and
+    write best-vs-worst (or all) pairs as a preference dataset whose videos are files in OUT/videos."""
+    from align.data.pairs import pairs_from_groups
+
+    ps, files, scores, judges = _sample_and_judge(args, "data pairs", args.rounds)
+    totals = _one_score(judges, scores).reshape(-1, args.samples_per_prompt)
+    ds = pairs_from_groups(ps, files, totals, args.pairs, args.tie_margin, args.seed)
     ds.save_to_disk(args.out)
     prefs = ds["preference"]
-    judge = f"reward model {' + '.join(args.reward_model)}" if args.reward_model else "the oracle"
     print(
-        f"wrote {len(ds)} pairs judged by {judge} to {args.out} "
+        f"wrote {len(ds)} pairs judged by {' + '.join(j.name for j in judges)} to {args.out} "
         f"(a={prefs.count('a')} b={prefs.count('b')} tie={prefs.count('tie')})"
     )
     return 0
@@ -345,30 +409,16 @@ def cmd_reward(args, extra) -> int:
 
 
 def cmd_data_samples(args) -> int:
-    """Sample a generator K times per prompt and score every video with a reward model."""
+    """Sample a generator K times per prompt and score every video with the judges (RWR's data)."""
     from align.data.samples import scored_samples_dataset
-    from align.data.synthetic import split_scenes
-    from align.data.video import to_uint8
-    from align.models import load_model
-    from align.sample import generate
-    from reward_models.model import load_reward_model
 
-    if args.prompt or args.prompts_file:
-        prompts = _prompts_from(args)
-    else:
-        prompts = [s.prompt for s in split_scenes(0.2, seed=0)[0]]
+    ps, files, scores, judges = _sample_and_judge(args, "data samples")
+    rewards = _one_score(judges, scores)
     k = args.samples_per_prompt
-    ps = [p for p in prompts for _ in range(k)]
-    reward_model = load_reward_model(args.reward_model)  # before sampling: a bad path fails at once
-    model = load_model(args.model)
-    videos = to_uint8(
-        generate(model, ps, [args.seed + i for i in range(len(ps))], args.steps, args.guidance, progress=True)
-    )
-    rewards = reward_model.score(videos, ps)
-    scored_samples_dataset(ps, videos, rewards, [i // k for i in range(len(ps))]).save_to_disk(args.out)
+    scored_samples_dataset(ps, files, rewards, [i // k for i in range(len(ps))]).save_to_disk(args.out)
     print(
-        f"wrote {len(ps)} scored samples ({len(prompts)} prompts x {k}) to {args.out}; "
-        f"reward mean {rewards.mean():.3f} std {rewards.std():.3f}"
+        f"wrote {len(ps)} scored samples ({len(ps) // k} prompts x {k}) judged by "
+        f"{' + '.join(j.name for j in judges)} to {args.out}; reward mean {rewards.mean():.3f} std {rewards.std():.3f}"
     )
     return 0
 
@@ -378,7 +428,28 @@ def cmd_annotate(args) -> int:
     if args.annotate_command == "serve":
         from align.annotate.server import serve
 
-        serve(args.pairs, args.db, args.host, args.port, args.per_pair, args.root, args.cache_format, args.verbose)
+        serve(
+            args.pairs,
+            args.db,
+            args.host,
+            args.port,
+            args.per_pair,
+            args.root,
+            args.cache_format,
+            args.verbose,
+            secret=args.secret or os.environ.get("VIDALIGN_ANNOTATE_SECRET") or None,
+            require_invite=args.require_invite,
+        )
+        return 0
+    if args.annotate_command == "invite":
+        from align.annotate.server import invite_link
+        from align.annotate.storage import LabelStore
+
+        store = LabelStore(args.db)
+        if args.revoke:
+            print(f"revoked {store.revoke_invites(args.name)} invite(s) of {args.name}")
+            return 0
+        print(invite_link(args.base_url, store.add_invite(args.name)))
         return 0
     if args.annotate_command == "stats":
         from align.annotate.stats import format_stats, json_safe, store_stats
@@ -416,33 +487,58 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="align a generator with DPO + LoRA from a recipe")
     t.add_argument("recipe")
 
-    def sampling(q):
+    def sampling(q, judges: bool = True, resume: bool = False):
+        """The options of every command that samples a model (and, with ``judges``, scores it)."""
         q.add_argument("--model", required=True, help="model directory, or a diffusers pipeline (dir or Hub id)")
         q.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-        q.add_argument("--prompts-file", help="one prompt per line")
+        q.add_argument("--prompts-file", help="one prompt per line (no blank lines)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--steps", type=int, default=20)
         q.add_argument("--guidance", type=float, default=4.0)
         q.add_argument("--out", required=True)
+        for flag in ("--num-frames", "--height", "--width"):
+            q.add_argument(flag, type=int, default=None, help="video size (default: the model's); checked first")
+        q.add_argument(
+            "--batch-size", type=int, default=None, help="videos per sampler call (default 1 for diffusers models)"
+        )
+        q.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+        q.add_argument(
+            "--sampler",
+            choices=("pipeline", "vidalign"),
+            default="pipeline",
+            help="diffusers models: the family's own pipeline sampler, or vidalign's ODE sampler",
+        )
+        q.add_argument("--fps", type=int, default=8, help="frame rate written into the video files")
+        q.add_argument(
+            "--resume",
+            action=argparse.BooleanOptionalAction,
+            default=resume,
+            help="reuse videos already sampled into OUT with the same prompt, seed and settings"
+            + (" (default)" if resume else ""),
+        )
+        if judges:
+            q.add_argument(
+                "--judge",
+                action="append",
+                metavar="SPEC",
+                help="reward:DIR | clip:MODEL[@WEIGHTS] | http:URL (repeatable; oracle: the demo's world only)",
+            )
+            q.add_argument(
+                "--reward-model", nargs="+", metavar="DIR", help="the same as --judge reward:DIR for each DIR"
+            )
 
-    e = sub.add_parser("eval", help="win rate of an aligned LoRA vs its base (same prompts and seeds)")
-    sampling(e)
+    e = sub.add_parser("eval", help="win rates of an aligned LoRA vs its base (same prompts and seeds), any judge")
+    sampling(e, resume=True)
     e.add_argument("--lora", required=True, help="LoRA directory (run_dir/lora)")
+    e.add_argument("--baseline-lora", default=None, help="compare against this LoRA instead of the base model")
     e.add_argument("--seeds-per-prompt", type=int, default=5)
-    e.add_argument("--heldout-fraction", type=float, default=0.2, help="without prompts: the world's held-out split")
-    e.add_argument("--split-seed", type=int, default=0)
+    e.add_argument("--tie-margin", type=float, default=0.0, help="|score gap| at or below which a comparison is a tie")
 
     g = sub.add_parser("generate", help="write videos for prompts")
-    sampling(g)
+    sampling(g, judges=False)
     g.add_argument("--lora", default=None)
     g.add_argument("--num", type=int, default=1, help="videos per prompt")
-    g.add_argument("--format", choices=("gif", "mp4"), default="gif")
-    g.add_argument("--fps", type=int, default=8)
-    g.add_argument(
-        "--scale", type=int, default=None, help="nearest-neighbour upscaling (default 4; 1 for diffusers models)"
-    )
-    for flag in ("--num-frames", "--height", "--width"):
-        g.add_argument(flag, type=int, default=None, help="diffusers models: video size (default: the model's)")
+    g.add_argument("--format", choices=("mp4", "gif", "webm"), default="mp4")
 
     da = sub.add_parser("data", help="preference datasets")
     dsub = da.add_subparsers(dest="data_command", required=True)
@@ -473,33 +569,20 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--split", default="train", help="split of a hub dataset / DatasetDict")
     for q in (v, im, ca):
         q.add_argument("--allow-absolute-paths", action="store_true", help="trust absolute video paths")
-    pa = dsub.add_parser(
-        "pairs", help="sample a model, label best-vs-worst pairs with the oracle judge or a reward model"
-    )
+    pa = dsub.add_parser("pairs", help="sample a model, label best-vs-worst pairs with judges (--judge)")
     sampling(pa)
     pa.add_argument("--samples-per-prompt", type=int, default=4)
     pa.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
     pa.add_argument(
-        "--tie-margin", type=float, default=0.01, help="score gap below which a pair is a tie (in the judge's units)"
-    )
-    pa.add_argument(
-        "--reward-model",
-        nargs="+",
-        help="judge with this reward model (`vidalign reward train`; several: their mean score) "
-        "instead of the synthetic world's oracle",
+        "--tie-margin",
+        type=float,
+        default=0.01,
+        help="score gap below which a pair is a tie (one judge: its units; several: z-score units)",
     )
     pa.add_argument("--pairs", choices=("best_worst", "all"), default="best_worst", help="pairs per group of samples")
-    pa.add_argument("--heldout-fraction", type=float, default=0.2, help="without prompts: the world's train split")
-    pa.add_argument("--split-seed", type=int, default=0)
 
-    sa = dsub.add_parser("samples", help="sample a model K times per prompt and score with a reward model (for RWR)")
+    sa = dsub.add_parser("samples", help="sample a model K times per prompt and score with judges (for RWR)")
     sampling(sa)
-    sa.add_argument(
-        "--reward-model",
-        nargs="+",
-        required=True,
-        help="a reward model directory (`vidalign reward train`); several: the mean of their scores",
-    )
     sa.add_argument("--samples-per-prompt", type=int, default=4)
 
     rw = sub.add_parser("reward", help="CLIP-based video reward models: train, eval, score")
@@ -532,11 +615,26 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("pairs", help="a preference dataset directory, or `vidalign generate` output (index.jsonl)")
     se.add_argument("--db", required=True, help="SQLite file for the labels (created if missing)")
     se.add_argument("--per-pair", type=int, default=1, help="annotators each pair is shown to")
-    se.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback prints a warning)")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --secret or --require-invite)")
     se.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     se.add_argument("--root", default=None, help="folder videos may be served from (default: PAIRS)")
     se.add_argument("--cache-format", choices=("webm", "mp4"), default="webm", help="for converted GIFs/arrays")
     se.add_argument("--verbose", action="store_true", help="log every request")
+    se.add_argument(
+        "--secret",
+        default=None,
+        help="shared secret every request must carry (?token=S, then a cookie); default $VIDALIGN_ANNOTATE_SECRET",
+    )
+    se.add_argument(
+        "--require-invite",
+        action="store_true",
+        help="every request needs a token: an invite (`annotate invite NAME`) or the --secret",
+    )
+    inv = asub.add_parser("invite", help="make an annotator's access link (a token stored, hashed, in the db)")
+    inv.add_argument("name", help="the annotator: labels made with this link are stored under this name")
+    inv.add_argument("--db", required=True, help="the SQLite file `annotate serve` uses (created if missing)")
+    inv.add_argument("--base-url", default=None, help="where annotators reach the app (default http://HOSTNAME:8765)")
+    inv.add_argument("--revoke", action="store_true", help="revoke every link of NAME instead")
     st = asub.add_parser("stats", help="agreement (Cohen's / Fleiss' kappa), tie rate, progress")
     st.add_argument("--db", required=True)
     st.add_argument("--json", action="store_true")
@@ -549,8 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _eval_human(argv: list[str]) -> int:
+    """``vidalign eval human ...``: handed to ``align.eval.human.main_eval_human``."""
+    try:
+        from align.eval.human import main_eval_human
+
+        return main_eval_human(argv)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("VIDALIGN_DEBUG"):
+            raise
+        print(f"vidalign eval human: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vidalign`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "human"]:
+        return _eval_human(argv[2:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "pretrain") and getattr(args, "reward_command", None) != "train":

@@ -140,38 +140,6 @@ def rwr_loss(model_err: torch.Tensor, weights: torch.Tensor, num_groups: int | N
     return {"loss": loss, "weighted_err": loss.detach(), "mean_err": model_err.mean().detach(), "ess": ess.detach()}
 
 
-def rwr_advantage_loss(model_err: torch.Tensor, weights: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """Group-relative RWR term: each sample's denoising error times its *advantage*
-    ``a = group_size * w - 1`` (its RWR weight relative to a uniform one; ``a`` sums to zero
-    over a group), summed and divided by the number of groups.
-
-    The batch must hold whole groups of ``group_size`` consecutive samples whose ``weights``
-    sum to one each (``rwr_weights`` of one prompt's samples). Per group the term equals
-    ``group_size * (weighted error - mean error)``: it lowers the error of the samples the
-    reward prefers *and raises* that of the others, so without a bound (the trainer's KL term)
-    it has no minimum. Unlike plain RWR it has no share that fits every sample alike. It is
-    meant for groups noised with the same noise and timestep (the trainer's
-    ``rwr_group_batches``): then the error every sample shares under that noise cancels, as in
-    Diffusion-DPO's pairs, and only the differences between the samples are learned. A
-    departure from GRPO (Shao et al. 2024; Flow-GRPO, Liu et al. 2025): offline, on base
-    samples, the advantage from softmax weights rather than a reward z-score, and no ratio
-    clipping. Returns ``loss`` and ``advantage_err`` (detached)."""
-    if model_err.shape != weights.shape or model_err.dim() != 1:
-        raise ValueError(f"rwr_advantage_loss: expected two (B,) tensors, got {model_err.shape}, {weights.shape}")
-    n = model_err.shape[0]
-    if group_size < 2 or n % group_size:
-        raise ValueError(f"rwr_advantage_loss: a batch of {n} is not whole groups of group_size {group_size} (>= 2)")
-    sums = weights.detach().view(-1, group_size).sum(dim=1)
-    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-        raise ValueError(
-            f"rwr_advantage_loss: weights of each group of {group_size} consecutive samples must sum to 1, "
-            f"got {[round(float(s), 4) for s in sums]} (is the batch made of whole groups?)"
-        )
-    adv = group_size * weights.detach() - 1.0
-    loss = (adv * model_err).sum() / (n // group_size)
-    return {"loss": loss, "advantage_err": loss.detach()}
-
-
 def group_advantages(
     rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-4, global_std: bool = False
 ) -> torch.Tensor:

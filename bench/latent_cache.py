@@ -51,7 +51,7 @@ from align.data.synthetic import all_scenes, sample_videos
 from align.data.video import from_uint8, prepare_video, read_video, video_info, write_video
 from align.models.lora import attach_lora, lora_parameters
 from align.models.tiny_sora import TinySora, TinySoraConfig
-from align.train import dpo_step_losses
+from align.training.dpo import dpo_step_losses
 
 SCENARIOS = {
     # name: (frames in the file, size in the file, fps of the file, preprocessing for the model)

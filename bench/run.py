@@ -25,7 +25,7 @@ from align.models.lora import attach_lora, lora_parameters
 from align.models.tiny_sora import TinySora, TinySoraConfig
 from align.objectives import per_sample_mse
 from align.sample import generate
-from align.train import dpo_step_losses
+from align.training.dpo import dpo_step_losses
 
 PROMPT = "a red square moving left on a black background"
 

@@ -50,7 +50,7 @@ def save_rows(rows: dict[str, list], path) -> str:
 
 
 def tiny_recipe(model_dir, out, **kw) -> dict:
-    """A training recipe (TrainConfig keys) for the tiny model: LoRA rank 4, lr 1e-2, beta 50,
+    """A training recipe (config keys) for the tiny model: LoRA rank 4, lr 1e-2, beta 50 for DPO,
     no progress bars, no checkpoints; ``kw`` adds or overrides keys."""
     base = dict(
         model=str(model_dir),
@@ -58,10 +58,11 @@ def tiny_recipe(model_dir, out, **kw) -> dict:
         learning_rate=1e-2,
         lora_rank=4,
         lora_alpha=4.0,
-        beta=50.0,
         checkpointing_steps=0,
         progress=False,
     )
+    if kw.get("objective", "dpo") == "dpo":
+        base["beta"] = 50.0
     return base | kw
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from align.config import TrainConfig, load_config
+from align.training import load_train_config
 
 
 def _recipe(tmp_path, text):
@@ -13,7 +13,7 @@ def _recipe(tmp_path, text):
 
 def test_yaml_and_overrides(tmp_path):
     p = _recipe(tmp_path, "model: m\ndataset: d\nbeta: 100\nlora_targets: [attn.qkv]\n")
-    cfg = load_config(TrainConfig, p, ["--beta", "250", "--max-steps=7", "--progress", "false"])
+    cfg = load_train_config(p, ["--beta", "250", "--max-steps=7", "--progress", "false"])
     assert cfg.beta == 250.0 and cfg.max_steps == 7 and cfg.progress is False
     assert cfg.lora_targets == ["attn.qkv"] and cfg.model == "m"
 
@@ -21,22 +21,22 @@ def test_yaml_and_overrides(tmp_path):
 def test_unknown_key_is_named(tmp_path):
     p = _recipe(tmp_path, "model: m\ndataset: d\nbetta: 100\n")
     with pytest.raises(ValueError, match=r"unknown key 'betta'.*did you mean 'beta'"):
-        load_config(TrainConfig, p)
+        load_train_config(p)
     with pytest.raises(ValueError, match="command line: unknown key 'lr'"):
-        load_config(TrainConfig, _recipe(tmp_path, "model: m\ndataset: d\n"), ["--lr", "1"])
+        load_train_config(_recipe(tmp_path, "model: m\ndataset: d\n"), ["--lr", "1"])
 
 
 def test_missing_required_key_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"missing required key\(s\) \['model'\]"):
-        load_config(TrainConfig, _recipe(tmp_path, "dataset: d\n"))
+        load_train_config(_recipe(tmp_path, "dataset: d\n"))
 
 
 def test_malformed_values(tmp_path):
     with pytest.raises(ValueError, match="key 'max_steps' must be int"):
-        load_config(TrainConfig, _recipe(tmp_path, "model: m\ndataset: d\nmax_steps: lots\n"))
+        load_train_config(_recipe(tmp_path, "model: m\ndataset: d\nmax_steps: lots\n"))
     with pytest.raises(ValueError, match="a recipe must be a mapping"):
-        load_config(TrainConfig, _recipe(tmp_path, "- a\n- b\n"))
+        load_train_config(_recipe(tmp_path, "- a\n- b\n"))
     with pytest.raises(ValueError, match="not valid YAML"):
-        load_config(TrainConfig, _recipe(tmp_path, "model: [\n"))
+        load_train_config(_recipe(tmp_path, "model: [\n"))
     with pytest.raises(FileNotFoundError, match="no such file"):
-        load_config(TrainConfig, tmp_path / "nope.yaml")
+        load_train_config(tmp_path / "nope.yaml")

@@ -15,9 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from align.config import TrainConfig
 from align.launch import cpu_launch
-from align.train import train
+from align.training import build_config, train
 
 TOL = 1e-5
 KEYS = ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff")
@@ -51,7 +50,7 @@ def setup(tiny_model_dir, tmp_path_factory):
         checkpointing_steps=2,
     )
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    one = train(TrainConfig(**recipe, name="one"))
+    one = train(build_config(**recipe, name="one"))
     return tmp / "recipe.yaml", one
 
 
@@ -87,9 +86,9 @@ def test_two_processes_match_one(setup, kind):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_group_relative_rwr_two_processes_match_one(tiny_model_dir, tmp_path):
-    """Offline RWR with whole groups per batch, one noise per group and the advantage term:
-    2 DDP processes (one group of 4 each) match 1 process (two groups) step for step."""
+def test_rwr_two_processes_match_one(tiny_model_dir, tmp_path):
+    """Offline RWR with its KL term: 2 DDP processes (4 samples each) match 1 process (8) step
+    for step."""
     import numpy as np
     from conftest import PROMPT, tiny_recipe
 
@@ -105,17 +104,15 @@ def test_group_relative_rwr_two_processes_match_one(tiny_model_dir, tmp_path):
         tmp_path / "runs",
         dataset=str(tmp_path / "samples"),
         objective="rwr",
-        rwr_group_batches=True,
-        rwr_advantage_weight=2.0,
         rwr_kl_weight=1.0,
         max_steps=3,
         effective_batch_size=8,
     )
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    one = train(TrainConfig(**recipe, name="one"))
+    one = train(build_config(**recipe, name="one"))
     launch("ddp", tmp_path / "recipe.yaml", 2, "--name", "two")
     ref, got = _metrics(one), _metrics(one.parent / "two")
-    keys = ("loss", "weighted_err", "advantage_err", "kl")
+    keys = ("loss", "weighted_err", "kl")
     diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(ref, got)) for k in keys}
     assert [r["step"] for r in got] == [1, 2, 3] and all(d <= TOL for d in diffs.values()), diffs
     assert ref[2]["kl"] > 0

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import KEYS, LORA, TOL, _metrics, launch
 
-from align.config import TrainConfig
-from align.train import train
+from align.training import build_config, train
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +35,7 @@ def test_ddp_with_latent_cache_matches_one_process(tiny_model_dir, tmp_path):
     assert summary["pairs"] == 15 and summary["skipped"] == {"bad_row": 0, "tie": 1}
     assert summary["num_processes"] == 2
 
-    one = train(TrainConfig(**recipe, name="one", latent_cache_dir=str(cache)))
+    one = train(build_config(**recipe, name="one", latent_cache_dir=str(cache)))
     stats = json.loads((one / "summary.json").read_text())["latent_cache"]
     assert stats["videos_encoded"] == 0 and stats["videos_reused"] == 30  # both processes' shards serve it
     ref, got = _metrics(one), _metrics(ddp)

@@ -122,29 +122,3 @@ def test_rwr_loss_by_hand():
     assert abs(out["ess"].item() - 4.0 / (0.0625 + 0.5625 + 0.25 + 0.25)) < 1e-5
     out["loss"].backward()
     torch.testing.assert_close(err.grad, w / 2)
-
-
-def test_rwr_advantage_loss_by_hand():
-    """Two groups of 2: weights [0.25, 0.75] and [0.5, 0.5] -> advantages 2w - 1 = [-0.5, 0.5]
-    and [0, 0]; loss = (-0.5 * 1 + 0.5 * 3 + 0 * 2 + 0 * 4) / 2 groups = 0.5. Per group it is
-    k * (weighted error - mean error): 2 * (0.25 + 2.25 - 2) = 1 for the first, 0 for the second."""
-    from align.objectives import rwr_advantage_loss
-
-    err = torch.tensor([1.0, 3.0, 2.0, 4.0], requires_grad=True)
-    out = rwr_advantage_loss(err, torch.tensor([0.25, 0.75, 0.5, 0.5]), group_size=2)
-    assert float(out["loss"].detach()) == 0.5 and float(out["advantage_err"]) == 0.5
-    out["loss"].backward()
-    assert err.grad.tolist() == [-0.25, 0.25, 0.0, 0.0]  # lowers the preferred error, raises the other
-    # uniform weights: no advantage, no gradient
-    assert float(rwr_advantage_loss(torch.rand(6), torch.full((6,), 1 / 3), group_size=3)["loss"]) == 0.0
-
-
-def test_rwr_advantage_loss_needs_whole_groups():
-    from align.objectives import rwr_advantage_loss
-
-    with pytest.raises(ValueError, match="not whole groups of group_size 4"):
-        rwr_advantage_loss(torch.zeros(6), torch.full((6,), 0.25), group_size=4)
-    with pytest.raises(ValueError, match=r"must sum to 1, got \[1.0, 0.5\]"):
-        rwr_advantage_loss(torch.zeros(4), torch.tensor([0.5, 0.5, 0.25, 0.25]), group_size=2)
-    with pytest.raises(ValueError, match="group_size 1"):
-        rwr_advantage_loss(torch.zeros(2), torch.ones(2), group_size=1)

@@ -13,14 +13,14 @@ import torch
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from align.config import TrainConfig
-from align.train import check_zero3_layout, micro_batch_size, train
+from align.training import build_config, train
+from align.training.core import check_zero3_layout, micro_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "lora/pytorch_lora_weights.safetensors"
 
 
-def _cfg(model_dir, dataset, out, **kw) -> TrainConfig:
+def _cfg(model_dir, dataset, out, **kw):
     base = dict(
         dataset=dataset,
         name="full",
@@ -32,15 +32,15 @@ def _cfg(model_dir, dataset, out, **kw) -> TrainConfig:
         checkpointing_steps=2,
         checkpoints_total_limit=2,
     )
-    return TrainConfig(**tiny_recipe(model_dir, out, **(base | kw)))
+    return build_config(**tiny_recipe(model_dir, out, **(base | kw)))
 
 
 # runs train(cfg) in a fresh interpreter and sends itself `sig` at the n-th micro-step
 _KILLER = """
 import json, os, signal, sys
-import align.train as T
-from align.config import TrainConfig
-cfg = TrainConfig(**json.loads(sys.argv[1]))
+import align.training.dpo as T
+from align.training import build_config
+cfg = build_config(**json.loads(sys.argv[1]))
 sig, at = getattr(signal, sys.argv[2]), int(sys.argv[3])
 orig, calls = T.dpo_step_losses, [0]
 def step(*a, **k):
@@ -53,7 +53,7 @@ T.train(cfg)
 """
 
 
-def _interrupted(cfg: TrainConfig, sig: str, at: int) -> subprocess.CompletedProcess:
+def _interrupted(cfg, sig: str, at: int) -> subprocess.CompletedProcess:
     import dataclasses
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -90,7 +90,7 @@ def test_interrupted_run_resumes_bit_identical(full_run, tiny_model_dir, sig, at
     state = json.loads((run / f"checkpoint-{ckpt}" / "trainer_state.json").read_text())
     assert state["step"] == ckpt and state["micro_step"] == 2 * ckpt
 
-    resumed = train(TrainConfig(**{**cfg.__dict__, "resume": "latest"}))
+    resumed = train(build_config(**{**cfg.__dict__, "resume": "latest"}))
     a, b = load_file(full / LORA), load_file(resumed / LORA)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
     assert _losses(resumed) == _losses(full)  # metrics.jsonl: steps 1..6 once each, same values
@@ -117,10 +117,10 @@ def test_batch_layout_errors(tiny_model_dir, pref_dataset_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, pref_dataset_dir, tmp_path, effective_batch_size=6, gradient_accumulation_steps=4)
     with pytest.raises(ValueError, match=r"effective_batch_size 6 is not divisible by 1 process\(es\) x 4"):
         train(cfg)
-    assert micro_batch_size(_cfg(tiny_model_dir, "", tmp_path, effective_batch_size=16), 4) == 2
+    assert micro_batch_size(_cfg(tiny_model_dir, "d", tmp_path, effective_batch_size=16), 4) == 2
     with pytest.raises(ValueError, match="not divisible by 3 process"):
-        micro_batch_size(_cfg(tiny_model_dir, "", tmp_path, effective_batch_size=16, gradient_accumulation_steps=1), 3)
-    assert micro_batch_size(_cfg(tiny_model_dir, "", tmp_path, train_batch_size=5), 3) == 5  # 0 = not stated
+        micro_batch_size(_cfg(tiny_model_dir, "d", tmp_path, effective_batch_size=16, gradient_accumulation_steps=1), 3)
+    assert micro_batch_size(_cfg(tiny_model_dir, "d", tmp_path, train_batch_size=5), 3) == 5  # 0 = not stated
 
 
 def test_zero3_layout_check(tiny_model_dir):

@@ -10,9 +10,8 @@ from conftest import PROMPT, tiny_recipe
 from safetensors.torch import load_file
 
 from align.cli import main
-from align.config import TrainConfig
 from align.data.samples import load_scored_samples, scored_samples_dataset
-from align.train import train
+from align.training import build_config, train
 from reward_models.model import RewardModelConfig, VideoRewardModel
 
 
@@ -29,7 +28,7 @@ def _samples(tmp_path, n=8, bad=None):
 
 def _cfg(model_dir, out, **kw):
     base = dict(name="rwr", objective="rwr", max_steps=3, train_batch_size=4, rwr_temperature=1.0, rwr_max_weight=0.5)
-    return TrainConfig(**tiny_recipe(model_dir, out, **(base | kw)))
+    return build_config(**tiny_recipe(model_dir, out, **(base | kw)))
 
 
 def test_offline_rwr_trains_lora_only(tiny_model_dir, tmp_path):
@@ -209,7 +208,7 @@ def _model_batch_uncond(model_dir):
 
 def test_rwr_cond_dropout_uses_the_empty_prompt(tiny_model_dir):
     """Dropped rows are conditioned on the empty prompt: dropping all equals an all-empty batch."""
-    from align.train import rwr_step_losses
+    from align.training.rwr import rwr_step_losses
 
     model, (lat, cond, w), uncond = _model_batch_uncond(tiny_model_dir)
     with torch.no_grad():
@@ -229,7 +228,7 @@ def test_rwr_cond_dropout_uses_the_empty_prompt(tiny_model_dir):
 def test_rwr_kl_term_is_zero_at_the_base_and_grows_with_the_adapter(tiny_model_dir):
     from align.models import load_model
     from align.models.lora import attach_lora, lora_parameters
-    from align.train import rwr_step_losses
+    from align.training.rwr import rwr_step_losses
 
     model = load_model(tiny_model_dir)
     attach_lora(model.denoiser, 4, 4.0, 0.0, ["attn.qkv", "attn.proj"])
@@ -257,14 +256,15 @@ def test_rwr_guided_loss_fits_the_cfg_prediction(tiny_model_dir):
     """With guidance_scale g the error is that of u + g * (c - u), computed by hand from two
     separate calls on the same noised latents; g = 1 is the plain conditional loss."""
     from align.objectives import per_sample_mse
-    from align.train import _shared_draws, rwr_step_losses
+    from align.training.core import shared_draws
+    from align.training.rwr import rwr_step_losses
 
     model, (lat, cond, w), uncond = _model_batch_uncond(tiny_model_dir)
     with torch.no_grad():
         out = rwr_step_losses(
             model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(5), uncond=uncond, guidance_scale=3.0
         )
-        noise, t = _shared_draws(model, lat.shape, torch.Generator().manual_seed(5), (0, 1), lat.device)
+        noise, t = shared_draws(model, lat.shape, torch.Generator().manual_seed(5), (0, 1), lat.device)
         x_t = model.scheduler.add_noise(lat, noise, t)
         c = model.denoiser(x_t, t, cond)
         u = model.denoiser(x_t, t, uncond.expand_as(cond))
@@ -298,113 +298,16 @@ def test_rwr_with_kl_and_cond_dropout_through_the_trainer(tiny_model_dir, tmp_pa
     assert lines[-1]["kl"] > 0 and all(np.isfinite(r["loss"]) for r in lines)
 
 
-# --- whole groups per batch, one noise per group, the group-relative term ------------------
-
-
-def test_group_draws_share_noise_and_timestep_within_a_group(tiny_model_dir):
-    """k = 4: each group of 4 consecutive samples has one noise and one timestep; two processes
-    get the two halves of what one process draws for the global batch; k = 1 is unchanged."""
+def test_shared_draws_are_the_global_batch_sliced(tiny_model_dir):
+    """Each process gets its slice of what one process draws for the global batch."""
     from align.models import load_model
-    from align.train import _shared_draws
+    from align.training.core import shared_draws
 
     model = load_model(tiny_model_dir)
     shape = (8, *model.latent_shape)
-    noise, t = _shared_draws(model, shape, torch.Generator().manual_seed(0), (0, 1), "cpu", group_size=4)
-    for a, b in ((0, 4), (4, 8)):
-        assert all(torch.equal(noise[a], noise[i]) and t[a] == t[i] for i in range(a, b))
-    assert not torch.equal(noise[0], noise[4])
-    halves = [_shared_draws(model, (4, *shape[1:]), torch.Generator().manual_seed(0), (r, 2), "cpu", 4) for r in (0, 1)]
-    assert torch.equal(torch.cat([h[0] for h in halves]), noise) and torch.equal(torch.cat([h[1] for h in halves]), t)
-    plain = _shared_draws(model, shape, torch.Generator().manual_seed(0), (0, 1), "cpu")
+    noise, t = shared_draws(model, shape, torch.Generator().manual_seed(0), (0, 1), "cpu")
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(plain[0], torch.randn(shape, generator=g))
-    assert torch.equal(plain[1], model.scheduler.sample_timesteps(8, generator=g, device="cpu"))
-    with pytest.raises(ValueError, match="not whole groups of 3"):
-        _shared_draws(model, shape, torch.Generator().manual_seed(0), (0, 1), "cpu", group_size=3)
-
-
-def test_group_batches_hold_whole_groups_and_shard_by_group():
-    """6 groups of 2 (interleaved in the data), micro-batch 4 per process, 2 processes: every
-    micro-batch is 2 whole groups, the first 6 groups drawn (an epoch) are each group once, the
-    two processes' batches together are the one-process batch of 8, and ``start`` skips ahead."""
-    from align.train import _shard_group_batches, group_members
-
-    groups = [g for _ in range(2) for g in range(6)]  # sample i belongs to group i % 6
-    data = torch.utils.data.TensorDataset(torch.arange(12.0), torch.tensor(groups))
-    members = group_members(groups, 4)
-    assert members[0] == [0, 6] and len(members) == 6
-    one = _shard_group_batches(data, members, 8, 0, 1, seed=3, start=0, device="cpu")
-    ranks = [_shard_group_batches(data, members, 4, r, 2, seed=3, start=0, device="cpu") for r in (0, 1)]
-    seen = []
-    for _ in range(6):  # 6 global batches of 4 groups: 4 epochs
-        whole = next(one)
-        parts = [next(r) for r in ranks]
-        assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
-        for p in parts:
-            g = p[1].tolist()
-            assert g[0] == g[1] and g[2] == g[3] and g[0] != g[2]  # two whole groups, in order
-        seen += whole[1].tolist()[::2]
-    assert sorted(seen[:6]) == list(range(6))  # the first epoch: each group once
-    later = _shard_group_batches(data, members, 8, 0, 1, seed=3, start=5, device="cpu")
-    assert torch.equal(next(later)[0], whole[0])
-    with pytest.raises(ValueError, match=r"groups of one size; got sizes \[1, 2\] \(group 5 has 1"):
-        group_members(groups[:-1], 4)
-    with pytest.raises(ValueError, match="multiple of the group size \\(2"):
-        group_members(groups, 3)
-
-
-def test_rwr_step_with_advantage_by_hand(tiny_model_dir):
-    """group_size 2 + advantage_weight 3: loss = the RWR loss over 2 groups + 3 * the advantage
-    term, both from the errors under one noise/timestep per group, computed by hand."""
-    from align.models import load_model
-    from align.objectives import per_sample_mse
-    from align.train import _shared_draws, rwr_step_losses
-
-    model = load_model(tiny_model_dir)
-    lat, cond, _ = _rwr_batch(model)
-    w = torch.tensor([0.2, 0.8, 0.6, 0.4])
-    with torch.no_grad():
-        out = rwr_step_losses(
-            model, model.denoiser, (lat, cond, w), torch.Generator().manual_seed(2), group_size=2, advantage_weight=3.0
-        )
-        noise, t = _shared_draws(model, lat.shape, torch.Generator().manual_seed(2), (0, 1), "cpu", 2)
-        err = per_sample_mse(
-            model.denoiser(model.scheduler.add_noise(lat, noise, t), t, cond), model.scheduler.target(lat, noise, t)
-        )
-    adv = (2 * w - 1) * err
-    torch.testing.assert_close(out["advantage_err"], adv.sum() / 2)
-    torch.testing.assert_close(out["loss"], (w * err).sum() / 2 + 3.0 * adv.sum() / 2)
-    with pytest.raises(ValueError, match="advantage_weight needs whole groups"):
-        rwr_step_losses(model, model.denoiser, (lat, cond, w), advantage_weight=1.0)
-
-
-def test_group_relative_rwr_through_the_trainer(tiny_model_dir, tmp_path):
-    """Offline RWR with rwr_group_batches + rwr_advantage_weight: trains the LoRA, logs the
-    advantage term, records the group size; clear errors for what it cannot do."""
-    data = _samples(tmp_path)  # 2 groups of 4
-    kw = dict(dataset=data, rwr_group_batches=True, rwr_advantage_weight=1.0, rwr_kl_weight=1.0)
-    run = train(_cfg(tiny_model_dir, tmp_path, name="grp", **kw))
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["advantage_err"]) and r["ess"] <= 4.0 + 1e-6 for r in lines)
-    assert lines[-1]["kl"] > 0
-    lora = load_file(run / "lora" / "pytorch_lora_weights.safetensors")
-    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
-    assert json.loads((run / "summary.json").read_text())["group_size"] == 4
-    with pytest.raises(ValueError, match="needs `rwr_group_batches: true`"):
-        train(_cfg(tiny_model_dir, tmp_path, name="x", dataset=data, rwr_advantage_weight=1.0))
-    with pytest.raises(ValueError, match="multiple of the group size \\(4"):
-        train(_cfg(tiny_model_dir, tmp_path, name="x", **(kw | {"train_batch_size": 6})))
-    with pytest.raises(ValueError, match="rwr_advantage_weight` must be >= 0"):
-        train(_cfg(tiny_model_dir, tmp_path, name="x", **(kw | {"rwr_advantage_weight": -1.0})))
-
-
-def test_online_rwr_with_group_batches(tiny_model_dir, tmp_path):
-    """Online: rounds of 2 prompts x 2 samples, micro-batches of 2 = one whole group each."""
-    kw = _online(tmp_path) | dict(train_batch_size=2, rwr_group_batches=True, rwr_advantage_weight=1.0)
-    run = train(_cfg(tiny_model_dir, tmp_path, name="online_grp", **kw))
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in lines] == [0, 0, 1, 1] and all(np.isfinite(r["advantage_err"]) for r in lines)
-    with pytest.raises(ValueError, match="multiple of the group size \\(2"):
-        train(_cfg(tiny_model_dir, tmp_path, name="x", **(kw | {"train_batch_size": 3})))
-    with pytest.raises(ValueError, match="holds 4 groups but a round has only online_prompts_per_round = 2"):
-        train(_cfg(tiny_model_dir, tmp_path, name="x", **(kw | {"train_batch_size": 8})))
+    assert torch.equal(noise, torch.randn(shape, generator=g))
+    assert torch.equal(t, model.scheduler.sample_timesteps(8, generator=g, device="cpu"))
+    halves = [shared_draws(model, (4, *shape[1:]), torch.Generator().manual_seed(0), (r, 2), "cpu") for r in (0, 1)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), noise) and torch.equal(torch.cat([h[1] for h in halves]), t)

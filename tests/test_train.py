@@ -8,17 +8,16 @@ import torch
 from conftest import PROMPT, tiny_recipe
 from safetensors.torch import load_file
 
-from align.config import TrainConfig
 from align.models import load_model
 from align.models.lora import adapters_disabled
-from align.train import load_aligned, train
+from align.training import build_config, load_aligned, train
 
 
 def _cfg(model_dir, dataset, out, **kw):
     base = dict(
         dataset=dataset, name="run", max_steps=4, train_batch_size=4, checkpointing_steps=2, checkpoints_total_limit=1
     )
-    return TrainConfig(**tiny_recipe(model_dir, out, **(base | kw)))
+    return build_config(**tiny_recipe(model_dir, out, **(base | kw)))
 
 
 def test_train_writes_run_and_changes_only_lora(tiny_model_dir, pref_dataset_dir, tmp_path):

@@ -371,22 +371,50 @@ class TinySora:
     def predict(self, latents_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.denoiser(latents_t, t, cond)
 
+    # -- optional abilities of the protocol: TinySora has the defaults ------------------
+    supports_gradient_checkpointing = False
+    has_pipeline_sampler = False  # no generate_videos: sample with align.sample.generate
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise ValueError("TinySora does not support gradient checkpointing (supports_gradient_checkpointing is False)")
+
+    @property
+    def video_size_rules(self) -> str:
+        c = self.cfg
+        return f"fixed size {c.num_frames}x{c.image_size}x{c.image_size} (frames x height x width, its config.json)"
+
+    def check_video_size(
+        self, num_frames: int | None = None, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int, int]:
+        """The model's one size ``(num_frames, height, width)``; ``None`` stands for it, any other
+        value is a ValueError naming both sizes."""
+        size = (self.cfg.num_frames, self.cfg.image_size, self.cfg.image_size)
+        asked = (num_frames, height, width)
+        if any(a is not None and a != s for a, s in zip(asked, size)):
+            shown = "x".join(str(s if a is None else a) for a, s in zip(asked, size))
+            raise ValueError(
+                f"TinySora: video size {shown} (frames x height x width) is invalid: "
+                f"this model has the {self.video_size_rules}"
+            )
+        return size
+
     # -- utilities -------------------------------------------------------------------
-    def modules(self) -> dict[str, nn.Module]:
+    def components(self) -> dict[str, nn.Module]:
+        """The model's parts by name (the VideoDiffusionModel protocol's ``components``)."""
         return {"vae": self.vae, "text_encoder": self.text_encoder, "denoiser": self.denoiser}
 
     def to(self, device) -> TinySora:
-        for m in self.modules().values():
+        for m in self.components().values():
             m.to(device)
         return self
 
     def eval(self) -> TinySora:
-        for m in self.modules().values():
+        for m in self.components().values():
             m.eval()
         return self
 
     def requires_grad_(self, flag: bool) -> TinySora:
-        for m in self.modules().values():
+        for m in self.components().values():
             m.requires_grad_(flag)
         return self
 
@@ -395,7 +423,7 @@ class TinySora:
         path = Path(path)
         with atomic_directory(path) as tmp:
             (tmp / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
-            for name, m in self.modules().items():
+            for name, m in self.components().items():
                 sd = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
                 save_file(sd, str(tmp / f"{name}.safetensors"))
         return path
@@ -408,7 +436,7 @@ class TinySora:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file}: not a TinySora checkpoint (no config.json)")
         model = cls(TinySoraConfig.from_dict(json.loads(cfg_file.read_text())))
-        for name, m in model.modules().items():
+        for name, m in model.components().items():
             f = path / f"{name}.safetensors"
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: missing from the TinySora checkpoint")

@@ -1,0 +1,639 @@
+"""What every objective's training shares: config keys, accelerator and DeepSpeed setup, the
+sharded batch streams, checkpoint + resume, metrics.jsonl and trackers, and the step loop.
+
+An objective module (``dpo.py``, ``rwr.py``, ...) reads top to bottom as::
+
+    run = start(cfg)                      # accelerator, run directory, frozen model, checkpoint found
+    data, info = <its own data>(cfg, run.model)
+    prepare(cfg, run)                     # LoRA, optimizer, accelerate.prepare, checkpoint loaded
+    return loop(cfg, run, batches, step_fn, keys, info)
+
+Distributed runs (``accelerate launch``, DDP or DeepSpeed ZeRO-2/3): only the denoiser (with
+its LoRA) is prepared by accelerate; the frozen VAE and text encoder stay outside the engine
+(moved with ``.to()``, built outside ZeRO-3 partitioning). ``effective_batch_size`` is in
+samples (pairs for DPO); each optimizer step consumes the same global batch and the same noise
+whatever the number of processes: every process walks one seeded index stream and one seeded
+noise generator and takes its slice, so 1 and N processes compute the same update.
+
+A run writes ``<output_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl``,
+``checkpoint-<step>/`` (atomic: temp dir + rename; the last ``checkpoints_total_limit``
+kept; LoRA, optimizer, LR scheduler, per-process RNG states and the data position) and the
+final LoRA in ``lora/`` (diffusers layout, safetensors). ``resume: latest`` continues from the
+newest checkpoint of the same recipe; on SIGTERM a checkpoint is written before the process exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from align.config import REQUIRED, save_config
+from align.models import load_model
+from align.models.lora import attach_lora, load_lora, lora_parameters, save_lora
+
+TRACKERS = ("tensorboard", "wandb")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# keys a resumed run may change; every other key must match the checkpoint's recipe
+RESUME_FREE_KEYS = (
+    "max_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "log_every",
+    "progress",
+    "resume",
+    "report_to",
+    "output_dir",
+    "latent_cache_dir",
+    "bad_rows",
+    "gradient_checkpointing",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Keys every objective shares. An objective's config subclasses this and adds its own keys."""
+
+    model: str = REQUIRED  # a TinySora directory (see `vidalign pretrain`), a diffusers directory or hub id
+    model_options: dict = field(default_factory=dict)  # load_model options (dtype, num_frames, height, width, ...)
+    dataset: str = ""  # the objective's dataset (checked by the objective)
+    name: str = "run"
+    output_dir: str = "runs"
+    objective: str = "dpo"  # picks the training module: dpo | rwr | grpo
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 10
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
+    train_batch_size: int = 16  # samples per process per micro-step (derived from effective_batch_size when set)
+    # samples per optimizer step over all processes and accumulation steps; must divide by
+    # processes x gradient_accumulation_steps. 0 = train_batch_size x processes x accumulation
+    effective_batch_size: int = 0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False  # for denoisers that support it (diffusers transformers)
+    max_steps: int = 200
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    log_every: int = 1
+    checkpointing_steps: int = 100  # 0 = only the final LoRA
+    checkpoints_total_limit: int = 2
+    bad_rows: str = "error"  # error | skip (skipped rows are counted and logged)
+    # a folder for VAE latents and prompt states (safetensors shards keyed by content hash and
+    # model fingerprint, read lazily); None = encode in memory at every start
+    latent_cache_dir: str | None = None
+    progress: bool = True
+    resume: str | None = None  # "latest" (the run's newest checkpoint, if any) or a checkpoint-<step> directory
+    report_to: list = field(default_factory=list)  # tensorboard, wandb (via accelerate): used when installed
+
+    def __post_init__(self) -> None:
+        positive = ("learning_rate", "lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_steps")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"recipe key `{key}` must be > 0, got {getattr(self, key)}")
+        for key in ("effective_batch_size", "lr_warmup_steps", "max_grad_norm", "checkpointing_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"recipe key `{key}` must be >= 0, got {getattr(self, key)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"recipe key `mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
+        if self.bad_rows not in ("error", "skip"):
+            raise ValueError(f"recipe key `bad_rows` must be 'error' or 'skip', got {self.bad_rows!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        for name in self.report_to:
+            if name not in (*TRACKERS, "none", ""):
+                raise ValueError(f"report_to: unknown tracker {name!r}; use tensorboard, wandb or none")
+
+
+@dataclass
+class Run:
+    """The state of one training run that the objective modules and ``loop`` share."""
+
+    accelerator: Any
+    model: Any  # the VideoDiffusionModel (frozen; LoRA attached by ``prepare``)
+    run_dir: Path
+    micro: int  # samples per process per micro-step
+    stage: int | None  # DeepSpeed ZeRO stage, None without DeepSpeed
+    gen: torch.Generator  # the noise generator (shared stream offline, per process online)
+    ckpt: Path | None = None
+    resumed: dict | None = None
+    step: int = 0
+    micro_step: int = 0
+    denoiser: Any = None  # the prepared (possibly DDP / DeepSpeed-wrapped) denoiser
+    base: Any = None  # the unwrapped LoRA denoiser: the reference is it with adapters off
+    optimizer: Any = None
+    lr_scheduler: Any = None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: Path | None = None):
+    """An Accelerator, with the recipe's trackers that are installed. Launched on CPU with several
+    processes (``accelerate launch --multi_gpu --num_processes N`` without GPUs, or DeepSpeed), it
+    runs as MULTI_CPU over gloo; without ``cpu=True`` and the gloo handler accelerate would not
+    synchronise the processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_cpu else []
+    trackers = []
+    for name in cfg.report_to:
+        if name in TRACKERS:
+            if importlib.util.find_spec(name) is None:
+                print(f"[vidalign] report_to {name}: not installed, skipped (metrics.jsonl is still written)")
+            else:
+                trackers.append(name)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        cpu=multi_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true",
+        kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_dir=str(run_dir) if run_dir is not None else None,
+    )
+
+
+def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+    """Samples per process per micro-step. With ``effective_batch_size`` set, it is derived from
+    it and must divide evenly by processes x accumulation steps; otherwise ``train_batch_size``."""
+    if cfg.effective_batch_size <= 0:
+        return cfg.train_batch_size
+    div = num_processes * cfg.gradient_accumulation_steps
+    if cfg.effective_batch_size % div:
+        raise ValueError(
+            f"effective_batch_size {cfg.effective_batch_size} is not divisible by {num_processes} process(es) x "
+            f"{cfg.gradient_accumulation_steps} gradient_accumulation_steps = {div}; choose a multiple of {div}"
+        )
+    return cfg.effective_batch_size // div
+
+
+def check_zero3_layout(model) -> None:
+    """ZeRO-3 partitions every parameter of the prepared module (the denoiser). The frozen VAE /
+    text encoders are called outside the engine, so they must be separate modules that share no
+    parameter with the denoiser; a model built otherwise is refused with the offending part named."""
+    den = model.denoiser
+    den_params = {id(p) for p in den.parameters()}
+    den_modules = {id(m) for m in den.modules()}
+    for name, mod in model.components().items():
+        if mod is None or mod is den or name in ("denoiser", "transformer", "transformer_2", "unet"):
+            continue
+        if id(mod) in den_modules:
+            raise ValueError(
+                f"DeepSpeed ZeRO-3: frozen part {name!r} is a submodule of the denoiser; ZeRO-3 would "
+                "partition it and calls outside the engine would see empty weights. Use ZeRO-2 or DDP."
+            )
+        shared = [n for n, p in mod.named_parameters() if id(p) in den_params]
+        if shared:
+            raise ValueError(
+                f"DeepSpeed ZeRO-3: frozen part {name!r} shares parameter {shared[0]!r} with the "
+                "denoiser (tied weights); ZeRO-3 cannot partition it for one and not the other. "
+                "Use ZeRO-2 or DDP."
+            )
+
+
+def shared_draws(model, shape, generator, shard: tuple[int, int], device):
+    """Noise and timesteps for the *global* batch (``shape[0] * world`` samples) from
+    ``generator``, sliced to this process's part: every process draws the same numbers, so the
+    update does not depend on the number of processes."""
+    rank, world = shard
+    n = shape[0]
+    noise = torch.randn((n * world, *shape[1:]), generator=generator)
+    t = model.scheduler.sample_timesteps(n * world, generator=generator, device=device)
+    return noise[rank * n : (rank + 1) * n].to(device), t[rank * n : (rank + 1) * n]
+
+
+def index_stream(n: int, global_batch: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Indices of global batch ``start``, ``start + 1``, ...: consecutive slices of an endless
+    concatenation of seeded permutations of ``range(n)`` (epoch ``e`` uses seed ``seed + e``).
+    A position is just a batch count, so resuming skips ahead without replaying batches."""
+    pos, cache = start * global_batch, {}
+
+    def perm(e):
+        if e not in cache:
+            cache.clear()
+            cache[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+        return cache[e]
+
+    while True:
+        idx = [int(perm((pos + i) // n)[(pos + i) % n]) for i in range(global_batch)]
+        pos += global_batch
+        yield idx
+
+
+def shard_batches(data, run: Run, seed: int) -> Iterator[tuple]:
+    """This process's micro-batches from its checkpointed position: slice ``rank`` of each global
+    batch of ``micro * world`` items of ``data`` (a dataset of tensor tuples)."""
+    micro, rank = run.micro, run.rank
+    for idx in index_stream(len(data), micro * run.world, seed, run.micro_step):
+        batch = default_collate([data[i] for i in idx[rank * micro : (rank + 1) * micro]])
+        yield tuple(x.to(run.device) for x in batch)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoint-<step>/`` directories of a run, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this launch; None when DeepSpeed is not used."""
+    if not uses_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage or 0)
+
+
+def gathered_lora(module, accelerator):
+    """Under ZeRO-3, a context in which the (partitioned) LoRA parameters are whole on every
+    process (entered by all of them); otherwise nothing."""
+    if accelerator is None or zero_stage(accelerator) != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(lora_parameters(module)), modifier_rank=None)
+
+
+def save_checkpoint(run: Run, limit: int, state: dict, extra: dict[str, Any] | None = None) -> Path:
+    """``checkpoint-<step>/``: LoRA (safetensors), optimizer, LR scheduler, RNG and step; atomic
+    (written to ``.checkpoint-<step>.tmp`` and renamed); only the last ``limit`` are kept.
+
+    Every process must call this: a DeepSpeed engine saves its own optimizer shards,
+    collectively; each process writes its RNG states (``rng_state_<rank>.pt``: torch and the
+    noise generator), the main process the rest. ``state`` (data position, recipe) goes to
+    ``trainer_state.json``; ``extra`` (name -> tensors) to ``<name>.pt`` by the main process."""
+    acc, run_dir, step = run.accelerator, run.run_dir, run.step
+    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
+    if run.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    try:
+        with gathered_lora(run.base, acc):
+            if run.is_main:
+                save_lora(run.base, tmp / "lora")
+        if uses_deepspeed(acc):
+            run.denoiser.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        elif run.is_main:
+            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state(), "gen": run.gen.get_state()}
+        torch.save(rng, tmp / f"rng_state_{run.rank}.pt")
+        if run.is_main:
+            torch.save(run.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, obj in (extra or {}).items():
+                torch.save(obj, tmp / f"{name}.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        acc.wait_for_everyone()
+        if run.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpts = checkpoints(run_dir)
+            for old in ckpts[: max(0, len(ckpts) - limit)]:
+                shutil.rmtree(old)
+    finally:
+        if run.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    return final
+
+
+def recipe_fingerprint(cfg: TrainConfig) -> dict:
+    """The config values a checkpoint must agree on to be resumed (all but ``RESUME_FREE_KEYS``)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE_KEYS}
+
+
+def find_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint ``cfg.resume`` names: ``latest`` (None when the run has none yet, so the
+    same command starts or continues a run) or a ``checkpoint-<step>`` directory."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        ckpts = checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def check_resumable(ckpt: Path, cfg: TrainConfig, num_processes: int, stage: int | None) -> dict:
+    """``trainer_state.json`` of ``ckpt``, after checking it comes from this recipe and an
+    equivalent launch; raises ValueError naming the first key that differs."""
+    st = json.loads((ckpt / "trainer_state.json").read_text())
+    theirs, ours = st.get("recipe"), json.loads(json.dumps(recipe_fingerprint(cfg)))
+    if theirs is None:
+        raise ValueError(f"{ckpt}: no recipe recorded in trainer_state.json; cannot check it belongs to this run")
+    for k in sorted(set(theirs) | set(ours)):
+        if theirs.get(k) != ours.get(k):
+            raise ValueError(
+                f"{ckpt} is from another recipe: {k!r} is {theirs.get(k)!r} there and {ours.get(k)!r} here "
+                f"(only {', '.join(RESUME_FREE_KEYS)} may change on resume)"
+            )
+    if st.get("num_processes") != num_processes or st.get("zero_stage") != stage:
+        raise ValueError(
+            f"{ckpt} was written by {st.get('num_processes')} process(es) with ZeRO stage {st.get('zero_stage')}; "
+            f"this launch has {num_processes} with ZeRO stage {stage}. Resume with the same launch config."
+        )
+    return st
+
+
+def _load_checkpoint(run: Run) -> None:
+    """Restore what ``save_checkpoint`` wrote into the prepared objects of this process."""
+    ckpt, acc = run.ckpt, run.accelerator
+    if uses_deepspeed(acc):
+        run.denoiser.load_checkpoint(
+            str(ckpt / "deepspeed"),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    else:
+        load_lora(run.base, ckpt / "lora")
+        run.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    run.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    rng = torch.load(ckpt / f"rng_state_{acc.process_index}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    run.gen.set_state(rng["gen"])
+    run.step, run.micro_step = run.resumed["step"], run.resumed["micro_step"]
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state tensors held by this process (under ZeRO, its partition)."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate / DeepSpeed wrappers of any depth
+        inner = inner.optimizer
+    return sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+# ---------------------------------------------------------------- setup
+
+
+def start(cfg: TrainConfig, noise_per_process: bool = False) -> Run:
+    """The accelerator, the run directory (with ``config.yaml``), the checkpoint to resume from
+    (checked against the recipe), the seeded noise generator and the frozen model.
+
+    ``noise_per_process``: each process draws its own noise (online objectives, whose batches are
+    per process); otherwise one stream shared by all processes, each taking its slice."""
+    run_dir = Path(cfg.output_dir) / cfg.name
+    accelerator = make_accelerator(cfg, run_dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = micro_batch_size(cfg, world)
+    stage = zero_stage(accelerator)
+    ckpt = find_checkpoint(cfg, run_dir)
+    resumed = check_resumable(ckpt, cfg, world, stage) if ckpt else None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + (rank if noise_per_process else 0))
+    no_zero_init = (
+        accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False)
+        if stage is not None
+        else nullcontext()
+    )
+    with no_zero_init:  # frozen parts are built whole, outside ZeRO-3 partitioning
+        model = load_model(cfg.model, device=accelerator.device, **cfg.model_options)
+    model.requires_grad_(False)
+    if stage == 3:
+        check_zero3_layout(model)
+    return Run(accelerator, model, run_dir, micro, stage, gen, ckpt, resumed)
+
+
+def _configure_deepspeed(run: Run, cfg: TrainConfig) -> None:
+    """Fill the DeepSpeed config's ``auto`` batch / clipping values from the recipe (there is no
+    DataLoader for accelerate to read them from) and refuse values that contradict it."""
+    ds = run.accelerator.state.deepspeed_plugin.deepspeed_config
+    gas, world, micro = cfg.gradient_accumulation_steps, run.world, run.micro
+    want = {
+        "train_micro_batch_size_per_gpu": micro,
+        "train_batch_size": micro * gas * world,
+        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+    }
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto" or (key == "train_batch_size" and key not in ds):
+            ds[key] = value
+        elif have != value:
+            raise ValueError(
+                f"DeepSpeed config: {key} is {have} but the recipe implies {value} "
+                f"({micro} samples per process x {gas} accumulation x {world} processes); "
+                f'set it to "auto"'
+            )
+    have = ds.get("gradient_accumulation_steps", "auto")
+    if have not in ("auto", gas):
+        raise ValueError(
+            f'DeepSpeed config: gradient_accumulation_steps is {have}, the recipe says {gas}; set it to "auto"'
+        )
+
+
+def prepare(cfg: TrainConfig, run: Run) -> None:
+    """LoRA on the denoiser (optionally with gradient checkpointing), AdamW over the LoRA
+    parameters with linear warmup, ``accelerator.prepare`` and, when resuming, the checkpoint."""
+    model = run.model
+    attach_lora(model.denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ValueError(
+                f"gradient_checkpointing: the denoiser of {cfg.model} does not support it "
+                "(diffusers transformers do; pass it for them via model_options)"
+            )
+        model.enable_gradient_checkpointing()
+    model.denoiser.train()
+    optimizer = torch.optim.AdamW(lora_parameters(model.denoiser), lr=cfg.learning_rate, weight_decay=0.0)
+    warm = max(1, cfg.lr_warmup_steps)
+    # stepped once per optimizer step by the loop (not prepared: accelerate would step it once per process)
+    run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    if run.stage is not None:
+        _configure_deepspeed(run, cfg)
+    run.denoiser, run.optimizer = run.accelerator.prepare(model.denoiser, optimizer)
+    run.base = run.accelerator.unwrap_model(run.denoiser)
+    if run.ckpt is not None:
+        _load_checkpoint(run)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _open_metrics(run: Run) -> Any:
+    """metrics.jsonl of the main process: a resumed run drops the records a killed run wrote
+    after its last checkpoint (it rewrites them); a fresh run starts the file over."""
+    if not run.is_main:
+        return None
+    path = run.run_dir / "metrics.jsonl"
+    if run.ckpt is not None and path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= run.step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+    return open(path, "a" if run.ckpt is not None else "w")
+
+
+def _scalar_config(cfg: TrainConfig) -> dict:
+    """The config's scalar values, as trackers store hyperparameters."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+
+
+def _agree(run: Run, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (saving is collective)."""
+    if run.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=run.device)
+    return bool(run.accelerator.reduce(t, reduction="sum").item())
+
+
+def _record(run: Run, keys: tuple[str, ...], sums: dict, n_micro: int, extra: dict, grad_norm) -> dict:
+    """One metrics record: the keys averaged over micro-steps and processes, plus lr and timing."""
+    avg = torch.tensor([sums[k] / n_micro for k in keys], device=run.device)
+    avg = run.accelerator.reduce(avg, reduction="mean")
+    rec = {"step": run.step, **{k: float(v) for k, v in zip(keys, avg)}, **extra}
+    rec["lr"] = run.lr_scheduler.get_last_lr()[0]
+    rec["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    return rec
+
+
+def loop(
+    cfg: TrainConfig,
+    run: Run,
+    batches: Iterator,
+    step_fn: Callable[[Any], dict],
+    keys: tuple[str, ...],
+    info: dict,
+    checkpoint_extra: Callable[[], dict] | None = None,
+) -> Path:
+    """Optimise until ``cfg.max_steps``: ``step_fn(batch)`` returns the loss dict of one
+    micro-batch (``"loss"`` plus the diagnostics named in ``keys``). A ``dict`` coming out of
+    ``batches`` instead of a batch is logged with the following steps (e.g. an online round's
+    reward statistics). Writes metrics.jsonl, trackers, checkpoints, the final LoRA and
+    ``summary.json``; returns the run directory."""
+    acc = run.accelerator
+    info.update(
+        num_processes=run.world,
+        zero_stage=run.stage,
+        micro_batch_size=run.micro,
+        effective_batch_size=run.micro * run.world * cfg.gradient_accumulation_steps,
+    )
+    if run.is_main:
+        resuming = f"; resuming from {run.ckpt} (step {run.step})" if run.ckpt else ""
+        print(f"[vidalign] {cfg.objective}: {json.dumps(info)}{resuming}")
+    metrics_f = _open_metrics(run)
+    acc.init_trackers("vidalign", config=_scalar_config(cfg))
+    show = cfg.progress and run.is_main
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc=f"{cfg.objective} ({cfg.name})", disable=not show)
+    stop = threading.Event()  # set by SIGTERM: checkpoint at the end of this step, then exit
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    state = {"recipe": recipe_fingerprint(cfg), "num_processes": run.world, "zero_stage": run.stage}
+    t_start = t_step = time.time()
+    sums, n_micro, step_times, extra = {}, 0, [], {}
+    try:
+        while run.step < cfg.max_steps:
+            batch = next(batches)
+            if isinstance(batch, dict):
+                extra = batch
+                continue
+            with acc.accumulate(run.denoiser):
+                out = step_fn(batch)
+                acc.backward(out["loss"])
+                grad_norm = None
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(run.denoiser.parameters(), cfg.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            run.micro_step += 1
+            for k in keys:
+                sums[k] = sums.get(k, 0.0) + float(out[k].detach())
+            n_micro += 1
+            if not acc.sync_gradients:
+                continue
+            run.lr_scheduler.step()
+            run.step += 1
+            rec = _record(run, keys, sums, n_micro, extra, grad_norm)
+            rec["step_time_s"] = time.time() - t_step
+            step_times.append(rec["step_time_s"])
+            sums, n_micro = {}, 0
+            if "optimizer_state_bytes_per_rank" not in info:
+                per_rank = acc.gather(torch.tensor([optimizer_state_bytes(run.optimizer)], device=run.device))
+                info["optimizer_state_bytes_per_rank"] = [int(b) for b in per_rank.tolist()]
+            if run.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=run.step)
+            bar.update(1)
+            post = {k: f"{rec[k]:.4f}" for k in keys[:2]}
+            bar.set_postfix({**post, "s/step": f"{rec['step_time_s']:.3f}"})
+            stopping = _agree(run, stop.is_set())
+            if stopping or (cfg.checkpointing_steps > 0 and run.step % cfg.checkpointing_steps == 0):
+                more = checkpoint_extra() if checkpoint_extra else None
+                save_checkpoint(run, cfg.checkpoints_total_limit, {**state, "micro_step": run.micro_step}, more)
+            if stopping:
+                raise SystemExit(
+                    f"[vidalign] SIGTERM: stopped at step {run.step}, checkpoint written to "
+                    f"{run.run_dir / f'checkpoint-{run.step}'}; continue with --resume latest"
+                )
+            t_step = time.time()
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        bar.close()
+        if metrics_f is not None:
+            metrics_f.close()
+    acc.wait_for_everyone()
+    with gathered_lora(run.base, acc):
+        if run.is_main:
+            save_lora(run.base, run.run_dir / "lora", {"base_model": str(cfg.model)})
+    if run.is_main:
+        info["train_s"] = time.time() - t_start
+        later = step_times[1:] or step_times
+        info["step_time_s_mean"] = sum(later) / len(later) if later else None
+        (run.run_dir / "summary.json").write_text(json.dumps(info, indent=2))
+    acc.end_training()
+    return run.run_dir
+
+
+def load_aligned(model_path: str | Path, lora_path: str | Path | None, device="cpu", **options):
+    """The base generator, with a trained LoRA attached when ``lora_path`` is given."""
+    model = load_model(model_path, device=device, **options)
+    if lora_path:
+        load_lora(model.denoiser, lora_path)
+    return model.eval()
