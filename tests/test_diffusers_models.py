@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from align.config import TrainConfig, load_config
 from align.models import load_model
-from align.models.diffusers_models import (
+from align.models.diffusers import (
     DEFAULT_LORA_TARGETS,
     DiffusersVideoModel,
     TimestepRangeSchedule,
@@ -624,7 +624,7 @@ def test_recipes_are_valid_for_their_family(recipe, pipeline_dir):
 
     import yaml
 
-    from align.models.diffusers_models import looks_like_hub_id
+    from align.models.diffusers import looks_like_hub_id
 
     family, frame_step, multiple = RECIPES[recipe]
     values = yaml.safe_load((Path(__file__).parents[1] / "recipes" / recipe).read_text())

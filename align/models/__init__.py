@@ -9,14 +9,14 @@ def load_model(path: str | Path, device="cpu", **options):
     """Load a generator: a TinySora directory (``config.json`` + safetensors written by
     ``vidalign pretrain``), or a diffusers video pipeline by local directory (with
     ``model_index.json``) or Hugging Face Hub id (``owner/name``), through
-    ``align.models.diffusers_models`` (``options`` go to its ``from_pretrained``: dtype,
+    ``align.models.diffusers.load_diffusers_model`` (``options`` go to it: dtype,
     num_frames, height, width, gradient_checkpointing, ...)."""
     from align.models.tiny_sora import TinySora
 
     name = str(path)
     path = Path(path)
     if (path / "model_index.json").is_file() or (not path.exists() and _looks_like_hub_id(name)):
-        from align.models.diffusers_models import load_diffusers_model
+        from align.models.diffusers import load_diffusers_model
 
         return load_diffusers_model(name, device=device, **options)
     if not path.is_dir():
@@ -35,6 +35,6 @@ def load_model(path: str | Path, device="cpu", **options):
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    from align.models.diffusers_models import looks_like_hub_id
+    from align.models.diffusers import looks_like_hub_id
 
     return looks_like_hub_id(name)

@@ -10,6 +10,11 @@ Conventions
 - ``cond`` is whatever ``encode_prompts`` returns (a tensor or a dict of tensors); the
   trainer only moves it around and passes it back to ``predict``.
 - Timesteps are float tensors ``(B,)`` in ``[0, scheduler.num_train_timesteps)``.
+
+Optional abilities (gradient checkpointing, the model's own pipeline sampler) are part of
+the protocol: every model declares them (``supports_gradient_checkpointing``,
+``has_pipeline_sampler``) with the defaults documented below, so callers test a flag instead
+of probing with ``hasattr``.
 """
 
 from __future__ import annotations
@@ -51,4 +56,38 @@ class VideoDiffusionModel(Protocol):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latents ``(C, T, H, W)`` at the model's default size."""
+        ...
+
+    def components(self) -> dict[str, nn.Module]:
+        """The model's torch modules by name (VAE, text encoder(s), denoiser / transformer)."""
+        ...
+
+    # -- video size --------------------------------------------------------------------
+    @property
+    def video_size_rules(self) -> str:
+        """The sizes the model accepts, in words (TinySora: its one fixed size; Wan:
+        ``num_frames = 4k+1; height and width multiples of 16``)."""
+        ...
+
+    def check_video_size(
+        self, num_frames: int | None = None, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int, int]:
+        """``(num_frames, height, width)`` (``None``: the model's current value) if the model can
+        take that size, else a ValueError naming the model and the broken rule. Changes nothing
+        (diffusers models change their size with ``set_video_size``, which checks it first)."""
+        ...
+
+    # -- optional abilities: declared by every model, with these defaults ---------------
+    # supports_gradient_checkpointing: False by default (TinySora); True for the diffusers
+    #   families, whose ``enable_gradient_checkpointing()`` turns on diffusers' own. Without
+    #   the ability ``enable_gradient_checkpointing()`` raises a ValueError.
+    # has_pipeline_sampler: False by default (TinySora: sample with ``align.sample.generate``);
+    #   True for the diffusers families, which then also have ``generate_videos(prompts, seeds,
+    #   num_steps, guidance_scale, batch_size, **pipe_kwargs)``: the family's own pipeline and
+    #   scheduler, one generator per seed, videos ``(B, C, T, H, W)`` in [-1, 1] on the CPU.
+    supports_gradient_checkpointing: bool
+    has_pipeline_sampler: bool
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's activations in the backward pass (ValueError without the ability)."""
         ...
