@@ -10,6 +10,7 @@ import http.client
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from align.annotate.pairs import load_pairs
 from align.annotate.server import (
     AnnotateApp,
     host_warning,
+    invite_link,
     make_server,
     parse_range,
     start_in_thread,
@@ -600,12 +602,13 @@ def test_concurrent_annotators_lose_and_duplicate_nothing(served, tmp_path):
 
 
 def start_server_process(
-    pairs_dir: Path, db: Path, port: int = 0, startup_s: float = 60, **popen_kwargs
+    pairs_dir: Path, db: Path, port: int = 0, startup_s: float = 60, extra_args: tuple = (), **popen_kwargs
 ) -> tuple[subprocess.Popen, Client]:
     """``vidalign annotate serve`` in a subprocess on ``port`` (0: a free one), once it says it
-    is serving."""
+    is serving (``extra_args``: more options, e.g. access control)."""
+    cmd = ["annotate", "serve", str(pairs_dir), "--db", str(db), "--port", str(port), *extra_args]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "align.cli", "annotate", "serve", str(pairs_dir), "--db", str(db), "--port", str(port)],
+        [sys.executable, "-m", "align.cli", *cmd],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -616,7 +619,7 @@ def start_server_process(
     deadline = time.time() + startup_s
     while time.time() < deadline:
         line = proc.stdout.readline()
-        if "serving on http://127.0.0.1:" in line:
+        if re.match(r"serving on http://[0-9.]+:\d+/", line):
             return proc, Client(int(line.split(":")[2].split("/")[0]))
         if not line and proc.poll() is not None:
             break
@@ -730,3 +733,147 @@ def test_host_warning_only_for_non_loopback():
     assert host_warning("127.0.0.1") is None and host_warning("localhost") is None and host_warning("::1") is None
     assert "not a loopback address" in host_warning("0.0.0.0")
     assert "not a loopback address" in host_warning("192.168.1.5")
+
+
+# --------------------------------------------------------------------------------------------
+# access control
+
+
+@pytest.fixture
+def protected(tmp_path, gen_dir):
+    """A server over ``gen_dir`` with access control; ``start(secret=..., require_invite=..., host=...)``
+    yields ``(client, app, store)``."""
+    servers = []
+
+    def start(secret: str | None = None, require_invite: bool = False, host: str = "127.0.0.1"):
+        src = load_pairs(gen_dir, tmp_path / "cache")
+        store = LabelStore(tmp_path / "labels.sqlite")
+        store.sync_pairs(src.pairs, src.source, src.kind)
+        app = AnnotateApp(store, src.roots, 1, secret=secret, require_invite=require_invite)
+        server = make_server(app, host, 0)
+        start_in_thread(server)
+        servers.append(server)
+        return Client(server.server_address[1]), app, store
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+SECRET = "team-secret-0123456789"
+
+
+def test_secret_every_route_needs_the_token_and_401_writes_nothing(protected, gen_dir):
+    client, app, store = protected(secret=SECRET)
+    media = "/media/data/0000_seed0.mp4"
+    routes = ["/", "/static/app.js", "/static/style.css", "/api/info", "/api/next?annotator=u", "/api/stats", media]
+    label = json.dumps({"annotator": "u", "pair_id": 1, "choice": "left"})
+    json_h = {"Content-Type": "application/json"}
+    for token in (None, "wrong-token-0123456789", SECRET[:-1]):
+        auth = {} if token is None else {"Authorization": f"Bearer {token}"}
+        q = "" if token is None else f"?token={token}"
+        for path in routes:
+            status, h, body = client.request("GET", path, headers=auth)
+            assert status == 401 and "set-cookie" not in h and h["www-authenticate"].startswith("Bearer"), path
+            assert client.request("GET", path.split("?")[0] + q)[0] == 401, path
+        assert client.request("POST", "/api/label", label, {**json_h, **auth})[0] == 401
+        assert client.request("POST", "/api/label" + q, label, json_h)[0] == 401
+        assert client.request("POST", "/api/undo", json.dumps({"annotator": "u"}), {**json_h, **auth})[0] == 401
+        assert client.request("GET", media, headers={"Cookie": f"vidalign_token_{client.port}={token}"})[0] == 401
+    status, h, page = client.request("GET", "/")
+    assert h["content-type"].startswith("text/html") and b"invite link" in page  # a person gets told what to do
+    assert store.labels(include_skips=True, include_undone=True) == []
+
+    # the right token: by query (which sets the cookie), by cookie, by either header
+    status, h, page = client.request("GET", f"/?token={SECRET}")
+    assert status == 200 and b'id="choose-left"' in page
+    cookie = h["set-cookie"].split(";")[0]
+    assert cookie == f"vidalign_token_{client.port}={SECRET}" and "HttpOnly" in h["set-cookie"]
+    assert client.request("GET", media, headers={"Cookie": cookie})[0] == 200
+    assert client.request("GET", media, headers={"Cookie": cookie, "Range": "bytes=0-9"})[0] == 206
+    assert client.request("GET", "/api/info", headers={"X-Vidalign-Token": SECRET})[0] == 200
+    status, _, data = client.request("GET", "/api/info", headers={"Cookie": cookie})
+    assert json.loads(data)["access"] == "token" and json.loads(data)["annotator"] is None  # a secret names no one
+    status, _, data = client.request("POST", "/api/label", label, {**json_h, "Cookie": cookie})
+    assert status == 200, data
+    assert [(r["annotator"], r["pair_id"]) for r in store.labels()] == [("u", 1)]  # names are typed with a secret
+
+
+def test_invites_bind_the_annotator_and_can_be_revoked(protected, tmp_path, capsys):
+    db = tmp_path / "labels.sqlite"
+    assert main(["annotate", "invite", "alice", "--db", str(db), "--base-url", "http://10.0.0.5:8765"]) == 0
+    link = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"http://10\.0\.0\.5:8765/\?token=[A-Za-z0-9_-]{32}", link)
+    token = link.split("token=")[1]
+    bob = LabelStore(db).add_invite("bob")
+    client, app, store = protected(require_invite=True)
+    assert store.invites() == {"alice": 1, "bob": 1} and token not in db.read_bytes().decode("latin-1")  # hashed
+    assert client.request("GET", "/api/info")[0] == 401
+    status, h, data = client.request("GET", f"/api/info?token={token}")
+    assert status == 200 and json.loads(data)["annotator"] == "alice"
+    cookie = {"Cookie": h["set-cookie"].split(";")[0]}
+    nxt = json.loads(client.request("GET", "/api/next", headers=cookie)[2])  # no name needed: the invite has it
+    pid = nxt["pair"]["id"]
+    body = {"pair_id": pid, "choice": "left"}
+    json_h = {"Content-Type": "application/json", **cookie}
+    status, _, data = client.request("POST", "/api/label", json.dumps({**body, "annotator": "bob"}), json_h)
+    assert status == 403 and b"belongs to 'alice'" in data  # an invite cannot label for someone else
+    assert client.request("GET", "/api/next?annotator=bob", headers=cookie)[0] == 403
+    assert store.labels(include_skips=True, include_undone=True) == []
+    assert client.request("POST", "/api/label", json.dumps(body), json_h)[0] == 200
+    status, _, data = client.request("POST", "/api/label", json.dumps(body), {**json_h, "Cookie": ""})
+    assert status == 401
+    b_h = {"Content-Type": "application/json", "Authorization": f"Bearer {bob}"}
+    assert client.request("POST", "/api/label", json.dumps({**body, "annotator": "bob"}), b_h)[0] == 200
+    assert sorted((r["annotator"], r["pair_id"]) for r in store.labels()) == [("alice", pid), ("bob", pid)]
+    assert client.request("GET", "/", headers={"Authorization": "Bearer " + SECRET})[0] == 401  # no secret set
+
+    assert main(["annotate", "invite", "alice", "--db", str(db), "--revoke"]) == 0
+    assert "revoked 1 invite(s) of alice" in capsys.readouterr().out
+    assert client.request("GET", "/api/info", headers=cookie)[0] == 401  # checked on every request
+    assert client.request("GET", "/api/info", headers={"X-Vidalign-Token": bob})[0] == 200
+    with pytest.raises(ValueError, match="base-url must be"):
+        invite_link("10.0.0.5:8765", "t")
+    assert main(["annotate", "invite", "carol", "--db", str(db), "--base-url", "http://h:1/sub/"]) == 2
+
+
+def test_non_loopback_needs_access_control(protected, tmp_path, gen_dir, capsys):
+    src = load_pairs(gen_dir, tmp_path / "cache")
+    store = LabelStore(tmp_path / "open.sqlite")
+    store.sync_pairs(src.pairs, src.source, src.kind)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        with pytest.raises(ValueError, match="not a loopback address.*--secret.*invite"):
+            make_server(AnnotateApp(store, src.roots), host, 0)  # refused before binding
+    db = tmp_path / "cli.sqlite"
+    assert main(["annotate", "serve", str(gen_dir), "--db", str(db), "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "needs access control" in capsys.readouterr().err and not db.exists()  # nothing loaded or written
+    assert main(["annotate", "serve", str(gen_dir), "--db", str(db), "--host", "0.0.0.0", "--secret", "short"]) == 2
+    assert "at least 12" in capsys.readouterr().err and not db.exists()
+    # with a secret the app binds all interfaces; there is no Host check there, the token is the check
+    client, app, _ = protected(secret=SECRET, host="0.0.0.0")
+    assert app.allowed_hosts is None
+    assert client.request("GET", "/api/info")[0] == 401
+    assert client.request("GET", f"/api/info?token={SECRET}")[0] == 200
+
+
+def test_cli_serve_with_invites_on_all_interfaces(tmp_path, gen_dir, capsys):
+    """``vidalign annotate serve --host 0.0.0.0 --require-invite`` in a subprocess: the link that
+    ``annotate invite`` printed works, a request without it gets 401, labels carry the name."""
+    db = tmp_path / "labels.sqlite"
+    assert main(["annotate", "invite", "dana", "--db", str(db), "--base-url", "http://example.org:8765"]) == 0
+    token = capsys.readouterr().out.strip().split("token=")[1]
+    proc, client = start_server_process(gen_dir, db, extra_args=("--host", "0.0.0.0", "--require-invite"))
+    try:
+        assert client.request("GET", "/")[0] == 401
+        status, h, _ = client.request("GET", f"/?token={token}")
+        assert status == 200
+        cookie = {"Cookie": h["set-cookie"].split(";")[0]}
+        pid = json.loads(client.request("GET", "/api/next", headers=cookie)[2])["pair"]["id"]
+        body = json.dumps({"pair_id": pid, "choice": "tie"})
+        assert client.request("POST", "/api/label", body, {"Content-Type": "application/json"})[0] == 401
+        assert client.request("POST", "/api/label", body, {"Content-Type": "application/json", **cookie})[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert [(r["annotator"], r["choice"]) for r in LabelStore(db, create=False).labels()] == [("dana", "tie")]

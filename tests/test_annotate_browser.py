@@ -212,3 +212,44 @@ def test_label_undo_restart_export_in_a_browser(driver, tmp_path):
     assert row1["comment"] == "one background is much noisier"
     assert row1["preference_motion"] == side(p1, left1, "left")
     assert {r["shown_left"] for r in ds} <= {"a", "b"}
+
+
+def test_invite_link_in_a_browser(driver, tmp_path):
+    """Access control in a real browser: the invite link opens the page without a name to type
+    (the token names the annotator), the videos play with the cookie the first response set,
+    the token leaves the address bar, and a label is stored under the invited name."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from align.annotate.storage import LabelStore
+
+    pairs_dir = make_dataset(tmp_path / "prefs", n=2)
+    db = tmp_path / "labels.sqlite"
+    token = LabelStore(db).add_invite("erin")
+    port = free_port()
+    js = driver.execute_script
+    server, _ = start_server_process(pairs_dir, db, port, startup_s=120, extra_args=("--require-invite",))
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        assert "needs an invite link" in driver.page_source  # 401 without the token
+        driver.get(f"http://127.0.0.1:{port}/?token={token}")
+
+        def ready() -> bool:
+            return js(
+                "const l = document.getElementById('video-left'), r = document.getElementById('video-right');"
+                "return document.body.dataset.state === 'ready' && l.readyState >= 2 && r.readyState >= 2"
+            )
+
+        WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: ready())
+        assert js("return document.getElementById('annotator-name').textContent") == "erin"
+        assert js("return document.getElementById('switch').hidden") is True
+        assert "token" not in driver.current_url
+        pid = int(js("return document.body.dataset.pairId"))
+        ActionChains(driver).send_keys("a").perform()
+        WebDriverWait(driver, 30, poll_frequency=0.05).until(
+            lambda d: js("return document.body.dataset.pairId") not in ("", str(pid))
+        )
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    assert [(r["annotator"], r["pair_id"]) for r in LabelStore(db, create=False).labels()] == [("erin", pid)]
