@@ -14,6 +14,7 @@ from align.annotate.pairs import load_pairs
 from align.annotate.server import AnnotateApp, make_server, start_in_thread
 from align.annotate.stats import cohen_kappa, fleiss_kappa
 from align.annotate.storage import LabelStore
+from align.cli import main
 from align.data.video import write_video
 from align.eval.human import KEY_FILE, human_report, load_ab_key, main_eval_human, write_ab_task
 
@@ -192,6 +193,11 @@ def test_human_report_from_votes_posted_through_the_api(ab_served, tmp_path, cap
     line = capsys.readouterr().out
     assert "human win rate aligned vs base: 0.600" in line and "over 5 pairs" in line
     assert (task / "report" / "report.md").read_text().count("| human | 0.600 |") == 1
+    # through the CLI, into another folder; a missing database is a clear error (exit 2)
+    assert main(["eval", "human", "--db", str(tmp_path / "labels.sqlite"), "--out", str(tmp_path / "r2")]) == 0
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["winrate"]["human"]["n"] == 5
+    assert main(["eval", "human", "--db", str(tmp_path / "nope.sqlite")]) == 2
+    assert "nope.sqlite: no such file" in capsys.readouterr().err
 
 
 def test_one_annotator_three_wins_one_tie_one_loss_is_0_7(ab_served, tmp_path):

@@ -7,5 +7,9 @@
 - :mod:`align.annotate.stats` computes agreement (Cohen's and Fleiss' kappa, tie rate).
 - :mod:`align.annotate.export` writes the labels as a preference dataset in the project's schema.
 
-The command line is ``vidalign annotate serve | stats | export``.
+Access control for a team (per-annotator invite tokens or a shared secret, checked on every
+request) lives in :mod:`align.annotate.server`; blinded A/B studies of two models, built on this
+app, in :mod:`align.eval.human`.
+
+The command line is ``vidalign annotate serve | invite | stats | export``.
 """
