@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("pairs", help="a preference dataset directory, or `vidalign generate` output (index.jsonl)")
     se.add_argument("--db", required=True, help="SQLite file for the labels (created if missing)")
     se.add_argument("--per-pair", type=int, default=1, help="annotators each pair is shown to")
-    se.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --secret or --require-invite)")
+    se.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: needs access control)")
     se.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     se.add_argument("--root", default=None, help="folder videos may be served from (default: PAIRS)")
     se.add_argument("--cache-format", choices=("webm", "mp4"), default="webm", help="for converted GIFs/arrays")
