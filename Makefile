@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-all test-unit bench lint format clean browser
+.PHONY: venv demo pretrained test test-unit test-gpu bench lint format clean browser
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/vidalign demo --out runs/demo
 
+# the demo's shipped generator and reward backbone (align/demo_models/, fp16 + SHA256SUMS); ~15 min on 2 cores
+pretrained: $(STAMP)
+	$(BIN)/vidalign pretrain recipes/tiny_sora_pretrain.yaml --demo align/demo_models
+
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # headless Chromium + chromedriver for tests/test_annotate_browser.py (Debian packages, from the distro registry)
 browser:
@@ -30,6 +34,10 @@ test: $(STAMP) browser
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not gpu"
+
+# the real adapters on CUDA in bf16 (skipped without a GPU): peak memory and step times printed
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m gpu tests/gpu
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

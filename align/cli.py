@@ -8,7 +8,7 @@
     vidalign eval human --db labels.sqlite [--task DIR]      (the human win rate of an `eval --judge human` task)
     vidalign generate --model DIR [--lora DIR] --prompt TEXT [...] --out DIR [--resume]
     vidalign data validate DATASET [--min-frames N] [--allow-absolute-paths]
-    vidalign data import --format pickapic|videogen-rewardbench|chosen-rejected SRC DST [--num-frames N ...]
+    vidalign data import --format FORMAT SRC DST [--limit N] [--skip-bad] [--num-frames N ...]  (docs/data.md)
     vidalign data inspect DATASET [--out PNG]
     vidalign data cache DATASET --model DIR --cache-dir DIR
     vidalign data pairs --model DIR --prompts-file F --judge SPEC --out DATASET_DIR [--samples-per-prompt 4]
@@ -34,6 +34,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+# align.data.importers.FORMATS, spelled out so that building the parser imports nothing heavy
+IMPORT_FORMATS = (
+    "pickapic",
+    "hpdv2",
+    "imagereward",
+    "videogen-rewardbench",
+    "videoalign",
+    "genai-bench-video",
+    "rapidata",
+    "videofeedback",
+    "chosen-rejected",
+)
 
 
 def _prompts_from(args) -> list[str]:
@@ -84,30 +97,32 @@ def _one_score(judges: list, scores: dict) -> np.ndarray:
 def cmd_demo(args) -> int:
     from align.demo import parse_overrides, run_demo
 
-    overrides = parse_overrides(args.set or [])
-    report = run_demo(args.out, quick=args.quick, cache_dir=args.cache_dir, model=args.model, overrides=overrides)
-    for method in ("DPO", "RWR"):
-        w = report["winrate"]["oracle"][method]
-        print(f"{method} vs base, oracle win rate {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
+    report = run_demo(args.out, quick=args.quick, overrides=parse_overrides(args.set or []))
+    for judge, methods in report["winrate"].items():
+        for method, w in methods.items():
+            lo, hi = w["ci95"]
+            print(
+                f"{method} vs base, {judge.replace('_', ' ')} win rate {w['rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; "
+                f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"
+            )
     rm = report["reward_model"]
     ci = rm.get("accuracy_ci95")
     print(
         f"reward model held-out accuracy vs oracle {rm['accuracy']:.3f}"
         + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap over prompts)" if ci else "")
-    )
-    wr = report["winrate"]["oracle"]
-    print(
-        f"DPO vs base, oracle win rate {wr['rate']:.3f} (95% CI {wr['ci95'][0]:.3f}-{wr['ci95'][1]:.3f}, "
-        f"n={wr['n']}, ties={wr['ties']}); report: {Path(args.out) / 'report.md'}"
+        + f"; report: {Path(args.out) / 'report.md'}"
     )
     return 0
 
 
 def cmd_pretrain(args, extra) -> int:
     from align.config import PretrainConfig, load_config
-    from align.pretrain import pretrain
+    from align.pretrain import pretrain, pretrain_demo_models
 
     cfg = load_config(PretrainConfig, args.recipe, extra)
+    if args.demo:
+        print(f"the demo's generator and reward backbone written to {pretrain_demo_models(args.demo, cfg)}")
+        return 0
     print(f"pretrained model written to {pretrain(cfg)}")
     return 0
 
@@ -224,24 +239,40 @@ def cmd_data(args) -> int:
 
 
 def cmd_data_import(args) -> int:
-    from align.data.importers import import_dataset
+    from align.data.importers import ImportOptions, import_dataset
 
     bad_rows = "skip" if args.skip_bad else "error"
+    opts = ImportOptions(
+        seed=args.seed,
+        overall_from=args.overall_from,
+        bothbad=args.bothbad,
+        tie_margin=args.tie_margin,
+        as_samples=args.as_samples,
+        score_columns=tuple(c.strip() for c in args.score_columns.split(",")) if args.score_columns else None,
+        repeat_frames=args.repeat_frames,
+        frames_fps=args.frames_fps,
+    )
     s = import_dataset(
         args.format,
         args.src,
         args.dst,
         split=args.split,
         revision=args.revision,
-        seed=args.seed,
         bad_rows=bad_rows,
         allow_absolute_paths=args.allow_absolute_paths,
         overwrite=args.overwrite,
         preprocessing={"num_frames": args.num_frames, "height": args.height, "width": args.width, "fps": args.fps},
+        limit=args.limit,
+        options=opts,
     )
-    for line in s["problems"]:
+    for line in s["problems"][:50]:
         print(f"  skipped {line}")
-    print(f"imported {s['rows_out']} of {s['rows_in']} rows ({s['format']}) into {args.dst}; skipped {s['skipped']}")
+    if len(s["problems"]) > 50:
+        print(f"  ... and {len(s['problems']) - 50} more (all in {args.dst}/vidalign_import.json)")
+    print(
+        f"imported {s['rows_out']} {s['kind']} from {s['rows_in']} rows ({s['format']}) into {args.dst}; "
+        f"skipped {s['skipped']}; {s['rows_per_s']} rows/s"
+    )
     return 0
 
 
@@ -360,11 +391,6 @@ def cmd_data_pairs(args) -> int:
     return 0
 
 
-def _tta(args) -> dict | None:
-    """``--test-time-shifts`` as a change to the saved reward model's config (None: as saved)."""
-    return None if args.test_time_shifts is None else {"test_time_shifts": args.test_time_shifts}
-
-
 def cmd_reward(args, extra) -> int:
     """``vidalign reward train | eval | score``."""
     from reward_models.model import load_reward_model
@@ -381,7 +407,7 @@ def cmd_reward(args, extra) -> int:
     if args.reward_command == "eval":
         from reward_models.train import evaluate, load_pairs, plot_calibration
 
-        model = load_reward_model(args.model, overrides=_tta(args))
+        model = load_reward_model(args.model)
         res = evaluate(model, load_pairs(args.dataset, "skip" if args.skip_bad_rows else "error"), args.tie_threshold)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +421,7 @@ def cmd_reward(args, extra) -> int:
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
-    model = load_reward_model(args.model, overrides=_tta(args))
+    model = load_reward_model(args.model)
     videos = [read_video(Path(v)) for v in args.video]
     shapes = {v.shape for v in videos}
     scores = (
@@ -471,18 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole loop on the synthetic world, on a CPU")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--model", default=None, help="align this TinySora directory instead of pretraining one")
-    d.add_argument("--cache-dir", default="runs/cache", help="where the pretrained tiny model is cached")
     d.add_argument("--quick", action="store_true", help="tiny budgets, for tests (numbers mean nothing)")
     d.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="change a DemoConfig field (align/demo.py), e.g. --set reward_test_time_shifts=1 (repeatable)",
+        help="change a DemoConfig field (align/demo.py) or STAGE.KEY of a stage's recipe, e.g. --set DPO.beta=1000",
     )
 
     pt = sub.add_parser("pretrain", help="pretrain the tiny Sora model on the synthetic world")
     pt.add_argument("recipe", nargs="?", default=None)
+    pt.add_argument(
+        "--demo",
+        metavar="DIR",
+        default=None,
+        help="write both models the demo ships (generator + reward backbone, fp16, SHA256SUMS) into DIR",
+    )
 
     t = sub.add_parser("train", help="align a generator with DPO + LoRA from a recipe")
     t.add_argument("recipe")
@@ -546,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dataset", help="save_to_disk dir, .jsonl/.csv/.parquet, folder layout, or hub id")
     v.add_argument("--min-frames", type=int, default=1, help="fewer frames than this is an error")
     im = dsub.add_parser("import", help="map a public layout onto the schema (copies the videos)")
-    im.add_argument("--format", required=True, help="pickapic | videogen-rewardbench | chosen-rejected")
-    im.add_argument("src", help="file, directory or hub dataset id in that layout")
+    im.add_argument("--format", required=True, choices=IMPORT_FORMATS, help="the source's layout (docs/data.md)")
+    im.add_argument("src", help="file, directory (a local clone of a Hub repo too) or hub dataset id in that layout")
     im.add_argument("dst", help="new save_to_disk directory (videos copied under DST/videos)")
     im.add_argument("--revision", default=None, help="hub dataset revision")
     im.add_argument("--seed", type=int, default=0, help="chosen-rejected: seed of the a/b order")
@@ -557,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--fps", type=float, default=None, help="prepare videos: sample frames at this rate")
     im.add_argument("--height", type=int, default=None, help="prepare videos: resize + centre-crop height")
     im.add_argument("--width", type=int, default=None, help="prepare videos: resize + centre-crop width")
+    im.add_argument("--limit", type=int, default=None, help="import only the first N source rows")
+    im.add_argument("--repeat-frames", type=int, default=None, help="stills become N identical frames (mp4)")
+    im.add_argument("--overall-from", default=None, help="videoalign/videogen-rewardbench/videofeedback: label column")
+    im.add_argument("--bothbad", choices=("tie", "skip"), default="tie", help="genai-bench-video: bothbad_vote")
+    im.add_argument("--tie-margin", type=float, default=0.0, help="scored formats, rapidata: gap counted as a tie")
+    im.add_argument("--as-samples", action="store_true", help="scored formats: write scored samples for RWR")
+    im.add_argument("--score-columns", default=None, help="videofeedback: comma-separated score columns")
+    im.add_argument("--frames-fps", type=float, default=8.0, help="videos given as frame lists: their frame rate")
     ins = dsub.add_parser("inspect", help="counts, tie share, prompt and video histograms (PNG)")
     ins.add_argument("dataset")
     ins.add_argument("--out", default=None, help="PNG path (default: DATASET/inspect.png)")
@@ -565,8 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--model", required=True, help="the model whose VAE and text encoder encode")
     ca.add_argument("--cache-dir", required=True, help="the same folder as the recipe's latent_cache_dir")
     ca.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
-    for q in (v, im, ins, ca):
+    for q in (v, ins, ca):
         q.add_argument("--split", default="train", help="split of a hub dataset / DatasetDict")
+    im.add_argument("--split", default=None, help="split (default: the format's published one, else train)")
     for q in (v, im, ca):
         q.add_argument("--allow-absolute-paths", action="store_true", help="trust absolute video paths")
     pa = dsub.add_parser("pairs", help="sample a model, label best-vs-worst pairs with judges (--judge)")
@@ -591,23 +630,16 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("recipe")
     rev = rsub.add_parser("eval", help="pairwise accuracy (with and without ties) and a calibration plot")
     rev.add_argument("dataset")
-    rev.add_argument("--model", nargs="+", required=True, help="a reward model directory; several: their mean score")
+    rev.add_argument("--model", required=True, help="a reward model directory (`vidalign reward train`)")
     rev.add_argument("--out", default="runs/reward_eval")
     rev.add_argument(
         "--tie-threshold", type=float, default=0.1, help="|score difference| below which a tie is predicted"
     )
     rev.add_argument("--skip-bad-rows", action="store_true")
     rsc = rsub.add_parser("score", help="score video files against a prompt")
-    rsc.add_argument("--model", nargs="+", required=True, help="a reward model directory; several: their mean score")
+    rsc.add_argument("--model", required=True, help="a reward model directory (`vidalign reward train`)")
     rsc.add_argument("--prompt", required=True)
     rsc.add_argument("--video", nargs="+", required=True)
-    for q in (rev, rsc):
-        q.add_argument(
-            "--test-time-shifts",
-            type=int,
-            default=None,
-            help="average each score over the clip moved by this many pixels in 8 directions (default: as saved)",
-        )
 
     an = sub.add_parser("annotate", help="collect human preferences in a local web app")
     asub = an.add_subparsers(dest="annotate_command", required=True)

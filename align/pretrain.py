@@ -1,7 +1,11 @@
-"""Pretraining of the tiny Sora model on the synthetic world: the VAE, then the denoiser.
+"""Pretraining of the demo's two models on the synthetic world: the tiny Sora generator (the
+VAE, then the denoiser) and the reward model's tiny CLIP backbone.
 
 This gives the demo a *pretrained* generator to align, the way a user brings one. It is
-deliberately short: the result is a mediocre generator with room for alignment.
+deliberately short: the result is a mediocre generator with room for alignment. The demo
+ships both models (``align/demo_models/``, made by ``pretrain_demo_models``).
+
+The generator:
 
 1. Render ``num_videos`` synthetic clips (every scene of the world, at random).
 2. Train the spatiotemporal VAE (reconstruction + ``kl_weight`` * KL).
@@ -138,3 +142,105 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         json.dumps({"timings_s": timings, "model": asdict(model.cfg), "num_videos": cfg.num_videos}, indent=2)
     )
     return out
+
+
+# ---------------------------------------------------------------- the demo's reward backbone
+
+# the demo reward model's backbone: frames averaged, plus the signed last-minus-first frame so
+# that a frame-level CLIP can see where the shape moved
+REWARD_BACKBONE = {"pooling": "mean", "motion_frame": True}
+
+
+def world_clips_with_reversals(seed: int, n: int = 2048) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Clips of ``n`` random scenes of the synthetic world with their captions, plus each clip
+    played backwards with the opposite direction in its caption (``2n`` items);
+    ``negatives[i]`` is the index of item i's reversed twin."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed + 7)
+    scenes = all_scenes()
+    picks = [scenes[i] for i in rng.integers(0, len(scenes), n)]
+    videos = sample_videos(picks, rng)
+    flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    prompts = [s.prompt for s in picks] + [dataclasses.replace(s, direction=flip[s.direction]).prompt for s in picks]
+    negatives = np.concatenate([np.arange(n) + n, np.arange(n)])
+    return np.concatenate([videos, videos[:, ::-1]]), prompts, negatives
+
+
+def pretrain_reward_backbone(out: str | Path, steps: int = 2400, seed: int = 0, progress: bool = True) -> Path:
+    """A tiny CLIP backbone for the demo's reward model, pretrained contrastively on the world's
+    clips and captions (what an open_clip pretrained tag is for a real user). Each batch holds
+    clips together with their time-reversed twins as hard negatives, so that the video
+    embedding has to see motion, not only colour and shape."""
+    from reward_models.model import RewardModelConfig, VideoRewardModel
+    from reward_models.train import contrastive_pretrain
+
+    videos, prompts, negatives = world_clips_with_reversals(seed)
+    torch.manual_seed(seed)
+    model = VideoRewardModel(RewardModelConfig(**REWARD_BACKBONE))
+    contrastive_pretrain(model, videos, prompts, steps, seed=seed, progress=progress, hard_negatives=negatives)
+    return model.save_pretrained(Path(out), {"pretrained_on": "synthetic world (contrastive, reversal negatives)"})
+
+
+# ---------------------------------------------------------------- the demo's shipped models
+
+DEMO_MODELS = Path(__file__).resolve().parent / "demo_models"  # tiny_sora/, reward_backbone/, SHA256SUMS
+SHA256SUMS = "SHA256SUMS"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_fp16(path: Path) -> None:
+    """Rewrite the float32 tensors of a safetensors file as float16 (loading casts them back)."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(str(path)).items()}
+    save_file(state, str(path))
+
+
+def pretrain_demo_models(
+    out: str | Path = DEMO_MODELS, cfg: PretrainConfig | None = None, reward_steps: int = 2400, progress: bool = True
+) -> Path:
+    """Both models the demo ships, into ``out``: the tiny Sora generator (``pretrain``) and the
+    reward backbone (``pretrain_reward_backbone``), their weights stored as float16, and a
+    ``SHA256SUMS`` file that ``demo_models`` checks at load. ``vidalign pretrain --demo`` and
+    ``make pretrained`` run this."""
+    out = Path(out)
+    cfg = cfg or PretrainConfig()
+    gen = pretrain(PretrainConfig(**{**asdict(cfg), "output_dir": str(out / "tiny_sora")}), progress=progress)
+    rm = pretrain_reward_backbone(out / "reward_backbone", reward_steps, cfg.seed, progress)
+    lines = []
+    for f in sorted([*gen.iterdir(), *rm.iterdir()]):
+        if f.suffix == ".safetensors":
+            _to_fp16(f)
+        lines.append(f"{_sha256(f)}  {f.relative_to(out)}")
+    (out / SHA256SUMS).write_text("\n".join(lines) + "\n")
+    for stale in out.glob("*.metrics.jsonl"):  # pretrain's training log lands beside the model
+        stale.unlink()
+    return out
+
+
+def demo_models(root: str | Path = DEMO_MODELS) -> tuple[Path, Path]:
+    """The shipped generator and reward backbone directories, after checking every file against
+    ``SHA256SUMS``; a missing or changed file is an error that says how to regenerate them."""
+    root = Path(root)
+    sums = root / SHA256SUMS
+    fix = "regenerate them with `make pretrained` (vidalign pretrain --demo)"
+    if not sums.is_file():
+        raise FileNotFoundError(f"demo models: {sums} is missing; {fix}")
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        f = root / name
+        if not f.is_file():
+            raise FileNotFoundError(f"demo models: {f} is missing; {fix}")
+        if _sha256(f) != digest:
+            raise ValueError(f"demo models: {f} does not match its sha256 in {sums} (changed or corrupt); {fix}")
+    return root / "tiny_sora", root / "reward_backbone"

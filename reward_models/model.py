@@ -72,9 +72,6 @@ class RewardModelConfig:
     # mean + temporal pooling) against the motion encoder's, before the two are added and
     # normalised; < 1 lets the motion part count for more (see VideoRewardModel.encode_video)
     frame_weight: float = 1.0
-    # s > 0: a score is the mean over the clip and its 8 copies moved by s pixels (edges repeated);
-    # scoring only, 9x the forward passes (see VideoRewardModel.score)
-    test_time_shifts: int = 0
 
     def __post_init__(self) -> None:
         if self.frame_sampling not in ("uniform", "random", "strided"):
@@ -92,8 +89,6 @@ class RewardModelConfig:
                 f"frame_weight={self.frame_weight} weighs the image tower against the motion encoder; "
                 "set motion_keypoints > 0 as well (without it the normalised embedding ignores the weight)"
             )
-        if self.test_time_shifts < 0:
-            raise ValueError(f"test_time_shifts must be >= 0 (0 = off), got {self.test_time_shifts}")
 
     @classmethod
     def from_dict(cls, d: dict) -> RewardModelConfig:
@@ -295,12 +290,10 @@ class VideoRewardModel(nn.Module):
         videos,
         generator: torch.Generator | None = None,
         phase: int | None = None,
-        shift: tuple[int, int] = (0, 0),
     ) -> torch.Tensor:
         """Pick K frames and preprocess: uint8 ``(B, T, H, W, C)`` arrays/tensors or float
         ``(B, C, T, H, W)`` in [-1, 1] -> normalised ``(B, K, 3, h, w)``. ``phase``: which
-        stride offset ``strided`` sampling takes (None: drawn with ``generator``). ``shift``:
-        ``(dy, dx)`` pixels to move the frames by, the edge rows and columns filling the gap."""
+        stride offset ``strided`` sampling takes (None: drawn with ``generator``)."""
         if _is_uint8_video(videos):
             x = torch.as_tensor(np.asarray(videos) if isinstance(videos, np.ndarray) else videos)
             if x.dim() != 5 or x.shape[-1] != 3:
@@ -315,12 +308,6 @@ class VideoRewardModel(nn.Module):
         B, T = x.shape[:2]
         idx = sample_frame_indices(T, self.cfg.num_frames, self.cfg.frame_sampling, generator, phase)
         x = x[:, idx]
-        if shift != (0, 0):
-            H, W = x.shape[-2:]
-            dy, dx = shift
-            if max(abs(dy), abs(dx)) >= min(H, W):
-                raise ValueError(f"reward model: a shift of {shift} pixels does not fit {H}x{W} frames")
-            x = x[..., (torch.arange(H) - dy).clamp(0, H - 1), :][..., (torch.arange(W) - dx).clamp(0, W - 1)]
         if self.cfg.motion_frame:  # where the content went (bright) and came from (dark), as one more image
             x = torch.cat([x, (0.5 + 0.5 * (x[:, -1:] - x[:, :1])).clamp(0, 1)], dim=1)
         k = x.shape[1]
@@ -374,15 +361,11 @@ class VideoRewardModel(nn.Module):
         """Scores ``(N,)`` of videos for their prompts. Each video's score depends only on
         that video and prompt (eval mode, per-video frame sampling seeded by ``seed``), not on
         what else is in the batch. With ``strided`` sampling a score is the mean over every
-        phase (``T // K`` forward passes); with ``test_time_shifts`` s > 0, also over the clip
-        moved by s pixels in each of 8 directions (x9). Measured on the demo's data (2026-12-01,
-        s = 1, six fine-tuning seeds): held-out accuracy 0.764 -> 0.776, up on 5 of 6."""
+        phase (``T // K`` forward passes)."""
         if len(videos) != len(prompts):
             raise ValueError(f"reward model: {len(videos)} videos but {len(prompts)} prompts")
         if len(prompts) == 0:
             raise ValueError("reward model: nothing to score (empty prompt list)")
-        d = self.cfg.test_time_shifts
-        shifts = [(dy * d, dx * d) for dy in (0, -1, 1) for dx in (0, -1, 1)] if d else [(0, 0)]
         was_training = self.training
         self.eval()
         out = []
@@ -392,10 +375,9 @@ class VideoRewardModel(nn.Module):
             phases = range(self.num_phases(batch)) if self.cfg.frame_sampling == "strided" else [None]
             total = 0.0
             for p in phases:
-                for shift in shifts:
-                    gen = torch.Generator().manual_seed(seed) if self.cfg.frame_sampling == "random" else None
-                    total = total + self(self.frames(batch, gen, p, shift), ids)["score"].float().cpu()
-            out.append(total / (len(phases) * len(shifts)))
+                gen = torch.Generator().manual_seed(seed) if self.cfg.frame_sampling == "random" else None
+                total = total + self(self.frames(batch, gen, p), ids)["score"].float().cpu()
+            out.append(total / len(phases))
         self.train(was_training)
         s = torch.cat(out).numpy()
         if not np.isfinite(s).all():
@@ -453,39 +435,12 @@ class VideoRewardModel(nn.Module):
         return model.to(device).eval()
 
 
-class RewardEnsemble:
-    """Scores a video by the mean of several reward models' scores (each as it is: members
-    trained alike have alike logit scales). Has ``score`` as a ``VideoRewardModel`` does, so
-    it goes wherever one does: ``evaluate``, RWR's scored samples, reward win rates.
-
-    Members should differ in what they saw, not only in their seed: on the demo's pairs two
-    reward models fine-tuned alike from different backbones (clips with their reversals, and
-    scenes in all four directions, as hard negatives) reach 0.767 and 0.763 held-out accuracy
-    over six seeds and their mean score 0.785, higher on 5 of 6; ensembles of fine-tuning
-    seeds of one backbone gained nothing (README, "Two backbones")."""
-
-    def __init__(self, members: list[VideoRewardModel]):
-        if not members:
-            raise ValueError("reward ensemble: no members")
-        self.members = list(members)
-
-    @classmethod
-    def from_pretrained(cls, paths: list[str | Path], overrides: dict | None = None) -> RewardEnsemble:
-        """Each saved reward model in ``paths`` (``VideoRewardModel.from_pretrained``)."""
-        return cls([VideoRewardModel.from_pretrained(p, overrides=overrides) for p in paths])
-
-    def score(self, videos, prompts: list[str], batch_size: int = 64, seed: int = 0) -> np.ndarray:
-        """Mean over the members of ``VideoRewardModel.score``, ``(N,)``."""
-        return np.mean([m.score(videos, prompts, batch_size, seed) for m in self.members], axis=0)
-
-
-def load_reward_model(paths: str | Path | list, overrides: dict | None = None) -> VideoRewardModel | RewardEnsemble:
-    """One saved reward model, or the ensemble of several (a list of more than one path)."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    if len(paths) == 1:
-        return VideoRewardModel.from_pretrained(paths[0], overrides=overrides)
-    return RewardEnsemble.from_pretrained(paths, overrides)
+def load_reward_model(path: str | Path, device="cpu") -> VideoRewardModel:
+    """A saved reward model (``VideoRewardModel.from_pretrained``); several reward models are
+    combined as judges (``align.judges``: the mean of their z-scored scores)."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"load_reward_model takes one directory, got {path!r} (combine several with align.judges)")
+    return VideoRewardModel.from_pretrained(path, device=device)
 
 
 def bt_loss(score_a: torch.Tensor, score_b: torch.Tensor, preference: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from reward_models.distort import check_distortions, distort
 from reward_models.model import RewardModelConfig, VideoRewardModel, bt_loss
 
 PREF_TO_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
@@ -374,70 +373,47 @@ def contrastive_pretrain(
     seed: int = 0,
     progress: bool = True,
     hard_negatives: np.ndarray | None = None,
-    distortions: Sequence[str] = (),
 ) -> list[float]:
     """CLIP's symmetric InfoNCE on (video, caption) pairs; captions that repeat within a
     batch are not counted as negatives of each other. Returns the loss per step.
 
     ``hard_negatives[i]``: the index of item i's hard negative (e.g. the same clip played
-    backwards, captioned with the opposite direction), or a row of m indices ``(N, m)`` (e.g.
-    the same scene moving in each other direction). With it, each batch is
-    ``batch_size // (m + 1)`` random items plus their hard negatives, so the only way to tell
-    them apart is what differs (motion), as in temporal hard-negative training of video-text
-    models. Without it, time-reversed pairs rarely meet in a batch and a tiny CLIP never
-    learns direction (measured: 0.27 zero-shot direction accuracy, chance 0.25).
-
-    ``distortions``: names from ``reward_models.distort.DISTORTIONS``. Each step then also
-    encodes a distorted copy of every clip in the batch, and the caption-to-video half of
-    the loss counts those copies as negatives (the video-to-caption half is unchanged): a
-    caption must match its clean clip better than a blurred, jittered or recoloured one.
-    A departure from CLIP for reward backbones (see ``reward_models/distort.py``)."""
+    backwards, captioned with the opposite direction). With it, each batch is ``batch_size // 2``
+    random items plus their hard negatives, so the only way to tell them apart is what differs
+    (motion), as in temporal hard-negative training of video-text models. Without it,
+    time-reversed pairs rarely meet in a batch and a tiny CLIP does not learn direction."""
     gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed + 11)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)  # same numbers, faster
     losses = []
     if hard_negatives is not None:
         hard_negatives = np.asarray(hard_negatives)
-        if hard_negatives.ndim == 1:
-            hard_negatives = hard_negatives[:, None]
-        if hard_negatives.ndim != 2 or len(hard_negatives) != len(prompts):
+        if hard_negatives.shape != (len(prompts),):
             raise ValueError(
-                f"hard_negatives: expected {len(prompts)} entries (one index or a row of indices per item), "
-                f"got shape {hard_negatives.shape}"
+                f"hard_negatives: expected {len(prompts)} indices (one per item), got shape {hard_negatives.shape}"
             )
         if hard_negatives.min() < 0 or hard_negatives.max() >= len(prompts):
             raise ValueError(
                 f"hard_negatives: indices must lie in [0, {len(prompts)}), "
                 f"got {hard_negatives.min()}..{hard_negatives.max()}"
             )
-        if batch_size // (hard_negatives.shape[1] + 1) < 1:
-            raise ValueError(
-                f"hard_negatives: batch_size {batch_size} cannot hold an item "
-                f"and its {hard_negatives.shape[1]} hard negatives"
-            )
-    if distortions:
-        check_distortions(distortions)
+        if batch_size < 2:
+            raise ValueError(f"hard_negatives: batch_size {batch_size} cannot hold an item and its hard negative")
     model.train()
     for _ in tqdm(range(steps), desc="reward backbone (contrastive)", disable=not progress):
         if hard_negatives is None:
             idx = torch.randint(0, len(prompts), (batch_size,), generator=gen).numpy()
         else:
-            m = hard_negatives.shape[1]
-            first = torch.randint(0, len(prompts), (batch_size // (m + 1),), generator=gen).numpy()
-            idx = np.concatenate([first, *(hard_negatives[first, j] for j in range(m))])
+            first = torch.randint(0, len(prompts), (batch_size // 2,), generator=gen).numpy()
+            idx = np.concatenate([first, hard_negatives[first]])
         ps, clips = [prompts[i] for i in idx], videos[idx]
-        if distortions:
-            clips = np.concatenate([clips, distort(clips, rng, distortions)])
         v = model.encode_video(model.frames(clips, generator=gen))
-        v, v_bad = v[: len(ps)], v[len(ps) :]
         t = model.encode_text(model.tokenize(ps))
         scale = model.clip.logit_scale.exp()
         logits = scale * v @ t.T
         same = torch.tensor([[a == b for b in ps] for a in ps])
         logits = logits.masked_fill(same & ~torch.eye(len(ps), dtype=torch.bool), float("-inf"))
-        t2v = torch.cat([logits.T, scale * t @ v_bad.T], dim=1)  # caption x (clips, distorted clips)
         target = torch.arange(len(ps))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(t2v, target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
