@@ -1,19 +1,27 @@
-"""Importers: Pick-a-Pic, VideoGen-RewardBench and chosen/rejected layouts mapped onto the schema,
-with real mp4 files; the imported dataset is self-contained and passes validation."""
+"""Importers: every published layout (Pick-a-Pic v2, HPDv2, ImageRewardDB, VideoGen-RewardBench,
+VideoAlign, GenAI-Bench video, Rapidata, VideoFeedback, chosen/rejected) mapped onto the schema
+from the tiny samples in data/ and from files the tests build; bad input named with row and
+column; the imported dataset is self-contained and passes validation."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
+from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_data_formats import clip
 
 from align.cli import main
-from align.data.importers import import_dataset
+from align.data.importers import ImportOptions, import_dataset
 from align.data.preference import PreferenceDataError, check_rows, content_hash, load_preference_dataset, to_pairs
+from align.data.samples import load_scored_samples
 from align.data.video import read_video, write_video
 
 
@@ -74,7 +82,8 @@ def test_pickapic_labels_ties_unlabelled_and_provenance(src_dir, tmp_path):
 
 
 def test_pickapic_embedded_bytes_and_bad_rows(src_dir, tmp_path):
-    """Media as bytes (Pick-a-Pic's jpg_0/jpg_1 columns); an image instead of a video is a bad row."""
+    """Media as bytes (Pick-a-Pic's jpg_0/jpg_1 columns hold JPEGs, here also mp4s); bytes that
+    claim to be a JPEG but are not one make a bad row, named with its row and column."""
     data = [(src_dir / "videos" / f"v{i}.mp4").read_bytes() for i in range(4)]
     jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x00" * 100
     rows = {
@@ -87,7 +96,9 @@ def test_pickapic_embedded_bytes_and_bad_rows(src_dir, tmp_path):
     datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "p.parquet"))
     with pytest.raises(PreferenceDataError) as e:
         import_dataset("pickapic", tmp_path / "p.parquet", tmp_path / "out")
-    assert e.value.problems == [(1, "jpg_0: <embedded bytes>: embedded bytes are not an mp4, webm or gif video")]
+    assert e.value.problems == [
+        (1, "jpg_0: <embedded bytes>: cannot decode image (UnidentifiedImageError: not an image Pillow can identify)")
+    ]
     assert not (tmp_path / "out").exists()  # nothing half-written
     stats = import_dataset("pickapic", tmp_path / "p.parquet", tmp_path / "out", bad_rows="skip")
     assert stats["rows_out"] == 2 and stats["skipped"]["bad_row"] == 1
@@ -172,7 +183,7 @@ def test_cli_import_inspect_validate(src_dir, tmp_path, capsys):
     (src_dir / "cr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     dst = tmp_path / "d"
     assert main(["data", "import", "--format", "chosen-rejected", str(src_dir / "cr.jsonl"), str(dst)]) == 0
-    assert "imported 4 of 4 rows (chosen-rejected)" in capsys.readouterr().out
+    assert "imported 4 preference pairs from 4 rows (chosen-rejected)" in capsys.readouterr().out
     assert main(["data", "validate", str(dst), "--min-frames", "8"]) == 0
     assert main(["data", "inspect", str(dst), "--out", str(tmp_path / "i.png")]) == 0
     assert "tie share 0.000" in capsys.readouterr().out and (tmp_path / "i.png").is_file()
@@ -214,3 +225,209 @@ def test_import_can_bring_videos_to_the_model_input(tmp_path):
 
     assert err(source[::2]) < 7  # close to the right frames, through two lossy encodes
     assert err(source[::2]) < 0.75 * min(err(source[:8]), err(source[1::2]))  # and far from other choices
+
+
+# --------------------------------------------------------------------------------------------
+# the published layouts, from the tiny samples in data/ (one per dataset card)
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def _imported(fmt, src, dst, **kw):
+    stats = import_dataset(fmt, src, dst, **kw)
+    ds = load_preference_dataset(dst)
+    rep = check_rows(ds, str(dst), root=dst)
+    assert rep.fatal == [], [str(p) for p in rep.fatal]  # what the importer wrote validates
+    return stats, ds, rep
+
+
+def test_pickapic_v2_as_published_stills_are_one_frame_videos(tmp_path):
+    stats, ds, rep = _imported("pickapic", DATA / "pickapic_v2" / "sample.parquet", tmp_path / "pp")
+    assert stats["skipped"] == {"unlabelled": 1, "not_different": 1, "bad_row": 0}  # has_label / are_different
+    assert list(ds["preference"]) == ["a", "b", "tie"] and list(ds["source_row"]) == [0, 1, 2]
+    assert all(p.endswith(".jpg") for p in ds["video_a"])
+    assert rep.info["stills"] == 6 and rep.info["sizes"] == {"32x32": 6}
+    pairs = to_pairs(ds, root=tmp_path / "pp", target={"num_frames": 1, "height": 16, "width": 16})
+    assert pairs.chosen.shape == (2, 1, 16, 16, 3) and pairs.skipped["tie"] == 1
+    with pytest.raises(PreferenceDataError, match=r"an image \(1 frame\) cannot give the 8 frames.*--repeat-frames 8"):
+        to_pairs(ds, root=tmp_path / "pp", target={"num_frames": 8, "fps": 8})  # a model that needs 8 frames
+    # explicit --repeat-frames: stills become N-frame clips the model can take
+    stats = import_dataset(
+        "pickapic", DATA / "pickapic_v2" / "sample.parquet", tmp_path / "rep", options=ImportOptions(repeat_frames=4)
+    )
+    ds4 = load_preference_dataset(tmp_path / "rep")
+    assert to_pairs(ds4, root=tmp_path / "rep", target={"num_frames": 4, "fps": 8}).chosen.shape == (2, 4, 32, 32, 3)
+
+
+def test_pickapic_with_image_paths_and_a_truncated_jpeg(tmp_path):
+    """The same layout with paths; a truncated JPEG is named with row and column, counted under skip."""
+    table = pq.read_table(DATA / "pickapic_v2" / "sample.parquet").to_pylist()
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, r in enumerate(table):
+        for k in (0, 1):
+            data = r[f"jpg_{k}"] if (i, k) != (1, 1) else r["jpg_1"][: len(r["jpg_1"]) // 2]  # row 1: truncated
+            (tmp_path / "images" / f"{i}_{k}.jpg").write_bytes(data)
+        rows.append({**{c: r[c] for c in ("caption", "label_0", "label_1", "has_label", "are_different")}})
+        rows[-1].update(image_0=f"images/{i}_0.jpg", image_1=f"images/{i}_1.jpg")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "paths.parquet")
+    with pytest.raises(PreferenceDataError) as e:
+        import_dataset("pickapic", tmp_path / "paths.parquet", tmp_path / "out")
+    assert len(e.value.problems) == 1 and e.value.problems[0][0] == 1
+    truncated = r"image_1: .*images/1_1\.jpg: cannot decode image \(OSError: (image file is truncated|Truncated File)"
+    assert re.match(truncated, e.value.problems[0][1])
+    stats = import_dataset("pickapic", tmp_path / "paths.parquet", tmp_path / "out", bad_rows="skip")
+    assert stats["rows_out"] == 2 and stats["skipped"]["bad_row"] == 1 and stats["problems"][0].startswith("row 1: ")
+    # the same truncation in embedded bytes is named the same way
+    table[1]["jpg_1"] = table[1]["jpg_1"][:200]
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "bytes.parquet")
+    with pytest.raises(PreferenceDataError, match=r"row 1: jpg_1: <embedded bytes>: cannot decode image \(OSError"):
+        import_dataset("pickapic", tmp_path / "bytes.parquet", tmp_path / "out2")
+
+
+def test_hpdv2_and_imagereward_ranked_images_become_pairs(tmp_path):
+    stats, ds, _ = _imported("hpdv2", DATA / "hpdv2" / "train.json", tmp_path / "hp")
+    assert (stats["rows_in"], stats["rows_out"]) == (2, 2) and list(ds["preference"]) == ["a", "b"]
+    stats, ds, rep = _imported("imagereward", DATA / "imagereward" / "sample.jsonl", tmp_path / "ir")
+    # two prompts x 3 images ranked 2, 1, 3: every pair of one prompt, the lower rank wins
+    assert stats["rows_out"] == 6 and list(ds["preference"]) == ["b", "a", "a"] * 2
+    assert list(ds["preference_fidelity"]) == ["b", "a", "a"] * 2 and rep.info["stills"] == 6
+    assert len(set(ds["prompt"][:3])) == 1 and ds["prompt"][0] != ds["prompt"][3]  # never across prompts
+
+
+def test_videogen_rewardbench_clone_eval_split_videos_from_the_zip(tmp_path):
+    src = DATA / "videogen_rewardbench"
+    stats, ds, rep = _imported("videogen-rewardbench", src, tmp_path / "vg")
+    assert stats["split"] == "eval" and stats["files"][0].endswith("videogen-rewardbench.csv")
+    assert list(ds["preference"]) == ["a", "b", "tie"] and list(ds["preference_text_alignment"]) == ["tie", "b", "b"]
+    assert list(ds["fps_b"]) == [16.0] * 3 and list(ds["num_frames_a"]) == [16] * 3
+    assert rep.info["sizes"] == {"32x48": 3, "48x32": 3} and rep.info["fps"] == {"8": 3, "16": 3}  # info only
+    pairs = to_pairs(ds, root=tmp_path / "vg", target={"num_frames": 8, "height": 32, "width": 32, "fps": 8})
+    assert pairs.chosen.shape == pairs.rejected.shape == (2, 8, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"README declares the split\(s\) \['eval'\], not 'train' \(use --split\)"):
+        import_dataset("videogen-rewardbench", src, tmp_path / "x", split="train")
+
+
+def test_videogen_rewardbench_missing_zip_member_is_named(tmp_path):
+    src = tmp_path / "vgrb"
+    shutil.copytree(DATA / "videogen_rewardbench", src)
+    csv = src / "videogen-rewardbench.csv"
+    lines = csv.read_text().splitlines()
+    lines.append(lines[1].replace("kling1.5_00000.mp4,", "kling1.5_00099.mp4,", 1))
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PreferenceDataError) as e:
+        import_dataset("videogen-rewardbench", src, tmp_path / "out")
+    assert e.value.problems == [
+        (3, f"path_A: videos/kling1.5/kling1.5_00099.mp4: no such file under {src}, and not in videos.zip")
+    ]
+    stats = import_dataset("videogen-rewardbench", src, tmp_path / "out", bad_rows="skip")
+    assert stats["rows_out"] == 3 and stats["skipped"]["bad_row"] == 1
+
+
+def test_videoalign_csv_without_overall(tmp_path):
+    src = DATA / "videoalign" / "train.csv"
+    stats, ds, _ = _imported("videoalign", src, tmp_path / "va")
+    # VQ, MQ, TA = (A, A, B) -> a; (B, same, B) -> b; (A, B, same) -> tie: the majority of the aspects
+    assert list(ds["preference"]) == ["a", "b", "tie"] and list(ds["preference_motion_quality"]) == ["a", "tie", "b"]
+    assert list(ds["num_frames_b"]) == [12] * 3
+    _, ds_ta, _ = _imported("videoalign", src, tmp_path / "ta", options=ImportOptions(overall_from="TA"))
+    assert list(ds_ta["preference"]) == ["b", "b", "tie"]
+    bad = tmp_path / "bad" / "train.csv"
+    bad.parent.mkdir()
+    shutil.copytree(DATA / "videoalign" / "videos", bad.parent / "videos")
+    bad.write_text(src.read_text().replace(",A,A,B,", ",A,left,B,", 1))
+    with pytest.raises(PreferenceDataError) as e:
+        import_dataset("videoalign", bad, tmp_path / "out")
+    assert e.value.problems == [(0, "MQ 'left' is not one of A, B, same")]
+    assert import_dataset("videoalign", bad, tmp_path / "out", bad_rows="skip")["skipped"]["bad_row"] == 1
+
+
+def test_genai_bench_video_votes(tmp_path):
+    src = DATA / "genai_bench_video" / "sample.parquet"
+    stats, ds, _ = _imported("genai-bench-video", src, tmp_path / "g")
+    assert list(ds["preference"]) == ["a", "b", "tie", "tie"]  # bothbad_vote -> tie by default
+    assert list(ds["model_a"])[:2] == ["LaVie", "VideoCrafter2"]
+    stats = import_dataset("genai-bench-video", src, tmp_path / "g2", options=ImportOptions(bothbad="skip"))
+    assert stats["rows_out"] == 3 and stats["skipped"]["bothbad"] == 1
+    rows = pq.read_table(src).to_pylist()
+    rows[2]["vote_type"] = "leftvote_last_response"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    shutil.copytree(DATA / "genai_bench_video" / "videos", tmp_path / "videos")
+    with pytest.raises(PreferenceDataError) as e:
+        import_dataset("genai-bench-video", tmp_path / "bad.parquet", tmp_path / "out")
+    assert e.value.problems == [
+        (2, "vote_type 'leftvote_last_response' is not one of leftvote, rightvote, tievote, bothbad_vote")
+    ]
+    stats = import_dataset("genai-bench-video", tmp_path / "bad.parquet", tmp_path / "out", bad_rows="skip")
+    assert stats["skipped"]["bad_row"] == 1 and stats["rows_out"] == 3
+
+
+def test_rapidata_weighted_results(tmp_path):
+    stats, ds, _ = _imported("rapidata", DATA / "rapidata" / "sample.parquet", tmp_path / "r")
+    assert list(ds["preference"]) == ["a", "b", "tie"] and list(ds["preference_coherence"]) == ["a", "a", "b"]
+    assert list(ds["preference_alignment"]) == ["tie", "b", "a"] and list(ds["model_b"]) == ["sora", "wan2.1", "sora"]
+    _, ds, _ = _imported(
+        "rapidata", DATA / "rapidata" / "sample.parquet", tmp_path / "m", options=ImportOptions(tie_margin=0.5)
+    )
+    assert list(ds["preference"]) == ["a", "tie", "tie"]  # |0.8 - 0.2| > 0.5, |0.3 - 0.7| is not
+
+
+def test_videofeedback_scores_become_pairs_or_samples(tmp_path):
+    src = DATA / "videofeedback" / "sample.jsonl"
+    stats, ds, rep = _imported("videofeedback", src, tmp_path / "vf")
+    # mean scores per prompt: (2.8, 1.6, 2.8) and (3.6, 1.4, 2.6); frames (jpgs) became 4-frame videos
+    assert list(ds["preference"]) == ["a", "tie", "b", "a", "a", "b"] and rep.info["frames"] == {4: 6}
+    assert list(ds["preference_dynamic_degree"])[:3] == ["tie", "tie", "tie"]
+    _, ds, _ = _imported("videofeedback", src, tmp_path / "m", options=ImportOptions(tie_margin=1.1))
+    assert list(ds["preference"]) == ["a", "tie", "b", "a", "tie", "b"]
+    import_dataset("videofeedback", src, tmp_path / "s", options=ImportOptions(as_samples=True))
+    samples = load_scored_samples(str(tmp_path / "s"))
+    assert samples.videos.shape == (6, 4, 16, 16, 3) and samples.groups.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_allclose(samples.rewards, [2.8, 1.6, 2.8, 3.6, 1.4, 2.6], rtol=1e-6)
+
+
+def test_limit_and_fail_fast_on_a_layout_that_does_not_fit(tmp_path):
+    """--limit imports a prefix; 2000 rows whose media are all garbage stop within the first rows,
+    under --skip-bad too (the same error on every row means the layout is wrong)."""
+    n = 2000
+    rows = {"caption": [f"p{i}" for i in range(n)], "jpg_0": [b"not an image"] * n, "jpg_1": [b"nor this"] * n}
+    rows.update(label_0=[1.0] * n, label_1=[0.0] * n)
+    pq.write_table(pa.table(rows), tmp_path / "bad.parquet")
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=r"the first 20 rows all fail the same way.*stopped at row 19.*row 0: jpg_0"):
+        import_dataset("pickapic", tmp_path / "bad.parquet", tmp_path / "o", bad_rows="skip")
+    with pytest.raises(PreferenceDataError, match=r"stopped after 20 bad rows"):
+        import_dataset("pickapic", tmp_path / "bad.parquet", tmp_path / "o")
+    assert time.perf_counter() - t < 10
+    stats = import_dataset("pickapic", DATA / "pickapic_v2" / "sample.parquet", tmp_path / "lim", limit=2)
+    assert (stats["rows_in"], stats["rows_out"]) == (2, 2)
+
+
+def test_cli_import_published_layouts(tmp_path, capsys):
+    dst = tmp_path / "g"
+    argv = ["data", "import", "--format", "genai-bench-video", str(DATA / "genai_bench_video" / "sample.parquet")]
+    assert main([*argv, str(dst), "--bothbad", "skip", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "imported 3 preference pairs from 3 rows (genai-bench-video)" in out and "rows/s" in out
+    assert main(["data", "validate", str(dst)]) == 0
+    assert "info: sizes: " in capsys.readouterr().out
+    dst = tmp_path / "s"
+    argv = ["data", "import", "--format", "videofeedback", str(DATA / "videofeedback" / "sample.jsonl"), str(dst)]
+    assert main([*argv, "--as-samples", "--score-columns", "visual quality,dynamic degree"]) == 0
+    assert "imported 6 scored samples from 6 rows" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "data",
+                "import",
+                "--format",
+                "videoalign",
+                str(DATA / "videoalign" / "train.csv"),
+                str(tmp_path / "x"),
+                "--overall-from",
+                "Nope",
+            ]
+        )
+        == 2
+    )
+    assert "--overall-from 'Nope' is not a column" in capsys.readouterr().err

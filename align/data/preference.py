@@ -49,7 +49,7 @@ PAIR_FOLDER_FILES = ("prompt.txt", "preference.txt")  # plus a.<ext> and b.<ext>
 VIDEO_EXTS = (".mp4", ".webm", ".gif")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # stills: one-frame videos
 MEDIA_EXTS = VIDEO_EXTS + IMAGE_EXTS
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class PreferenceDataError(ValueError):
@@ -97,7 +97,7 @@ def load_table(source: str | Path, split: str = "train", revision: str | None = 
         ds = _load_file(p)
     elif p.is_dir():
         ds = _load_dir(p, split)
-    elif isinstance(source, str) and _HUB_ID.match(source) and not source.startswith("."):
+    elif isinstance(source, str) and HUB_ID.match(source) and not source.startswith("."):
         ds = _load_hub(source, split, revision)
     else:
         raise FileNotFoundError(f"preference dataset {source}: no such directory or file")
@@ -105,7 +105,7 @@ def load_table(source: str | Path, split: str = "train", revision: str | None = 
         if split not in ds:
             raise ValueError(f"{source}: a DatasetDict without a {split!r} split ({list(ds)})")
         ds = ds[split]
-    return _undecoded_media(ds)
+    return undecoded_media(ds)
 
 
 def dataset_root(source: str | Path | None):
@@ -118,7 +118,7 @@ def dataset_root(source: str | Path | None):
         return p
     if p.is_file():
         return p.parent
-    if isinstance(source, str) and _HUB_ID.match(source) and not source.startswith("."):
+    if isinstance(source, str) and HUB_ID.match(source) and not source.startswith("."):
         return HubRoot(source)
     return p  # a directory that does not exist (yet): paths under it will be reported missing
 
@@ -185,7 +185,7 @@ def _load_dir(p: Path, split: str):
         if (p / name).is_file():
             return _load_file(p / name)
     if any((d / "prompt.txt").is_file() for d in p.iterdir() if d.is_dir()):
-        return _load_pair_folders(p)
+        return load_pair_folders(p)
     try:
         return datasets.load_dataset(str(p), split=split)
     except Exception as e:
@@ -196,7 +196,7 @@ def _load_dir(p: Path, split: str):
         ) from None
 
 
-def _load_pair_folders(p: Path):
+def load_pair_folders(p: Path):
     """The folder layout: one sub-folder per pair with ``prompt.txt``, ``preference.txt`` and one
     ``a.*`` and one ``b.*`` video. Sub-folders are rows in name order; ``pair_id`` is the name.
     A folder with a missing or ambiguous file is still a row: validation reports it."""
@@ -231,7 +231,7 @@ def _load_hub(repo_id: str, split: str, revision: str | None):
         ) from None
 
 
-def _undecoded_media(ds):
+def undecoded_media(ds):
     """Cast ``datasets.Video`` / ``Image`` columns to ``decode=False`` ({"bytes", "path"} dicts):
     validation decodes them itself, with PyAV, and reports problems per row."""
     import datasets

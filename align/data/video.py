@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import GifImagePlugin, Image, ImageDraw, ImageFont, ImageSequence
+from PIL import GifImagePlugin, Image, ImageDraw, ImageFont, ImageSequence, UnidentifiedImageError
 
 from align.atomic import atomic_write
 
@@ -194,7 +194,7 @@ def read_video(path: str | Path, num_frames: int | None = None) -> np.ndarray:
         frames = _read_gif(path) if path.suffix.lower() == ".gif" or image else _read_av(path)
     except (av.FFmpegError, OSError, ValueError, EOFError, SyntaxError) as e:
         what = "image" if image else "video"
-        raise ValueError(f"{path}: cannot decode {what} ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: cannot decode {what} ({_error_text(e)})") from e
     if not frames:
         raise ValueError(f"{path}: video has no frames")
     if len({f.shape for f in frames}) != 1:
@@ -407,8 +407,15 @@ def check_image(source, name: str) -> tuple[int, int]:
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{name}: cannot decode image ({_error_text(e)})") from None
     return size
+
+
+def _error_text(e: Exception) -> str:
+    """An exception as ``Type: message``, without the file object's repr Pillow puts in some."""
+    if isinstance(e, UnidentifiedImageError):
+        return "UnidentifiedImageError: not an image Pillow can identify"
+    return f"{type(e).__name__}: {e}"
 
 
 def decode_video_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -432,7 +439,7 @@ def decode_video_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
                 frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except (av.FFmpegError, OSError, ValueError, EOFError, SyntaxError) as e:
         what = "image" if image else "video"
-        raise ValueError(f"{name}: cannot decode {what} ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{name}: cannot decode {what} ({_error_text(e)})") from e
     if not frames:
         raise ValueError(f"{name}: video has no frames")
     if len({f.shape for f in frames}) != 1:
