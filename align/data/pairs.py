@@ -2,8 +2,9 @@
 reward model.
 
 For each prompt the generator draws ``samples_per_prompt`` videos (different seeds); a judge
-scores them (the synthetic world's oracle by default, or any ``score(videos, prompts)`` such
-as a trained ``VideoRewardModel.score``: RLAIF-style labelling for prompts no oracle knows);
+scores them (any ``score(videos, prompts)``, e.g. ``align.judges.combined_score`` of the
+``--judge`` specs: RLAIF-style labelling; ``score=None`` is the synthetic world's oracle, which
+only the demo uses, imported only then);
 the best and the worst form a pair (best-of-n vs worst-of-n, as in on-policy preference
 pipelines). A pair whose scores differ by less than ``tie_margin`` (in the judge's units) is
 labelled a tie. The a/b order is randomised so that "a" carries no bias.
@@ -16,7 +17,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from align.data.synthetic import oracle_scores, parse_prompt
 from align.data.video import to_uint8
 from align.sample import generate
 
@@ -38,7 +38,9 @@ def sample_groups(
         raise ValueError("sample_groups: empty prompt list")
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
-    if score is None:  # the oracle knows only the synthetic world's prompts: say so before sampling
+    if score is None:  # the demo's oracle knows only the synthetic world's prompts: say so before sampling
+        from align.data.synthetic import oracle_scores, parse_prompt
+
         for p in dict.fromkeys(prompts):
             try:
                 parse_prompt(p)
@@ -65,48 +67,21 @@ def sample_groups(
 
 
 def _dataset(rows: dict, shape):
+    """The schema's dataset; ``shape`` None: videos are file paths (relative to the dataset dir)."""
     import datasets
 
-    T, H, W, C = shape
+    video = datasets.Value("string") if shape is None else datasets.Array4D(tuple(shape), "uint8")
     features = datasets.Features(
         {
             "prompt": datasets.Value("string"),
-            "video_a": datasets.Array4D((T, H, W, C), "uint8"),
-            "video_b": datasets.Array4D((T, H, W, C), "uint8"),
+            "video_a": video,
+            "video_b": video,
             "preference": datasets.Value("string"),
             "score_a": datasets.Value("float32"),
             "score_b": datasets.Value("float32"),
         }
     )
     return datasets.Dataset.from_dict(rows, features=features)
-
-
-def merge_groups(
-    prompts: list[str], videos: np.ndarray, totals: np.ndarray
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Join the groups of ``sample_groups`` that share a prompt (e.g. several sampling rounds
-    over the same prompts) into one group per prompt, in order of first appearance:
-    ``(all_prompts, videos, totals (M, r*k))``. With ``pairs_from_groups(..., "all")`` a
-    prompt's r*k samples then give (r*k)(r*k-1)/2 pairs instead of r * k(k-1)/2. Every prompt
-    must have the same number of groups."""
-    n, k = totals.shape
-    if len(prompts) != n * k or len(videos) != n * k:
-        raise ValueError(f"merge_groups: {len(prompts)} prompts and {len(videos)} videos for {n} groups of {k}")
-    by_prompt: dict[str, list[int]] = {}
-    for g in range(n):
-        if any(prompts[g * k + j] != prompts[g * k] for j in range(k)):
-            raise ValueError(f"merge_groups: group {g} mixes prompts")
-        by_prompt.setdefault(prompts[g * k], []).append(g)
-    counts = {p: len(gs) for p, gs in by_prompt.items()}
-    if len(set(counts.values())) > 1:
-        lo = min(counts, key=counts.get)
-        raise ValueError(
-            f"merge_groups: prompts have different numbers of groups ({lo!r}: {counts[lo]}, "
-            f"others up to {max(counts.values())})"
-        )
-    rows = [g * k + j for gs in by_prompt.values() for g in gs for j in range(k)]
-    merged = np.stack([np.concatenate([totals[g] for g in gs]) for gs in by_prompt.values()])
-    return [prompts[i] for i in rows], videos[rows], merged
 
 
 def pairs_from_groups(
@@ -119,7 +94,8 @@ def pairs_from_groups(
 ):
     """A preference dataset from scored groups: ``best_worst`` (one pair per group, as DPO
     uses) or ``all`` (every pair within a group: k(k-1)/2, as a reward model can use).
-    The a/b order is randomised; ties are labelled, not dropped."""
+    The a/b order is randomised; ties are labelled, not dropped. ``videos``: a uint8 array
+    ``(N*k, T, H, W, C)``, or a list of file paths (stored as such, relative to the dataset)."""
     n, k = totals.shape
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {c: [] for c in ("prompt", "video_a", "video_b", "preference", "score_a", "score_b")}
@@ -140,7 +116,7 @@ def pairs_from_groups(
             rows["preference"].append("tie" if abs(sa - sb) < tie_margin else ("a" if sa > sb else "b"))
             rows["score_a"].append(sa)
             rows["score_b"].append(sb)
-    return _dataset(rows, videos.shape[1:])
+    return _dataset(rows, None if isinstance(videos, list) else videos.shape[1:])
 
 
 def sampled_preference_dataset(
