@@ -12,7 +12,7 @@ judges the same way, as ``--judge SPEC`` strings parsed by :func:`parse_judge`:
   as open_clip does) or a local weights file (``.safetensors``, or a torch state dict loaded with
   ``weights_only=True``). Without it: open_clip's ``openai`` tag when the model has one, else
   its first tag, else (a model with no published weights, e.g. the tests' tiny config) random
-  weights with a warning.
+  weights (seeded: the same ones every time) with a warning.
 - ``http:URL`` (or a bare ``http://...`` / ``https://...``) -- a scoring service: POST
   ``{"prompts": [...], "videos": [base64 mp4, ...]}``, answer ``{"scores": [...]}``, so that a
   VLM reward model served elsewhere can judge. ``parse_judge`` sends one probe request (a black
@@ -156,7 +156,9 @@ class ClipJudge:
             raise JudgeError(f"judge {spec}: unknown open_clip model {model_name!r} (see open_clip.list_models())")
         tag, local = _resolve_clip_weights(open_clip, model_name, pretrained)
         try:
-            model = open_clip.create_model(model_name, pretrained=tag)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random weights (no tag, no file) are the same ones every time
+                model = open_clip.create_model(model_name, pretrained=tag)
         except (RuntimeError, OSError, ValueError) as e:  # e.g. offline and not in the cache
             raise JudgeError(f"judge {spec}: could not load open_clip weights {tag!r} ({e})") from e
         if local is not None:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import PROMPT
 
 from align.eval.plots import plot_score_histograms, plot_training_curves, plot_winrates
 from align.eval.report import write_report
@@ -187,3 +188,151 @@ def test_report_rejects_unserialisable(tmp_path):
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         write_report({"x": object()}, tmp_path)
     assert not (tmp_path / "report.json").exists()
+
+
+# ---------------------------------------------------------------------------------- judges
+
+
+def test_judge_winrates_agreement_and_suspect_by_hand():
+    from align.eval.evaluate import judge_winrates
+    from align.eval.winrate import judge_agreement, suspect_judges
+
+    base = {"rm": np.zeros(8), "clip": np.zeros(8)}
+    aligned = {"rm": np.ones(8), "clip": np.array([1.0, -1, 0, 1, -1, 0, 1, -1])}
+    res = judge_winrates(base, aligned)
+    assert res["winrate"]["rm"]["rate"] == 1.0 and res["winrate"]["rm"]["mean_score"] == {"base": 0.0, "aligned": 1.0}
+    assert (res["winrate"]["clip"]["wins"], res["winrate"]["clip"]["ties"]) == (3, 2)
+    assert res["agreement"] == {"rm vs clip": pytest.approx(3 / 8)}
+    assert res["suspect_judges"] == ["rm"]  # rm prefers aligned (CI > 0.5), clip does not
+    assert suspect_judges({"a": res["winrate"]["rm"], "b": res["winrate"]["rm"]}) == []  # both prefer it
+    assert suspect_judges({"a": res["winrate"]["rm"]}) == []  # one judge: nothing to compare with
+    assert judge_agreement({"a": [0.1, -0.1], "b": [0.2, 0.05]}, tie_margin=0.06) == {"a vs b": 0.5}
+    with pytest.raises(ValueError, match="different numbers of comparisons"):
+        judge_agreement({"a": [1.0], "b": [1.0, 2.0]})
+
+
+def test_report_shows_agreement_and_suspect_judges(tmp_path):
+    wr = win_rate([1.0] * 6, [0.0] * 6)
+    report = {"winrate": {"rm": wr, "clip": wr}, "agreement": {"rm vs clip": 0.5}, "suspect_judges": ["rm"]}
+    md = write_report(report, tmp_path)[1].read_text()
+    assert "## Judges" in md and "| rm vs clip | 0.5 |" in md and "**Suspect judges**" in md and ": rm" in md
+    report["suspect_judges"] = []
+    assert "No judge prefers" in write_report(report, tmp_path)[1].read_text()
+
+
+# ------------------------------------------------------------------------- eval, tiny model
+
+
+def _lora(model_dir, path, seed):
+    import torch
+
+    from align.models import load_model
+    from align.models.lora import attach_lora, save_lora
+
+    torch.manual_seed(seed)
+    m = load_model(model_dir)
+    attach_lora(m.denoiser, rank=4, alpha=4.0)
+    for n, p in m.denoiser.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    return save_lora(m.denoiser, path)
+
+
+@pytest.fixture(scope="module")
+def eval_assets(tiny_model_dir, tmp_path_factory):
+    import torch
+
+    from reward_models.model import RewardModelConfig, VideoRewardModel
+
+    root = tmp_path_factory.mktemp("eval_assets")
+    torch.manual_seed(0)
+    VideoRewardModel(RewardModelConfig(num_frames=2)).save_pretrained(root / "rm")
+    return {"model": tiny_model_dir, "lora": _lora(tiny_model_dir, root / "lora", 1), "rm": root / "rm", "root": root}
+
+
+def _cfg(a, out, **kw):
+    from align.eval.evaluate import EvalConfig
+
+    base = dict(
+        model=str(a["model"]),
+        lora=str(a["lora"]),
+        prompts=["a robot walking on the street in rain", "a lighthouse at dusk"],
+        out=str(out),
+        judges=[f"reward:{a['rm']}", "clip:vidalign-tiny-clip"],
+        seeds_per_prompt=2,
+        num_steps=2,
+        device="cpu",
+        progress=False,
+    )
+    return EvalConfig(**(base | kw))
+
+
+@pytest.mark.filterwarnings("ignore:judge clip")
+def test_eval_with_reward_and_clip_judges(eval_assets, tmp_path, monkeypatch):
+    from align.eval.evaluate import run_eval
+
+    out = tmp_path / "eval"
+    report = run_eval(_cfg(eval_assets, out))
+    saved = json.loads((out / "report.json").read_text())
+    assert set(saved["winrate"]) == {f"reward:{eval_assets['rm']}", "clip:vidalign-tiny-clip"}
+    for wr in saved["winrate"].values():
+        assert wr["n"] == 4 and wr["ci95"][0] <= wr["rate"] <= wr["ci95"][1]
+        assert wr["wins"] + wr["ties"] + wr["losses"] == 4 and set(wr["mean_score"]) == {"base", "aligned"}
+    assert saved["winrate"]["clip:vidalign-tiny-clip"]["ties"] < 4  # the LoRA changed the videos
+    assert list(saved["agreement"]) == [f"reward:{eval_assets['rm']} vs clip:vidalign-tiny-clip"]
+    assert saved["suspect_judges"] == report["suspect_judges"] and saved["comparisons"] == 4
+    for name in ("report.md", "winrates.png", "side_by_side.gif", "side_by_side.mp4"):
+        assert (out / name).stat().st_size > 0, name
+    base = [json.loads(x) for x in (out / "samples" / "base" / "index.jsonl").read_text().splitlines()]
+    aligned = [json.loads(x) for x in (out / "samples" / "aligned" / "index.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in base] == [(r["prompt"], r["seed"]) for r in aligned]
+    assert base[0]["lora"] is None and aligned[0]["lora"] == str(eval_assets["lora"])
+    # a second run with other judges judges the samples on disk: nothing is sampled again
+    import align.generation
+
+    monkeypatch.setattr(align.generation, "_sample_batch", lambda *a: pytest.fail("sampled again"))
+    again = run_eval(_cfg(eval_assets, out, judges=["clip:vidalign-tiny-clip"]))
+    assert again["winrate"]["clip:vidalign-tiny-clip"] == saved["winrate"]["clip:vidalign-tiny-clip"]
+    assert "agreement" not in again and again["suspect_judges"] == []
+
+
+@pytest.mark.filterwarnings("ignore:judge clip")
+def test_eval_against_a_baseline_lora_and_the_human_task(eval_assets, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from align.eval.evaluate import run_eval
+
+    calls = []
+    fake = types.ModuleType("align.eval.human")
+    fake.write_ab_task = lambda *a, **k: calls.append((a, k)) or (tmp_path / "task")
+    monkeypatch.setitem(sys.modules, "align.eval.human", fake)
+    l0 = _lora(eval_assets["model"], tmp_path / "l0", 2)
+    out = tmp_path / "eval"
+    world = [PROMPT, "a blue circle moving up on a gray background"]  # the oracle judges the demo's world only
+    report = run_eval(_cfg(eval_assets, out, baseline_lora=str(l0), judges=["human", "oracle"], prompts=world))
+    assert report["baseline"] == str(l0) and report["human_task"] == str(tmp_path / "task")
+    assert report["winrate"]["oracle"]["n"] == 4 and "direction" in report["winrate"]["oracle"]["per_attribute"]
+    (files_a, files_b, prompts, seeds, task_dir), kw = calls[0]
+    assert files_a[0] == out / "samples" / "base" / "00000_seed0.mp4" and files_b[0].parent.name == "aligned"
+    assert prompts[:2] == [PROMPT] * 2 and seeds == [0, 1, 2, 3]
+    assert task_dir == out / "human" and kw["names"] == ("base", "aligned")
+    assert json.loads((out / "samples" / "base" / "index.jsonl").read_text().splitlines()[0])["lora"] == str(l0)
+
+
+@pytest.mark.filterwarnings("ignore:judge clip")
+def test_eval_errors_come_before_sampling(eval_assets, tmp_path):
+    from align.eval.evaluate import run_eval
+
+    out = tmp_path / "eval"
+    for kw, msg in [
+        (dict(judges=[]), "eval needs at least one judge: --judge reward:DIR"),
+        (dict(judges=["pickscore"]), "unknown judge 'pickscore'"),
+        (dict(judges=[f"reward:{tmp_path}"]), "is not a vidalign reward model"),
+        (dict(judges=["oracle"]), "oracle knows only the demo's synthetic world"),
+        (dict(seeds_per_prompt=0), "--seeds-per-prompt must be >= 1"),
+        (dict(num_frames=9), "8x32x32"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            run_eval(_cfg(eval_assets, out, **kw))
+    assert not (out / "samples" / "base").exists()

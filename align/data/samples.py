@@ -27,7 +27,8 @@ class ScoredSamples:
 
 
 def scored_samples_dataset(prompts: list[str], videos: np.ndarray, rewards, groups=None):
-    """A ``datasets.Dataset`` of scored samples (videos stored as uint8 arrays)."""
+    """A ``datasets.Dataset`` of scored samples: ``videos`` a uint8 array ``(N, T, H, W, C)``
+    (stored as arrays) or a list of file paths relative to the dataset directory."""
     import datasets
 
     if not prompts:
@@ -36,11 +37,12 @@ def scored_samples_dataset(prompts: list[str], videos: np.ndarray, rewards, grou
         raise ValueError(
             f"scored_samples_dataset: {len(prompts)} prompts, {len(videos)} videos, {len(rewards)} rewards"
         )
-    T, H, W, C = videos.shape[1:]
+    paths = isinstance(videos, list) and all(isinstance(v, str) for v in videos)
+    video = datasets.Value("string") if paths else datasets.Array4D(tuple(videos.shape[1:]), "uint8")
     cols = {"prompt": list(prompts), "video": list(videos), "reward": [float(r) for r in rewards]}
     feats = {
         "prompt": datasets.Value("string"),
-        "video": datasets.Array4D((T, H, W, C), "uint8"),
+        "video": video,
         "reward": datasets.Value("float32"),
     }
     if groups is not None:

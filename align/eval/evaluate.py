@@ -1,73 +1,212 @@
-"""Paired evaluation: the aligned model against its base, same prompts and same seeds.
+"""Paired evaluation: the aligned model against its base, same prompts and same seeds, by any judge.
 
-The base is the aligned model with its LoRA adapters switched off, so both see identical
-initial noise and differ only by the adapter. Each (prompt, seed) is one comparison, judged
-by the oracle of the synthetic world; the win rate counts ties as one half and comes with a
-bootstrap 95% confidence interval.
+``run_eval`` is ``vidalign eval``: the base (the aligned model with its LoRA switched off, or
+another LoRA given as the baseline) and the aligned model sample every (prompt, seed) into
+``OUT/samples/base`` and ``OUT/samples/aligned`` (``align.generation.sample_to_disk``: reused
+from disk when present), so both start from identical noise and differ only by the adapter.
+Each (prompt, seed) is one comparison. Per judge: the paired win rate with ties counted as one
+half, wins / ties / losses, a bootstrap 95% confidence interval and the mean scores; with two
+or more judges, their pairwise agreement and the judges that prefer the aligned model while
+the others do not (``align.eval.winrate.suspect_judges``). ``--judge human`` writes a blinded
+A/B task for annotators (``align.eval.human.write_ab_task``). Outputs: ``report.json``,
+``report.md``, ``winrates.png`` and a side-by-side grid (``side_by_side.mp4`` / ``.gif``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from align.data.synthetic import oracle_scores
-from align.data.video import to_uint8
-from align.eval.winrate import win_rate
-from align.models.lora import adapters_disabled
-from align.sample import generate
+from align.eval.winrate import judge_agreement, suspect_judges, win_rate
 
 
 @dataclass
-class PairedSamples:
-    """Videos and oracle scores of base and aligned samples for the same prompts and seeds."""
+class EvalConfig:
+    """What ``vidalign eval`` compares and how it samples (the CLI's options)."""
 
+    model: str
+    lora: str
     prompts: list[str]
-    seeds: list[int]
-    base: np.ndarray  # uint8 (N, T, H, W, 3)
-    aligned: np.ndarray
-    base_scores: list[dict]
-    aligned_scores: list[dict]
-
-
-def sample_paired(
-    model, prompts: list[str], seeds: list[int], num_steps: int = 20, guidance_scale: float = 4.0, progress=True
-) -> PairedSamples:
-    """Sample ``model`` with and without its adapters for every (prompt, seed) and score both."""
-    if not prompts:
-        raise ValueError("evaluation needs at least one prompt")
-    with adapters_disabled(model.denoiser):
-        base = to_uint8(generate(model, prompts, seeds, num_steps, guidance_scale, progress=progress, desc="eval base"))
-    aligned = to_uint8(
-        generate(model, prompts, seeds, num_steps, guidance_scale, progress=progress, desc="eval aligned")
-    )
-    return PairedSamples(prompts, seeds, base, aligned, oracle_scores(base, prompts), oracle_scores(aligned, prompts))
-
-
-def oracle_winrate(samples: PairedSamples, tie_margin: float = 0.005, seed: int = 0) -> dict:
-    """Win rate of aligned over base by the oracle's total score, plus per-attribute means."""
-    new = [s["total"] for s in samples.aligned_scores]
-    old = [s["total"] for s in samples.base_scores]
-    out = win_rate(new, old, tie_margin=tie_margin, seed=seed)
-    attrs = [k for k in samples.base_scores[0] if k != "total"]
-    out["mean_score"] = {"base": float(np.mean(old)), "aligned": float(np.mean(new))}
-    out["per_attribute"] = {
-        k: {
-            "base": float(np.mean([s[k] for s in samples.base_scores])),
-            "aligned": float(np.mean([s[k] for s in samples.aligned_scores])),
-        }
-        for k in attrs
-    }
-    return out
+    out: str
+    judges: list[str] = field(default_factory=list)  # judge specs (align.judges); "human" writes an A/B task
+    baseline_lora: str | None = None  # None: the base model (the aligned model's adapters off)
+    seeds_per_prompt: int = 5
+    seed: int = 0
+    num_steps: int = 20
+    guidance_scale: float = 4.0
+    batch_size: int | None = None  # None: 1 for diffusers models, 16 for TinySora
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    sampler: str = "pipeline"
+    device: str | None = None
+    tie_margin: float = 0.0  # |score gap| at or below which a comparison is a tie, in each judge's units
+    fps: int = 8
+    resume: bool = True  # reuse samples already under OUT/samples
+    progress: bool = True
 
 
 def reward_winrate(
     reward_model, base: np.ndarray, aligned: np.ndarray, prompts: list[str], tie_margin: float = 0.0, seed: int = 0
 ) -> dict:
-    """Win rate of aligned over base videos (same prompts and seeds) judged by a reward model."""
-    old = reward_model.score(base, prompts)
-    new = reward_model.score(aligned, prompts)
+    """Win rate of aligned over base videos (same prompts and seeds) judged by a reward model
+    (or any judge: an object with ``score(videos, prompts)``)."""
+    old = np.asarray(reward_model.score(base, prompts), dtype=np.float64)
+    new = np.asarray(reward_model.score(aligned, prompts), dtype=np.float64)
     out = win_rate(new.tolist(), old.tolist(), tie_margin=tie_margin, seed=seed)
     out["mean_score"] = {"base": float(old.mean()), "aligned": float(new.mean())}
     return out
+
+
+def score_samples(judges: Sequence, out_dir: str | Path, rows: list[dict], chunk: int = 16) -> dict[str, np.ndarray]:
+    """Every judge's scores of the videos of ``rows`` under ``out_dir``, decoding ``chunk``
+    videos at a time (real-size videos do not all fit in memory)."""
+    from align.generation import read_samples
+    from align.judges import judge_scores
+
+    scores: dict[str, list[np.ndarray]] = {j.name: [] for j in judges}
+    for i in range(0, len(rows), chunk):
+        videos, part = read_samples(out_dir, rows[i : i + chunk])
+        prompts = [r["prompt"] for r in part]
+        for j in judges:
+            scores[j.name].append(judge_scores(j, videos, prompts))
+    return {k: np.concatenate(v) for k, v in scores.items()}
+
+
+def judge_winrates(
+    base: dict[str, np.ndarray], aligned: dict[str, np.ndarray], tie_margin: float = 0.0, seed: int = 0
+) -> dict:
+    """``{"winrate": judge -> win-rate dict with mean scores, "agreement": ..., "suspect_judges": [...]}``
+    from each judge's scores of the base and the aligned videos (paired by index)."""
+    winrate = {}
+    for name in base:
+        wr = win_rate(aligned[name], base[name], tie_margin=tie_margin, seed=seed)
+        wr["mean_score"] = {"base": float(np.mean(base[name])), "aligned": float(np.mean(aligned[name]))}
+        winrate[name] = wr
+    out: dict = {"winrate": winrate, "suspect_judges": suspect_judges(winrate)}
+    if len(base) > 1:
+        out["agreement"] = judge_agreement({k: aligned[k] - base[k] for k in base}, tie_margin)
+    return out
+
+
+def _oracle_attributes(judges, base_dir, aligned_dir, base_rows, aligned_rows) -> dict:
+    """Per-attribute mean scores when the oracle judges (the demo's world)."""
+    from align.generation import read_samples
+    from align.judges import OracleJudge
+
+    oracle = next((j for j in judges if isinstance(j, OracleJudge)), None)
+    if oracle is None:
+        return {}
+    means = {}
+    for side, d, rows in (("base", base_dir, base_rows), ("aligned", aligned_dir, aligned_rows)):
+        videos, _ = read_samples(d, rows)
+        scores = oracle.attribute_scores(videos, [r["prompt"] for r in rows])
+        for attr in scores[0]:
+            if attr != "total":
+                means.setdefault(attr, {})[side] = float(np.mean([s[attr] for s in scores]))
+    return means
+
+
+def sample_pairs(cfg: EvalConfig, prompts: list[str], seeds: list[int]) -> tuple[Path, list[dict], Path, list[dict]]:
+    """Sample base and aligned into ``OUT/samples/{base,aligned}``; return both dirs and index rows."""
+    import gc
+
+    from align.generation import default_batch_size, load_generator, sample_to_disk
+    from align.models.lora import adapters_disabled
+
+    out = Path(cfg.out) / "samples"
+
+    def sample(model, name: str, lora):
+        bs = cfg.batch_size or default_batch_size(model)
+        return sample_to_disk(
+            model, prompts, seeds, out / name, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+            batch_size=bs, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, sampler=cfg.sampler,
+            model_name=str(cfg.model), lora=lora, resume=cfg.resume, fps=cfg.fps, progress=cfg.progress,
+            desc=f"eval {name}",
+        )  # fmt: skip
+
+    if cfg.baseline_lora:
+        model = load_generator(cfg.model, cfg.baseline_lora, cfg.device)
+        base_rows = sample(model, "base", str(cfg.baseline_lora))
+        del model
+        gc.collect()
+        model = load_generator(cfg.model, cfg.lora, cfg.device)
+    else:
+        model = load_generator(cfg.model, cfg.lora, cfg.device)
+        with adapters_disabled(model.denoiser):
+            base_rows = sample(model, "base", None)
+    aligned_rows = sample(model, "aligned", str(cfg.lora))
+    return out / "base", base_rows, out / "aligned", aligned_rows
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """``vidalign eval``: sample, judge, write the report (see the module docstring); returns it.
+    Judges are built (and every spec checked) before anything is sampled."""
+    from align.eval.grid import write_side_by_side
+    from align.eval.plots import plot_winrates
+    from align.eval.report import write_report
+    from align.judges import check_prompts, load_judges
+
+    human = "human" in cfg.judges
+    specs = [s for s in cfg.judges if s != "human"]
+    if not specs and not human:
+        raise ValueError(
+            "eval needs at least one judge: --judge reward:DIR, clip:MODEL[@WEIGHTS], http:URL or human "
+            "(oracle: the demo's synthetic world only)"
+        )
+    if cfg.seeds_per_prompt < 1:
+        raise ValueError(f"--seeds-per-prompt must be >= 1, got {cfg.seeds_per_prompt}")
+    judges = load_judges(specs, device=cfg.device)
+    check_prompts(judges, cfg.prompts)
+    if human:
+        from align.eval.human import write_ab_task  # noqa: F401  (fails here, before sampling, if missing)
+    prompts = [p for p in cfg.prompts for _ in range(cfg.seeds_per_prompt)]
+    seeds = [cfg.seed + i for i in range(len(prompts))]
+    base_dir, base_rows, aligned_dir, aligned_rows = sample_pairs(cfg, prompts, seeds)
+    out = Path(cfg.out)
+    report: dict = {
+        "title": "vidalign eval: aligned vs " + ("baseline LoRA" if cfg.baseline_lora else "base"),
+        "model": str(cfg.model),
+        "lora": str(cfg.lora),
+        "baseline": str(cfg.baseline_lora) if cfg.baseline_lora else "base (LoRA adapters off)",
+        "prompts": len(cfg.prompts),
+        "seeds_per_prompt": cfg.seeds_per_prompt,
+        "comparisons": len(prompts),
+        "sampling": {"steps": cfg.num_steps, "guidance": cfg.guidance_scale, "sampler": base_rows[0]["sampler"]},
+        "video_size": "x".join(str(x) for x in base_rows[0]["size"]),
+        "tie_margin": cfg.tie_margin,
+        "artifacts": {},
+    }
+    if judges:
+        res = judge_winrates(
+            score_samples(judges, base_dir, base_rows),
+            score_samples(judges, aligned_dir, aligned_rows),
+            cfg.tie_margin,
+            cfg.seed,
+        )
+        attrs = _oracle_attributes(judges, base_dir, aligned_dir, base_rows, aligned_rows)
+        if attrs:
+            res["winrate"]["oracle"]["per_attribute"] = attrs
+        report |= res
+        plot_winrates({f"aligned vs base ({k})": wr for k, wr in res["winrate"].items()}, out / "winrates.png")
+        report["artifacts"]["winrates"] = "winrates.png"
+    gif, mp4 = write_side_by_side(base_dir, base_rows, aligned_dir, aligned_rows, out / "side_by_side", fps=cfg.fps)
+    report["artifacts"] |= {"side by side (gif)": gif.name, "side by side (mp4)": mp4.name}
+    if human:
+        from align.eval.human import write_ab_task
+
+        task = write_ab_task(
+            [base_dir / r["file"] for r in base_rows],
+            [aligned_dir / r["file"] for r in aligned_rows],
+            prompts,
+            seeds,
+            out / "human",
+            names=("base", "aligned"),
+            seed=cfg.seed,
+        )
+        report["human_task"] = str(task)
+    write_report(report, out)
+    return report

@@ -8,6 +8,9 @@ The report is a plain dict. Keys this module understands:
 - ``"timings_s"``: step name -> seconds.
 - ``"artifacts"``: name -> path of a PNG/GIF/other file, relative to the report's folder.
 - ``"title"``: the markdown title (optional).
+- ``"agreement"``: ``"judge1 vs judge2"`` -> share of comparisons whose score gaps agree in sign,
+  and ``"suspect_judges"``: judges that prefer the new model while the others do not (both from
+  :func:`align.eval.evaluate.judge_winrates`); shown together under "Judges".
 
 Other top-level entries appear in the markdown when they are scalars, or flat dicts of scalars
 (one small table each); everything is in ``report.json``.
@@ -22,7 +25,7 @@ import numpy as np
 
 from align.atomic import atomic_write_text
 
-_KNOWN = {"title", "winrate", "timings_s", "artifacts"}
+_KNOWN = {"title", "winrate", "timings_s", "artifacts", "agreement", "suspect_judges"}
 _IMAGE_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".svg", ".webp")
 
 
@@ -62,6 +65,10 @@ def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
                 parts.append(f"### Mean scores: {name}")
                 parts.append(scores)
 
+    judges = _judges_section(report)
+    if judges:
+        parts.append(judges)
+
     timings = report.get("timings_s") or {}
     if timings:
         parts.append("## Timings")
@@ -99,6 +106,28 @@ def _winrate_rows(winrate: dict):
                 yield f"{method} ({judge})", wr
         elif "rate" in entry:
             yield str(judge), entry
+
+
+def _judges_section(report: dict) -> str:
+    """Agreement between judges and the reward-hacking flag, or "" when the report has neither."""
+    agreement, suspect = report.get("agreement") or {}, report.get("suspect_judges")
+    if not agreement and suspect is None:
+        return ""
+    parts = ["## Judges"]
+    if agreement:
+        parts.append(
+            "Agreement: the share of comparisons on which two judges' score gaps (aligned - base) have the "
+            "same sign (ties agree with ties)."
+        )
+        parts.append(_table(["judges", "agreement"], [[k, _fmt(v)] for k, v in agreement.items()]))
+    if suspect:
+        parts.append(
+            "**Suspect judges** (they prefer the aligned model, 95% CI above 0.5, while the other judges do "
+            f"not: look at the videos for reward hacking): {', '.join(suspect)}"
+        )
+    elif suspect is not None and len(report.get("winrate") or {}) > 1:
+        parts.append("No judge prefers the aligned model while the others do not.")
+    return "\n\n".join(parts)
 
 
 def _score_table(wr: dict) -> str:

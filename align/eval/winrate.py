@@ -76,6 +76,31 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: f
     return float(lo), float(hi)
 
 
+def judge_agreement(gaps: dict[str, Sequence[float]], tie_margin: float = 0.0) -> dict[str, float]:
+    """Pairwise agreement of judges on the same comparisons: for each pair of judges, the share
+    of comparisons whose score gaps (aligned - base) have the same sign (a gap within
+    ``tie_margin`` counts as 0, so two ties agree). Keys are ``"judge1 vs judge2"``."""
+    names = list(gaps)
+    signs = {}
+    for name in names:
+        g = _as_scores(gaps[name], f"gaps of {name}")
+        signs[name] = np.where(g > tie_margin, 1, np.where(g < -tie_margin, -1, 0))
+    n = {len(s) for s in signs.values()}
+    if len(n) > 1:
+        raise ValueError(f"judge_agreement: judges scored different numbers of comparisons {sorted(n)}")
+    return {f"{a} vs {b}": float(np.mean(signs[a] == signs[b])) for i, a in enumerate(names) for b in names[i + 1 :]}
+
+
+def suspect_judges(winrates: dict[str, dict]) -> list[str]:
+    """Judges that prefer the new model (95% CI above 0.5) while every other judge does not:
+    with two or more judges, the first sign that the model learnt to please one of them
+    (reward hacking) rather than to get better. [] with fewer than two judges."""
+    if len(winrates) < 2:
+        return []
+    prefers = {name: wr["ci95"][0] > 0.5 for name, wr in winrates.items()}
+    return [name for name, yes in prefers.items() if yes and not any(v for k, v in prefers.items() if k != name)]
+
+
 def _summarise(values: np.ndarray, n_boot: int, seed: int) -> dict:
     """Counts, rate and bootstrap CI from per-comparison values (1 win, 0.5 tie, 0 loss)."""
     lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
