@@ -1,96 +1,60 @@
-"""The ``vidalign`` command line: commands end to end, and clear errors (exit 2)."""
+"""The ``vidalign`` command line: commands end to end, and clear errors (exit 2) before sampling."""
 
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
+import pytest
 from conftest import PROMPT
 
 from align.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+WORLD = [PROMPT, "a blue circle moving up on a gray background"]  # prompts the demo's oracle knows
 
 
 def test_generate_writes_videos_and_index(tiny_model_dir, tmp_path):
     out = tmp_path / "gen"
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(tiny_model_dir),
-            "--prompt",
-            PROMPT,
-            "--num",
-            "2",
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 0
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--num", "2", "--steps", "2"]
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
     index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
-    assert [r["seed"] for r in index] == [0, 1]
+    assert [r["seed"] for r in index] == [0, 1] and index[0]["file"].endswith(".mp4")
+    assert index[0]["model"] == str(tiny_model_dir) and index[0]["size"] == [8, 32, 32]
     assert all((out / r["file"]).stat().st_size > 0 for r in index)
+    stamps = [(out / r["file"]).stat().st_mtime_ns for r in index]
+    assert main([*args, "--num", "3", "--out", str(out), "--resume"]) == 0  # one more per prompt, two reused
+    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 3 and [(out / r["file"]).stat().st_mtime_ns for r in index[:2]] == stamps
 
 
-def test_train_eval_and_data_commands(tiny_model_dir, tmp_path, capsys):
+def test_data_pairs_train_eval_and_data_samples(tiny_model_dir, tmp_path, capsys):
+    from align.data.samples import load_scored_samples
+
     data = tmp_path / "pairs"
-    assert (
-        main(
-            [
-                "data",
-                "pairs",
-                "--model",
-                str(tiny_model_dir),
-                "--out",
-                str(data),
-                "--steps",
-                "2",
-                "--rounds",
-                "1",
-                "--samples-per-prompt",
-                "2",
-                "--tie-margin",
-                "0",
-                "--prompt",
-                PROMPT,
-                "--prompt",
-                "a blue circle moving up on a gray background",
-            ]
-        )
-        == 0
-    )
+    common = ["--model", str(tiny_model_dir), "--steps", "2", "--device", "cpu"]
+    prompts = [a for p in WORLD for a in ("--prompt", p)]
+    pairs = ["data", "pairs", *common, "--rounds", "1", "--samples-per-prompt", "2", "--tie-margin", "0"]
+    assert main([*pairs, *prompts, "--judge", "oracle", "--out", str(data)]) == 0
+    assert "judged by oracle" in capsys.readouterr().out
     assert main(["data", "validate", str(data)]) == 0
+    assert sorted(p.name for p in (data / "videos").iterdir())[0] == "00000_seed0.mp4"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path}\nname: cli\n")
     assert main(["train", str(recipe), "--max_steps", "2", "--train_batch_size", "2", "--progress", "false"]) == 0
     lora = tmp_path / "cli" / "lora"
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(tiny_model_dir),
-                "--lora",
-                str(lora),
-                "--prompt",
-                PROMPT,
-                "--seeds-per-prompt",
-                "3",
-                "--steps",
-                "2",
-                "--out",
-                str(tmp_path / "eval"),
-            ]
-        )
-        == 0
-    )
+    ev = ["eval", *common, "--lora", str(lora), "--seeds-per-prompt", "3", "--out", str(tmp_path / "eval")]
+    assert main([*ev, "--prompt", PROMPT, "--judge", "oracle"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["oracle"]["n"] == 3
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["winrate"]["oracle"]["n"] == 3
+    samples = ["data", "samples", *common, "--samples-per-prompt", "2", *prompts, "--out", str(tmp_path / "s")]
+    assert main([*samples, "--judge", "oracle"]) == 0
+    s = load_scored_samples(str(tmp_path / "s"))
+    assert s.videos.shape == (4, 8, 32, 32, 3) and list(s.groups) == [0, 0, 1, 1]
 
 
 def test_data_validate_exits_nonzero_on_bad_rows(tmp_path, capsys):
@@ -108,24 +72,57 @@ def test_user_errors_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, capsy
     recipe.write_text("model: m\ndataset: d\nbetta: 3\n")
     assert main(["train", str(recipe)]) == 2
     assert "betta" in capsys.readouterr().err
-    recipe.write_text("dataset: d\n")
-    assert main(["train", str(recipe)]) == 2
-    assert "model" in capsys.readouterr().err
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"{PROMPT}\n\n{PROMPT}\n")
-    assert (
-        main(["generate", "--model", str(tiny_model_dir), "--prompts-file", str(prompts), "--out", str(tmp_path / "g")])
-        == 2
-    )
+    gen = ["generate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "g")]
+    assert main([*gen, "--prompts-file", str(prompts)]) == 2
     assert "line 2 is empty" in capsys.readouterr().err
     prompts.write_text("")
-    assert (
-        main(["generate", "--model", str(tiny_model_dir), "--prompts-file", str(prompts), "--out", str(tmp_path / "g")])
-        == 2
-    )
+    assert main([*gen, "--prompts-file", str(prompts)]) == 2
     assert "empty" in capsys.readouterr().err
     assert (
         main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", PROMPT, "--out", str(tmp_path / "g")]) == 2
     )
     assert "nowhere" in capsys.readouterr().err
+    assert main([*gen, "--prompt", PROMPT, "--num-frames", "9"]) == 2
+    assert "8x32x32" in capsys.readouterr().err
     assert not Path(tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("command", [["data", "pairs"], ["data", "samples"], ["eval", "--lora", "L"]])
+def test_no_prompts_no_judge_bad_judge_exit_2_before_sampling(tiny_model_dir, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    args = [*command, "--model", str(tiny_model_dir), "--out", str(out)]
+    assert main(args) == 2  # no synthetic-world default prompts
+    assert "no prompts given: use --prompt TEXT (repeatable) or --prompts-file FILE" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a robot walking on the street in rain\n\na cat\n")
+    assert main([*args, "--prompts-file", str(prompts), "--judge", "oracle"]) == 2
+    assert "line 2 is empty" in capsys.readouterr().err
+    assert main([*args, "--prompt", "a robot walking on the street in rain"]) == 2  # no judge, no oracle default
+    assert "judge: --judge reward:DIR" in capsys.readouterr().err
+    for judge, msg in [
+        ("pickscore", "unknown judge 'pickscore'; a judge is one of: reward:DIR, clip:MODEL[@PRETRAINED], http:URL"),
+        (f"reward:{tmp_path}", f"{tmp_path} is not a vidalign reward model"),
+        ("oracle", "the oracle knows only the demo's synthetic world"),
+    ]:
+        assert main([*args, "--prompt", "a robot walking on the street in rain", "--judge", judge]) == 2
+        assert msg in capsys.readouterr().err
+    assert main([*args, "--reward-model", str(tmp_path / "nowhere"), "--prompt", PROMPT]) == 2  # the alias
+    assert "nowhere is not a directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_human_is_dispatched(monkeypatch):
+    got = []
+    fake = types.ModuleType("align.eval.human")
+    fake.main_eval_human = lambda argv: got.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "align.eval.human", fake)
+    assert main(["eval", "human", "--db", "labels.sqlite", "--task", "runs/eval/human"]) == 0
+    assert got == [["--db", "labels.sqlite", "--task", "runs/eval/human"]]
+
+    def bad(argv):
+        raise ValueError("labels.sqlite: no such database")
+
+    fake.main_eval_human = bad
+    assert main(["eval", "human", "--db", "labels.sqlite"]) == 2
