@@ -1,13 +1,29 @@
-"""Tests of video I/O: tensor <-> uint8 conversion, GIF/MP4 round trips, read errors, grid GIFs."""
+"""Tests of video I/O: tensor <-> uint8 conversion, GIF/MP4 round trips, read errors, grid GIFs,
+stills as one-frame videos, resampling to a model's input by timestamps."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from align.data.video import from_uint8, read_video, to_uint8, write_grid_gif, write_video
+from align.data.video import (
+    check_image,
+    decode_video_bytes,
+    from_uint8,
+    read_video,
+    repeat_frames,
+    resample_frames,
+    resample_indices,
+    resize_center_crop,
+    to_uint8,
+    video_info,
+    write_grid_gif,
+    write_video,
+)
 
 
 def smooth_video(t: int = 8, h: int = 32, w: int = 32) -> np.ndarray:
@@ -180,3 +196,50 @@ def test_grid_gif_errors(tmp_path):
         write_grid_gif([[a]], tmp_path / "g.gif", row_labels=["a", "b"])
     with pytest.raises(ValueError, match=r"\.gif"):
         write_grid_gif([[a]], tmp_path / "g.mp4")
+
+
+# ------------------------------------------------------------------------------ stills, resampling
+
+
+def test_stills_are_one_frame_videos(tmp_path):
+    img = smooth_video(1, 24, 40)[0]
+    Image.fromarray(img).save(tmp_path / "x.png")
+    Image.fromarray(img).save(tmp_path / "x.jpg", quality=95)
+    png = read_video(tmp_path / "x.png")
+    assert png.shape == (1, 24, 40, 3) and png.dtype == np.uint8
+    np.testing.assert_array_equal(png[0], img)  # PNG is lossless
+    assert read_video(tmp_path / "x.jpg").shape == (1, 24, 40, 3)
+    assert decode_video_bytes((tmp_path / "x.jpg").read_bytes()).shape == (1, 24, 40, 3)
+    assert video_info(tmp_path / "x.png")["frames"] == 1 and video_info(tmp_path / "x.png")["fps"] is None
+    data = (tmp_path / "x.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jpg: cannot decode image \(OSError"):
+        read_video(tmp_path / "cut.jpg")
+    with pytest.raises(ValueError, match=r"row 3: cannot decode image \(OSError"):
+        check_image(io.BytesIO(data[: len(data) // 2]), "row 3")
+    assert check_image(io.BytesIO(data), "ok") == (24, 40)
+
+
+def test_resample_indices_follow_timestamps_not_the_frame_count():
+    assert resample_indices(48, 24, 8, 8).tolist() == [0, 3, 6, 9, 12, 15, 18, 21]  # 24 -> 8 fps: every 3rd
+    assert resample_indices(10, 8, 6, 16).tolist() == [0, 0, 1, 1, 2, 2]  # 8 -> 16 fps: each frame twice
+    assert resample_indices(30, 30, None, 10).tolist() == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]  # whole clip
+    assert resample_indices(5, None, 5, 16).tolist() == [0, 1, 2, 3, 4]  # no source rate: plays at the target
+    assert resample_indices(1, None, 1, 16).tolist() == [0]  # a still for a one-frame model
+    assert resample_indices(48, 24, 8, None).tolist() == [0, 7, 13, 20, 27, 34, 40, 47]  # no fps: spread
+    with pytest.raises(ValueError, match=r"64 frames at 16 fps \(4.00 s\), too short for 81 frames at 16 fps"):
+        resample_indices(64, 16, 81, 16)
+    with pytest.raises(ValueError, match=r"an image \(1 frame\) cannot give the 33 frames.*--repeat-frames 33"):
+        resample_indices(1, None, 33, 16)
+
+
+def test_resample_frames_brings_any_size_to_one_shape():
+    wide, tall = smooth_video(24, 36, 64), smooth_video(40, 64, 48)
+    a = resample_frames(wide, 24, num_frames=8, fps=8, height=32, width=32)
+    b = resample_frames(tall, 30, num_frames=8, fps=8, height=32, width=32)
+    assert a.shape == b.shape == (8, 32, 32, 3) and a.dtype == b.dtype == np.uint8
+    # frame k of the 24 fps clip at 8 fps is source frame 3k, resized to cover and centre-cropped
+    np.testing.assert_array_equal(a, resize_center_crop(wide[::3][:8], 32, 32))
+    assert resample_frames(wide, 24) is wide  # nothing asked: unchanged
+    still = repeat_frames(wide[:1], 4)
+    assert still.shape == (4, 36, 64, 3) and (still == wide[0]).all()
