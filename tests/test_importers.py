@@ -431,3 +431,20 @@ def test_cli_import_published_layouts(tmp_path, capsys):
         == 2
     )
     assert "--overall-from 'Nope' is not a column" in capsys.readouterr().err
+
+
+def test_hub_ids_are_streamed(tmp_path, monkeypatch):
+    """A Hub id is read with datasets streaming (here redirected to the local sample, offline):
+    rows arrive one by one and --limit stops reading early."""
+    real = datasets.load_dataset
+    calls = []
+
+    def fake(path, *args, **kw):
+        calls.append((path, kw.get("split"), kw.get("streaming")))
+        return real("parquet", data_files=str(DATA / "pickapic_v2" / "sample.parquet"), split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    stats = import_dataset("pickapic", "yuvalkirstain/pickapic_v2", tmp_path / "hub", limit=2)
+    assert calls == [("yuvalkirstain/pickapic_v2", "train", True)]
+    assert (stats["rows_in"], stats["rows_out"]) == (2, 2) and stats["files"] == ["hub:yuvalkirstain/pickapic_v2"]
+    assert list(load_preference_dataset(tmp_path / "hub")["preference"]) == ["a", "b"]

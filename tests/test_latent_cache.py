@@ -316,3 +316,29 @@ def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monk
     again = train(cfg("again", latent_cache_dir=cache))
     assert seen["decodes"] == 47 and seen["peak_alive"] <= 2
     assert json.loads((again / "summary.json").read_text())["latent_cache"]["videos_reused"] == 34
+
+
+def test_mixed_sizes_and_stills_cache_at_the_model_input(model, tmp_path):
+    """VideoGen-RewardBench's sample mixes sizes, frame rates and lengths; a target brings every
+    video to the model's 8 frames of 32x32 at 8 fps. An image set caches with --repeat-frames."""
+    from pathlib import Path
+
+    from align.data.importers import ImportOptions, import_dataset
+
+    data = Path(__file__).resolve().parent.parent / "data"
+    import_dataset("videogen-rewardbench", data / "videogen_rewardbench", tmp_path / "vg")
+    ds = load_preference_dataset(tmp_path / "vg")
+    with pytest.raises(ValueError, match="videos of several sizes or lengths.*pass the model's input as the target"):
+        build_latent_cache(model, ds, tmp_path / "c", "vg", tmp_path / "vg")
+    target = {"num_frames": 8, "height": 32, "width": 32, "fps": 8}
+    cached = build_latent_cache(model, ds, tmp_path / "c", "vg", tmp_path / "vg", target=target)
+    assert len(cached) == 2 and cached.stats["skipped"]["tie"] == 1
+    assert cached[0][0].shape == cached[1][1].shape == model.latent_shape
+    pairs = to_pairs(ds, root=tmp_path / "vg", target=target)
+    np.testing.assert_allclose(cached[0][0], encode_pairs(model, pairs)[0][0], atol=1e-5)  # same frames either way
+
+    opts = ImportOptions(repeat_frames=8)
+    import_dataset("pickapic", data / "pickapic_v2" / "sample.parquet", tmp_path / "pp", options=opts)
+    still = load_preference_dataset(tmp_path / "pp")
+    cached = build_latent_cache(model, still, tmp_path / "c", "pp", tmp_path / "pp", target=target)
+    assert len(cached) == 2 and cached[0][0].shape == model.latent_shape

@@ -506,11 +506,10 @@ def _repo_files(p: Path, split: str | None) -> tuple[list[Path], str | None]:
     tables = sorted(
         f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TABLE_SUFFIXES and ".git" not in f.parts
     )
-    named = [
-        f for f in tables if split and re.search(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)", str(f.relative_to(p)))
-    ]
+    want = split or "train"
+    named = [f for f in tables if re.search(rf"(^|[/_.-]){re.escape(want)}([/_.-]|$)", str(f.relative_to(p)))]
     if named:
-        return named, split
+        return named, want
     if len(tables) == 1:
         return tables, split
     found = [str(f.relative_to(p)) for f in tables[:10]]
