@@ -1,0 +1,141 @@
+"""The whole loop on a user's own model, as `vidalign` CLI subprocesses, with nothing of the
+synthetic world involved: a tiny Wan pipeline (the real diffusers classes, built from configs,
+Wan 2.1's UniPC flow scheduler) and prompts of the user's own.
+
+generate -> labels of those videos -> reward train -> data pairs --judge reward:... -> DPO
+train -> eval --judge reward:... --judge clip:...; every command runs with ``-X importtime``
+and none may import ``align.data.synthetic``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+PROMPTS = [
+    "a robot walking on the street in rain",
+    "a cat asleep on a sofa",
+    "fireworks over a harbour at night",
+    "a chef slicing bread in a kitchen",
+]
+SIZE = ["--num-frames", "5", "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tiny_wan_pipeline():
+    """A randomly initialised tiny WanPipeline whose word-level tokenizer knows the prompts' words."""
+    import diffusers as d
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
+    )
+    torch.manual_seed(0)
+    return d.WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=UMT5EncoderModel(
+            UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4)
+        ),
+        vae=d.AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        transformer=d.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ),
+        scheduler=d.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    )  # fmt: skip
+
+
+def vidalign(*args) -> str:
+    """Run ``python -X importtime -m align.cli ARGS``; fail on a non-zero exit or if the
+    synthetic world was imported; return stdout."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "align.cli", *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, f"{' '.join(cmd[4:])}:\n{r.stderr[-3000:]}"
+    imported = [line for line in r.stderr.splitlines() if "align.data.synthetic" in line]
+    assert not imported, f"{args[0]} imported the synthetic world: {imported}"
+    return r.stdout
+
+
+def _labels(gen_dir) -> str:
+    """A preference file for the generated videos, as an annotator might label them: of each two
+    videos of a prompt, the brighter one wins."""
+    from align.data.video import read_video
+
+    rows = [json.loads(x) for x in (gen_dir / "index.jsonl").read_text().splitlines()]
+    out = []
+    for a, b in zip(rows[::2], rows[1::2]):
+        assert a["prompt"] == b["prompt"]
+        la, lb = (read_video(gen_dir / r["file"]).mean() for r in (a, b))
+        out.append(
+            {"prompt": a["prompt"], "video_a": a["file"], "video_b": b["file"], "preference": "b" if lb > la else "a"}
+        )
+    path = gen_dir / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return str(path)
+
+
+@pytest.mark.integration
+def test_whole_loop_on_a_tiny_wan_pipeline_without_the_synthetic_world(tmp_path):
+    pipe = tmp_path / "wan"
+    tiny_wan_pipeline().save_pretrained(pipe)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+
+    gen = tmp_path / "gen"
+    vidalign("generate", "--model", pipe, "--prompts-file", prompts, "--num", 4, *SIZE, "--out", gen)
+    index = [json.loads(x) for x in (gen / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 16 and index[0]["size"] == [5, 16, 16] and index[0]["sampler"] == "pipeline"
+
+    rm_recipe = tmp_path / "reward.yaml"
+    rm_recipe.write_text(
+        f"dataset: {_labels(gen)}\noutput_dir: {tmp_path}\nname: rm\nepochs: 2\nbatch_size: 4\n"
+        "eval_fraction: 0.25\nprogress: false\nmodel:\n  model_name: vidalign-tiny-clip\n  num_frames: 2\n"
+    )
+    vidalign("reward", "train", rm_recipe)
+    rm = tmp_path / "rm" / "best"
+
+    pairs = tmp_path / "pairs"
+    out = vidalign(
+        "data", "pairs", "--model", pipe, "--prompts-file", prompts, "--judge", f"reward:{rm}",
+        "--samples-per-prompt", 2, "--rounds", 1, *SIZE, "--out", pairs,
+    )  # fmt: skip
+    assert f"wrote 4 pairs judged by reward:{rm}" in out
+    assert len(list((pairs / "videos").glob("*.mp4"))) == 8  # the dataset's videos are files next to it
+
+    dpo = tmp_path / "dpo.yaml"
+    dpo.write_text(
+        f"model: {pipe}\nmodel_options:\n  num_frames: 5\n  height: 16\n  width: 16\n  max_sequence_length: 16\n"
+        f"dataset: {pairs}\nname: dpo\noutput_dir: {tmp_path}\nobjective: dpo\nbeta: 500.0\nlearning_rate: 0.001\n"
+        "lora_rank: 4\nlora_alpha: 4.0\nlora_targets: [to_q, to_k, to_v, to_out.0]\ntrain_batch_size: 2\n"
+        "max_steps: 2\ncheckpointing_steps: 0\nprogress: false\n"
+    )
+    vidalign("train", dpo)
+    lora = tmp_path / "dpo" / "lora"
+
+    ev = tmp_path / "eval"
+    out = vidalign(
+        "eval", "--model", pipe, "--lora", lora, "--prompts-file", prompts, "--judge", f"reward:{rm}",
+        "--judge", "clip:vidalign-tiny-clip", "--seeds-per-prompt", 1, *SIZE, "--out", ev,
+    )  # fmt: skip
+    report = json.loads((ev / "report.json").read_text())
+    assert set(report["winrate"]) == {f"reward:{rm}", "clip:vidalign-tiny-clip"}
+    for wr in report["winrate"].values():
+        assert wr["n"] == 4 and wr["ci95"][0] <= wr["rate"] <= wr["ci95"][1] and np.isfinite(wr["rate"])
+    assert len(report["agreement"]) == 1 and isinstance(report["suspect_judges"], list)
+    assert (ev / "side_by_side.mp4").stat().st_size > 0 and (ev / "winrates.png").stat().st_size > 0
+    assert json.loads(out.strip().splitlines()[-1])[f"reward:{rm}"]["n"] == 4
