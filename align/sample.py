@@ -250,6 +250,7 @@ def policy_step(
     x_next: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     reduction: str = "mean",
+    predict=None,
 ) -> StepOutput:
     """One stochastic step ``x`` (timestep ``t``) -> ``t_next`` (``(B,)`` each, model units) under
     the model's current guided prediction: the flow SDE step (``sde_noise``) for flow models,
@@ -257,10 +258,11 @@ def policy_step(
     step (differentiable in the model's parameters: GRPO's new policy; under ``torch.no_grad`` or
     with adapters disabled: the rollout or reference policy); with ``noise`` it draws the step.
     The rollout calls it too, so recomputing a rollout step with the same weights and batch
-    gives bit-identical log-probabilities (ratio exactly 1)."""
+    gives bit-identical log-probabilities (ratio exactly 1). ``predict(x, t, cond)`` replaces
+    ``model.predict`` (a trainer passes its DDP / DeepSpeed-wrapped denoiser, so gradients sync)."""
     t = t.to(x.device).float()
     t_next = t_next.to(x.device).float()
-    out = guided_prediction(model.predict, x, t, cond, uncond, guidance_scale)
+    out = guided_prediction(model.predict if predict is None else predict, x, t, cond, uncond, guidance_scale)
     if model.prediction_type == "flow":
         T = model.scheduler.num_train_timesteps
         return flow_sde_step(out, x, t / T, t_next / T, sde_noise, x_next=x_next, noise=noise, reduction=reduction)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPT, SMALL
@@ -240,3 +244,254 @@ def test_gaussian_kl_matches_torch():
     torch.testing.assert_close(gaussian_kl(mean, ref, std), exact.mean(1))
     torch.testing.assert_close(gaussian_kl(mean, ref, std, reduction="sum"), exact.sum(1))
     assert torch.equal(gaussian_kl(mean, mean, std), torch.zeros(2))
+
+
+# -- the training module: pure parts -------------------------------------------------------------
+
+
+def test_hacking_warning_fires_on_rising_reward_and_falling_heldout():
+    from align.training.grpo import hacking_streak
+
+    rising = [0.1, 0.2, 0.35, 0.5, 0.6, 0.8]
+    falling = [0.9, 0.85, 0.7, 0.6, 0.55, 0.4]
+    streaks = [hacking_streak(rising[: k + 1], falling[: k + 1]) for k in range(len(rising))]
+    assert streaks == [0, 1, 2, 3, 4, 5]
+    assert [s >= 3 for s in streaks] == [False, False, False, True, True, True]  # patience 3
+    # both rising (a real improvement), or a held-out round that recovers: no warning
+    assert hacking_streak(rising, sorted(falling)) == 0
+    assert hacking_streak(rising, [0.9, 0.85, 0.7, 0.75, 0.55, 0.4]) == 2
+    assert hacking_streak([1.0], [1.0]) == 0
+    with pytest.raises(ValueError, match="held-out"):
+        hacking_streak([1.0, 2.0], [1.0])
+
+
+def _grpo_cfg(**kw):
+    from align.training.grpo import GRPOConfig
+
+    base = dict(model="m", prompts_file="p.txt", judges=["reward:rm"], group_size=2, prompts_per_round=2)
+    return GRPOConfig(**(base | kw))
+
+
+def test_config_checks_name_the_key():
+    for kw, key in [
+        (dict(prompts_file=""), "prompts_file"),
+        (dict(judges=[]), "judges"),
+        (dict(judge_weights=[1.0, 2.0]), "judge_weights"),
+        (dict(group_size=1), "group_size"),
+        (dict(train_timestep_fraction=0.0), "train_timestep_fraction"),
+        (dict(clip_range=0.0), "clip_range"),
+        (dict(kl_weight=-1.0), "kl_weight"),
+        (dict(lora_dropout=0.1), "lora_dropout"),
+        (dict(eval_judges=["reward:rm"]), "eval_judges"),
+        (dict(dataset="x"), "dataset"),
+        (dict(inner_epochs=0), "inner_epochs"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            _grpo_cfg(**kw)
+    assert _grpo_cfg(sample_steps=10, train_timestep_fraction=0.5).trained_steps == 5
+    assert _grpo_cfg(sample_steps=3, train_timestep_fraction=0.1).trained_steps == 1
+
+
+def test_advantages_of_several_weighted_judges_by_hand():
+    from align.training.grpo import advantages
+
+    groups = torch.tensor([0, 0, 1, 1])
+    a = np.array([1.0, 3.0, 0.0, 0.0])  # judge 1: z-scores within groups: -1, 1, 0, 0
+    b = np.array([10.0, 0.0, 5.0, 7.0])  # judge 2: 1, -1, -1, 1
+    cfg = _grpo_cfg(judges=["reward:a", "reward:b"], judge_weights=[3.0, 1.0], adv_clip_max=0.0)
+    got = advantages(cfg, np.stack([a, b]), groups)
+    z = (3 * np.array([-1, 1, 0, 0]) + np.array([1, -1, -1, 1])) / 4  # -0.5, 0.5, -0.25, 0.25 (up to eps)
+    want = group_advantages(torch.tensor(z, dtype=torch.float32), groups)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    assert got[0] < 0 < got[1] and got[2] < 0 < got[3]
+    # one judge: its raw scores go in; clipping at adv_clip_max
+    one = advantages(_grpo_cfg(adv_clip_max=0.5), a[None], groups)
+    torch.testing.assert_close(one, torch.tensor([-0.5, 0.5, 0.0, 0.0]))
+
+
+def test_batches_are_the_same_for_one_and_two_processes():
+    """Rollout ownership and every pass's micro-batches: the 2 processes' batches, side by side,
+    are the 1-process batches (same global set per micro-step), and each process trains only
+    rollouts it sampled."""
+    from align.training.grpo import epoch_batches, local_columns
+
+    cfg, n, width = _grpo_cfg(), 12, 4
+    for e in range(3):
+        one = epoch_batches(cfg, 5, e, n, width, 4, 0)
+        two = [epoch_batches(cfg, 5, e, n, width, 2, p) for p in (0, 1)]
+        assert [a + b for a, b in zip(*two)] == one
+        for p in (0, 1):
+            assert {i for b in two[p] for i in b} == set(local_columns(n, width, 2, p))
+        assert sorted(i for b in one for i in b) == list(range(n))
+    assert epoch_batches(cfg, 5, 0, n, width, 4, 0) != epoch_batches(cfg, 5, 1, n, width, 4, 0)  # reshuffled
+
+
+def test_layout_errors_and_the_recipes():
+    from align.training import load_train_config
+    from align.training.grpo import check_layout
+
+    with pytest.raises(ValueError, match="multiple of 3"):
+        check_layout(_grpo_cfg(), micro=3, world=1)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 3"):
+        check_layout(_grpo_cfg(gradient_accumulation_steps=3, sample_steps=2), micro=2, world=1)
+    with pytest.raises(ValueError, match="round boundaries"):
+        check_layout(_grpo_cfg(sample_steps=2, checkpointing_steps=3), micro=2, world=1)
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(root.glob("*_grpo.yaml"))
+    assert len(recipes) == 6
+    for path in recipes:  # every recipe parses and its rounds end on updates and checkpoints
+        cfg = load_train_config(path)
+        assert cfg.objective == "grpo" and check_layout(cfg, cfg.train_batch_size, 1) >= 1, path.name
+
+
+# -- the training module: runs on the tiny model -------------------------------------------------
+
+LORA = "lora/pytorch_lora_weights.safetensors"
+STAT_KEYS = ("step", "round", "loss", "policy_loss", "ratio_mean", "kl", "reward_mean", "heldout_mean")
+
+
+@pytest.fixture(scope="module")
+def grpo_world(tmp_path_factory):
+    """Two fresh tiny reward models (train judge, held-out judge) and a two-prompt file."""
+    from reward_models.model import RewardModelConfig, VideoRewardModel
+
+    tmp = tmp_path_factory.mktemp("grpo")
+    for s in (0, 1):
+        torch.manual_seed(s)
+        VideoRewardModel(RewardModelConfig(pooling="mean")).save_pretrained(tmp / f"rm{s}")
+    (tmp / "prompts.txt").write_text(f"{PROMPT}\n{OTHER}\n")
+    return tmp
+
+
+def grpo_recipe(model_dir, world, out, **kw) -> dict:
+    """A tiny GRPO recipe: rounds of 2 prompts x 2 rollouts of 3 steps, 2 of them trained, 2
+    rollouts per micro-step, 2 micro-steps per update: 2 updates per round, 2 rounds."""
+    from conftest import tiny_recipe
+
+    keys = dict(
+        objective="grpo",
+        prompts_file=str(world / "prompts.txt"),
+        judges=[f"reward:{world / 'rm0'}"],
+        eval_judges=[f"reward:{world / 'rm1'}"],
+        group_size=2,
+        prompts_per_round=2,
+        sample_steps=3,
+        train_timestep_fraction=0.67,
+        guidance_scale=2.0,
+        clip_range=0.2,
+        kl_weight=0.1,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+    )
+    recipe = tiny_recipe(model_dir, out, **(keys | kw))
+    return recipe
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grpo_trains_lora_only(tiny_model_dir, grpo_world, tmp_path, monkeypatch):
+    from align.models import load_model
+    from align.training import build_config, core, train
+
+    runs = []
+    start = core.start
+    monkeypatch.setattr(core, "start", lambda cfg, **k: runs.append(start(cfg, **k)) or runs[-1])
+    run_dir = train(build_config(**grpo_recipe(tiny_model_dir, grpo_world, tmp_path)))
+    rows = _rows(run_dir)
+    assert [(r["step"], r["round"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert all(np.isfinite(r["reward_mean"]) and np.isfinite(r["heldout_mean"]) for r in rows)
+    # the first update of round 0: the policy is the rollout policy and the reference
+    assert rows[0]["ratio_mean"] == 1.0 and rows[0]["approx_kl"] == 0.0 and rows[0]["kl"] == 0.0
+    assert abs(rows[2]["ratio_mean"] - 1.0) < 1e-5  # round 1 starts at its rollout policy again
+    assert rows[3]["kl"] > 0 and rows[1]["ratio_mean"] != 1.0  # the policy moved
+    base = load_model(tiny_model_dir).denoiser.state_dict()
+    trained = runs[0].base
+    lora = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at 0
+    frozen = {n.replace(".base_layer", ""): p for n, p in trained.named_parameters() if "lora_" not in n}
+    assert frozen.keys() == base.keys()
+    assert all(not p.requires_grad and torch.equal(p.detach(), base[n]) for n, p in frozen.items())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_per_round"] == 2 and summary["round_times"][0]["train_s"] > 0
+
+
+# the interrupted run: SIGKILL at the n-th micro-step of GRPO (inside round 1)
+_KILLER = """
+import json, os, signal, sys
+import align.training.grpo as G
+from align.training import build_config, train
+cfg = build_config(**json.loads(sys.argv[1]))
+at, calls, orig = int(sys.argv[2]), [0], G.grpo_step_losses
+def step(*a, **k):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(*a, **k)
+G.grpo_step_losses = step
+train(cfg)
+"""
+
+
+@pytest.mark.integration
+def test_grpo_resumes_after_kill_9_like_the_uninterrupted_run(tiny_model_dir, grpo_world, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from align.training import build_config, train
+
+    kw = dict(max_steps=6, checkpointing_steps=2)  # 3 rounds, a checkpoint at every round boundary
+    full = train(build_config(**grpo_recipe(tiny_model_dir, grpo_world, tmp_path, name="full", **kw)))
+    recipe = grpo_recipe(tiny_model_dir, grpo_world, tmp_path, name="cut", **kw)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLER, json.dumps(recipe), "7"], env=env, cwd=root, capture_output=True, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-2"] and not (cut / "lora").exists()
+    resumed = train(build_config(**(recipe | {"resume": "latest"})))
+    a, b = load_file(full / LORA), load_file(resumed / LORA)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    rows = [[[r[k] for k in STAT_KEYS] for r in _rows(d)] for d in (full, resumed)]
+    assert rows[0] == rows[1] and [r[1] for r in rows[1]] == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.integration
+def test_grpo_two_processes_match_one(tiny_model_dir, grpo_world, tmp_path):
+    """2 DDP processes (gloo), one rollout per micro-step each and every prompt group split
+    across them, match 1 process with two rollouts per micro-step. Round 0 (rollouts of the same
+    policy): same advantages from the gathered group statistics, same losses and the same LoRA
+    after the round within 1e-5. Round 1 samples policies that differ by float rounding (~1e-7):
+    its rewards agree within 1e-5, but the advantage divides by the group's std (+ 1e-4), which
+    magnifies reward differences in groups of near-equal scores, so its losses and the final LoRA
+    agree only to ~1e-3."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from align.launch import cpu_launch
+    from align.training import build_config, train
+
+    recipe = grpo_recipe(tiny_model_dir, grpo_world, tmp_path, effective_batch_size=4, checkpointing_steps=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    one = train(build_config(**recipe, name="one"))
+    proc = cpu_launch("ddp", 2, tmp_path / "recipe.yaml", "--name", "two", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    two = tmp_path / "two"
+    assert json.loads((two / "summary.json").read_text())["micro_batch_size"] == 1
+    ref, got = _rows(one), _rows(two)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(ref[:2], got[:2])) for k in STAT_KEYS}
+    assert all(d <= 1e-5 for d in diffs.values()), diffs
+    assert ref[1]["loss"] != 0.0  # the second update of round 0 sees a changed policy
+    later = {k: max(abs(a[k] - b[k]) for a, b in zip(ref[2:], got[2:])) for k in STAT_KEYS}
+    assert later["reward_mean"] <= 1e-5 and later["heldout_mean"] <= 1e-5 and max(later.values()) <= 1e-3, later
+    for path, tol in ((f"checkpoint-2/{LORA}", 1e-5), (LORA, 1e-3)):
+        a, b = load_file(one / path), load_file(two / path)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=tol, rtol=0) for k in a), path

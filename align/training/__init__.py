@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.config import load_config
-from align.training import dpo, rwr
+from align.training import dpo, grpo, rwr
 from align.training.core import TrainConfig, load_aligned
 
 OBJECTIVES = {
     "dpo": (dpo.DPOConfig, dpo.train),
     "rwr": (rwr.RWRConfig, rwr.train),
+    "grpo": (grpo.GRPOConfig, grpo.train),
 }
 
 __all__ = ["OBJECTIVES", "TrainConfig", "build_config", "load_aligned", "load_train_config", "train"]
