@@ -137,3 +137,16 @@ def test_tiny_sora_samples_with_the_vidalign_sampler(tiny_model_dir, tmp_path):
     assert [r["sampler"] for r in rows] == ["vidalign"] * 2 and rows[0]["size"] == [8, 32, 32]
     videos, _ = read_samples(tmp_path / "s")
     assert videos.shape == (2, 8, 32, 32, 3) and not np.array_equal(videos[0], videos[1])
+
+
+def test_a_wan_pipeline_refuses_frames_that_are_not_4k_plus_1_before_sampling(tmp_path):
+    from test_loop import tiny_wan_pipeline
+
+    from align.generation import default_batch_size, load_generator
+
+    tiny_wan_pipeline().save_pretrained(tmp_path / "wan")
+    model = load_generator(tmp_path / "wan", device="cpu")
+    assert default_batch_size(model) == 1
+    with pytest.raises(ValueError, match=r"wan: .*num_frames must be 4k\+1"):
+        _run(model, tmp_path / "s", prompts=PROMPTS, num_frames=8, height=16, width=16)
+    assert not (tmp_path / "s").exists() and model.num_frames != 8
