@@ -126,3 +126,39 @@ def test_eval_human_is_dispatched(monkeypatch):
 
     fake.main_eval_human = bad
     assert main(["eval", "human", "--db", "labels.sqlite"]) == 2
+
+
+def test_data_pairs_judged_by_a_reward_model(tiny_model_dir, tmp_path, capsys):
+    """``data pairs --reward-model`` (= ``--judge reward:DIR``): labels come from the reward
+    model's scores of the very video files in each pair, for a prompt no oracle knows."""
+    import datasets
+    import numpy as np
+    import torch
+
+    from align.data.video import read_video
+    from reward_models.model import RewardModelConfig, VideoRewardModel
+
+    torch.manual_seed(0)
+    rm = VideoRewardModel(RewardModelConfig(pooling="mean"))
+    rm.save_pretrained(tmp_path / "rm")
+    prompt = "a corgi surfing a wave at sunset"
+    args = ["data", "pairs", "--model", str(tiny_model_dir), "--reward-model", str(tmp_path / "rm"), "--prompt", prompt]
+    args += ["--rounds", "2", "--samples-per-prompt", "3", "--steps", "2", "--tie-margin", "0", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "bw")]) == 0
+    assert f"judged by reward:{tmp_path / 'rm'}" in capsys.readouterr().out
+    assert main([*args, "--pairs", "all", "--out", str(tmp_path / "all")]) == 0
+    bw, every = (datasets.load_from_disk(str(tmp_path / d)) for d in ("bw", "all"))
+    assert len(bw) == 2 and len(every) == 2 * 3  # one pair per round; all 3 pairs of each round
+    for d, ds in (("bw", bw), ("all", every)):
+        sa, sb = (
+            rm.score(np.stack([read_video(tmp_path / d / f) for f in ds[c]]), [prompt] * len(ds))
+            for c in ("video_a", "video_b")
+        )
+        np.testing.assert_allclose(ds["score_a"], sa, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ds["score_b"], sb, rtol=1e-4, atol=1e-4)
+        assert list(ds["preference"]) == ["a" if a > b else "b" for a, b in zip(sa, sb)]
+    # best vs worst: the chosen video scores highest among every pair of its round
+    for i in range(2):
+        rows = every.select(range(3 * i, 3 * i + 3))
+        best = max(list(rows["score_a"]) + list(rows["score_b"]))
+        assert max(bw[i]["score_a"], bw[i]["score_b"]) == pytest.approx(best)
