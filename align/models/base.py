@@ -64,6 +64,12 @@ class VideoDiffusionModel(Protocol):
 
     # -- video size --------------------------------------------------------------------
     @property
+    def video_input(self) -> dict:
+        """``{"num_frames", "height", "width", "fps"}`` that training resamples every video to
+        (``fps`` None: frames are taken as they are)."""
+        ...
+
+    @property
     def video_size_rules(self) -> str:
         """The sizes the model accepts, in words (TinySora: its one fixed size; Wan:
         ``num_frames = 4k+1; height and width multiples of 16``)."""

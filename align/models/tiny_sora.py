@@ -379,6 +379,13 @@ class TinySora:
         raise ValueError("TinySora does not support gradient checkpointing (supports_gradient_checkpointing is False)")
 
     @property
+    def video_input(self) -> dict:
+        """What training resamples every video to: the model's fixed size; ``fps`` None (the
+        synthetic world's clips carry no frame rate: frames are taken as they are)."""
+        c = self.cfg
+        return {"num_frames": c.num_frames, "height": c.image_size, "width": c.image_size, "fps": None}
+
+    @property
     def video_size_rules(self) -> str:
         c = self.cfg
         return f"fixed size {c.num_frames}x{c.image_size}x{c.image_size} (frames x height x width, its config.json)"

@@ -73,11 +73,13 @@ def load_dpo_data(cfg: DPOConfig, model) -> tuple[object, dict]:
     (``build_latent_cache``: one row's videos to validate, one batch to encode) and the
     latents are read lazily from the cache's memory-mapped shards, so a dataset larger than
     RAM trains. Without it every video is decoded into memory (``to_pairs``) and encoded once.
+    Either way videos of any size, fps and length are resampled to ``model.video_input``.
     """
     ds = load_preference_dataset(cfg.dataset)
+    target = model.video_input  # every video resampled to the model's frames, fps and size
     if cfg.latent_cache_dir:
         data = build_latent_cache(
-            model, ds, cfg.latent_cache_dir, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows
+            model, ds, cfg.latent_cache_dir, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows, target=target
         )
         st = data.stats
         cache = ("videos_encoded", "videos_reused", "prompts_encoded", "prompts_reused", "bad_shards")
@@ -89,7 +91,7 @@ def load_dpo_data(cfg: DPOConfig, model) -> tuple[object, dict]:
             "latent_cache": {k: st[k] for k in cache},
         }
         return data, info
-    pairs = to_pairs(ds, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows)
+    pairs = to_pairs(ds, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows, target=target)
     info = {"pairs": len(pairs.prompts), "skipped": pairs.skipped, "rows": len(ds)}
     return encode_pairs(model, pairs), info
 

@@ -42,6 +42,7 @@ class AnimateDiffVideoModel(DiffusersVideoModel):
 
     family: ClassVar[str] = "animatediff"
     pipeline_class: ClassVar[str] = "AnimateDiffPipeline"
+    default_fps: ClassVar[float] = 8.0
     component: ClassVar[str] = "unet"
 
     @classmethod

@@ -131,6 +131,7 @@ class DiffusersVideoModel:
     default_size: ClassVar[tuple[int, int, int]] = (0, 0, 0)  # (num_frames, height, width) the pipeline defaults to
     default_max_sequence_length: ClassVar[int] = 0  # text length the pipeline defaults to
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections
+    default_fps: ClassVar[float] = 16.0  # the frame rate the family's checkpoints were trained at
     # -- optional abilities of the VideoDiffusionModel protocol (every diffusers family has both) --
     supports_gradient_checkpointing: ClassVar[bool] = True
     has_pipeline_sampler: ClassVar[bool] = True
@@ -159,10 +160,12 @@ class DiffusersVideoModel:
         wan_expert: str = "high_noise",
         prompt_embeds: str | Path | None = None,
         gradient_checkpointing: bool = False,
+        fps: float | None = None,
     ):
         if family is not None and family != self.family:
             raise ValueError(f"{type(self).__name__} is the {self.family} family, not {family!r}")
         self.pipe = pipe
+        self.fps = float(fps or self.default_fps)
         self.frame_rate, self.embedded_guidance, self.wan_expert = frame_rate, embedded_guidance, wan_expert
         default = self.default_video_size()
         self.num_frames, self.height, self.width = num_frames or default[0], height or default[1], width or default[2]
@@ -274,6 +277,12 @@ class DiffusersVideoModel:
         return {"max_sequence_length": self.max_sequence_length}
 
     # -- video size ----------------------------------------------------------------------
+    @property
+    def video_input(self) -> dict:
+        """What training resamples every video to: ``num_frames``, ``height``, ``width`` (the
+        model's video size) and ``fps`` (the family's frame rate, or the ``fps`` option)."""
+        return {"num_frames": self.num_frames, "height": self.height, "width": self.width, "fps": self.fps}
+
     @property
     def video_size_rules(self) -> str:
         """The sizes the model accepts, in words (e.g. ``num_frames = 4k+1; height and width multiples of 16``)."""

@@ -79,6 +79,7 @@ class CogVideoXVideoModel(DiffusersVideoModel):
 
     family: ClassVar[str] = "cogvideox"
     pipeline_class: ClassVar[str] = "CogVideoXPipeline"
+    default_fps: ClassVar[float] = 8.0
 
     def make_denoiser(self) -> nn.Module:
         return CogVideoXDenoiser(self.pipe.transformer)

@@ -64,6 +64,7 @@ class HunyuanVideoModel(DiffusersVideoModel):
 
     family: ClassVar[str] = "hunyuan"
     pipeline_class: ClassVar[str] = "HunyuanVideoPipeline"
+    default_fps: ClassVar[float] = 24.0
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_size: ClassVar[tuple[int, int, int]] = (129, 720, 1280)
     default_max_sequence_length: ClassVar[int] = 256

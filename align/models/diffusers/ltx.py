@@ -65,6 +65,7 @@ class LTXVideoModel(DiffusersVideoModel):
 
     family: ClassVar[str] = "ltx"
     pipeline_class: ClassVar[str] = "LTXPipeline"
+    default_fps: ClassVar[float] = 24.0
     default_size: ClassVar[tuple[int, int, int]] = (161, 512, 704)
     default_max_sequence_length: ClassVar[int] = 128
 

@@ -79,6 +79,7 @@ class WanVideoModel(DiffusersVideoModel):
     family: ClassVar[str] = "wan"
     pipeline_class: ClassVar[str] = "WanPipeline"
     default_size: ClassVar[tuple[int, int, int]] = (81, 480, 832)
+    default_fps: ClassVar[float] = 16.0
     default_max_sequence_length: ClassVar[int] = 512
     # set by make_denoiser for a two-expert Wan 2.2: the frozen expert and the trained one's [t_min, t_max)
     _other_expert: nn.Module | None = None
