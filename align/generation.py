@@ -3,7 +3,7 @@
 ``sample_to_disk`` writes each video as soon as it is produced (an mp4 per video, written to
 a temp name and renamed) and appends its line to ``index.jsonl``::
 
-    {"file": "00003_seed3.mp4", "prompt": "...", "seed": 3, "model": "...", "lora": null,
+    {"file": "0003_seed3.mp4", "prompt": "...", "seed": 3, "model": "...", "lora": null,
      "steps": 30, "guidance": 5.0, "size": [81, 480, 832], "sampler": "pipeline"}
 
 so a run stopped at video 900 of 1000 keeps 900, and a rerun with ``resume=True`` samples only
@@ -178,7 +178,7 @@ def sample_to_disk(
     common = {"model": str(model_name), "lora": None if lora is None else str(lora), "steps": int(num_steps)}
     common |= {"guidance": float(guidance_scale), "size": size, "sampler": used}
     expected = [
-        {"file": f"{i:05d}_seed{s}.{video_format}", "prompt": p, "seed": s, **common}
+        {"file": f"{i:04d}_seed{s}.{video_format}", "prompt": p, "seed": s, **common}
         for i, (p, s) in enumerate(zip(prompts, seeds))
     ]
     todo = _plan(out, expected, resume)

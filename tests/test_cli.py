@@ -39,7 +39,7 @@ def test_data_pairs_train_eval_and_data_samples(tiny_model_dir, tmp_path, capsys
     assert main([*pairs, *prompts, "--judge", "oracle", "--out", str(data)]) == 0
     assert "judged by oracle" in capsys.readouterr().out
     assert main(["data", "validate", str(data)]) == 0
-    assert sorted(p.name for p in (data / "videos").iterdir())[0] == "00000_seed0.mp4"
+    assert sorted(p.name for p in (data / "videos").iterdir())[0] == "0000_seed0.mp4"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny_model_dir}\ndataset: {data}\noutput_dir: {tmp_path}\nname: cli\n")
     assert main(["train", str(recipe), "--max_steps", "2", "--train_batch_size", "2", "--progress", "false"]) == 0

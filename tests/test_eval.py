@@ -314,7 +314,7 @@ def test_eval_against_a_baseline_lora_and_the_human_task(eval_assets, tmp_path, 
     assert report["baseline"] == str(l0) and report["human_task"] == str(tmp_path / "task")
     assert report["winrate"]["oracle"]["n"] == 4 and "direction" in report["winrate"]["oracle"]["per_attribute"]
     (files_a, files_b, prompts, seeds, task_dir), kw = calls[0]
-    assert files_a[0] == out / "samples" / "base" / "00000_seed0.mp4" and files_b[0].parent.name == "aligned"
+    assert files_a[0] == out / "samples" / "base" / "0000_seed0.mp4" and files_b[0].parent.name == "aligned"
     assert prompts[:2] == [PROMPT] * 2 and seeds == [0, 1, 2, 3]
     assert task_dir == out / "human" and kw["names"] == ("base", "aligned")
     assert json.loads((out / "samples" / "base" / "index.jsonl").read_text().splitlines()[0])["lora"] == str(l0)

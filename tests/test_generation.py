@@ -54,7 +54,7 @@ def test_writes_an_mp4_per_video_and_the_index(tmp_path):
     assert model.calls == [[100, 101, 102, 103], [104, 105]] and (model.num_frames, model.height) == (9, 32)
     assert rows == read_index(tmp_path / "s") and len(rows) == 6
     r = rows[4]
-    assert r["file"] == "00004_seed104.mp4" and (tmp_path / "s" / r["file"]).stat().st_size > 0
+    assert r["file"] == "0004_seed104.mp4" and (tmp_path / "s" / r["file"]).stat().st_size > 0
     assert (r["prompt"], r["seed"], r["model"], r["lora"]) == (PROMPTS[1], 104, "fake/wan", "runs/x/lora")
     assert (r["steps"], r["guidance"], r["size"], r["sampler"]) == (2, 5.0, [9, 32, 32], "pipeline")
     videos, got = read_samples(tmp_path / "s")
@@ -104,7 +104,7 @@ def test_other_settings_on_disk_are_an_error_not_a_mix(tmp_path):
     out = tmp_path / "s"
     _run(FakePipelineModel(), out)
     with pytest.raises(
-        ValueError, match=r"00000_seed100.mp4 was sampled with other settings \(steps: 2 on disk, 4 now"
+        ValueError, match=r"0000_seed100.mp4 was sampled with other settings \(steps: 2 on disk, 4 now"
     ):
         _run(FakePipelineModel(), out, num_steps=4)
     with pytest.raises(ValueError, match=r"lora: None on disk, 'l' now"):
