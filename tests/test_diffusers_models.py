@@ -17,7 +17,6 @@ import torch
 from conftest import PROMPT
 from safetensors import safe_open
 
-from align.config import TrainConfig, load_config
 from align.models import load_model
 from align.models.diffusers import (
     DEFAULT_LORA_TARGETS,
@@ -28,7 +27,8 @@ from align.models.diffusers import (
     save_prompt_embeds,
 )
 from align.models.lora import adapters_disabled, attach_lora, load_lora, lora_parameters, save_lora
-from align.train import dpo_step_losses
+from align.training import build_config, load_train_config
+from align.training.dpo import dpo_step_losses
 
 WORDS = "a red green blue yellow square circle triangle moving left right up down on black white background".split()
 # (num_frames, height, width) of the tiny models; the dataset videos are (8, 32, 32) and get resampled.
@@ -328,24 +328,24 @@ def test_dpo_lora_loads_in_diffusers_pipeline(family, pipeline_dir, tmp_path):
 
 
 def test_trainer_end_to_end_on_a_diffusers_model(pipeline_dir, pref_dataset_dir, tmp_path, monkeypatch):
-    """``align.train.train`` on a diffusers pipeline directory; the run's LoRA loads in WanPipeline.
+    """``align.training.train`` on a diffusers pipeline directory; the run's LoRA loads in WanPipeline.
 
     The tiny model needs a tiny video size, which reaches ``load_model`` here by patching it
     (a recipe passes it as ``model_options``)."""
     import diffusers
 
-    import align.train
+    import align.training
 
     def tiny_load_model(path, device="cpu", **options):
         return load_model(path, device=device, **{**SIZE["wan"], **options})
 
-    monkeypatch.setattr(align.train, "load_model", tiny_load_model)
-    cfg = TrainConfig(
+    monkeypatch.setattr(align.training.core, "load_model", tiny_load_model)
+    cfg = build_config(
         model=str(pipeline_dir("wan")), dataset=pref_dataset_dir, output_dir=str(tmp_path), name="wan", max_steps=3,
         train_batch_size=4, learning_rate=2e-2, lora_rank=4, lora_alpha=4.0, lora_targets=DEFAULT_LORA_TARGETS["wan"],
         checkpointing_steps=0, progress=False, beta=5000.0,
     )  # fmt: skip
-    run = align.train.train(cfg)
+    run = align.training.train(cfg)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and abs(lines[0]["loss"] - 0.6931) < 1e-3
     pipe = diffusers.WanPipeline.from_pretrained(pipeline_dir("wan"))
@@ -629,7 +629,7 @@ def test_recipes_are_valid_for_their_family(recipe, pipeline_dir):
     family, frame_step, multiple = RECIPES[recipe]
     values = yaml.safe_load((Path(__file__).parents[1] / "recipes" / recipe).read_text())
     options = values.pop("model_options")
-    cfg = load_config(TrainConfig, None, values)  # every other key is a TrainConfig field of the right type
+    cfg = load_train_config(None, values)  # every other key is a field of its objective's config, of the right type
     assert looks_like_hub_id(cfg.model) and cfg.mixed_precision == "bf16"
     accepted = set(inspect.signature(DiffusersVideoModel.__init__).parameters)
     accepted |= set(inspect.signature(DiffusersVideoModel.from_pretrained).parameters)

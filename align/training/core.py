@@ -618,12 +618,18 @@ def loop(
         bar.close()
         if metrics_f is not None:
             metrics_f.close()
+    return _finish(cfg, run, info, time.time() - t_start, step_times)
+
+
+def _finish(cfg: TrainConfig, run: Run, info: dict, train_s: float, step_times: list[float]) -> Path:
+    """The final LoRA (diffusers layout) and ``summary.json``; ends the trackers."""
+    acc = run.accelerator
     acc.wait_for_everyone()
     with gathered_lora(run.base, acc):
         if run.is_main:
             save_lora(run.base, run.run_dir / "lora", {"base_model": str(cfg.model)})
     if run.is_main:
-        info["train_s"] = time.time() - t_start
+        info["train_s"] = train_s
         later = step_times[1:] or step_times
         info["step_time_s_mean"] = sum(later) / len(later) if later else None
         (run.run_dir / "summary.json").write_text(json.dumps(info, indent=2))
