@@ -103,9 +103,7 @@ def test_a_torn_last_index_line_is_dropped(tmp_path):
 def test_other_settings_on_disk_are_an_error_not_a_mix(tmp_path):
     out = tmp_path / "s"
     _run(FakePipelineModel(), out)
-    with pytest.raises(
-        ValueError, match=r"0000_seed100.mp4 was sampled with other settings \(steps: 2 on disk, 4 now"
-    ):
+    with pytest.raises(ValueError, match=r"0000_seed100.mp4 was sampled with other settings \(steps: 2 on disk, 4 now"):
         _run(FakePipelineModel(), out, num_steps=4)
     with pytest.raises(ValueError, match=r"lora: None on disk, 'l' now"):
         _run(FakePipelineModel(), out, lora="l")
