@@ -45,7 +45,7 @@ from align.sample import generate
 from align.training import load_aligned, load_train_config, train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-METHODS = {"DPO": "tiny_sora_dpo.yaml", "RWR": "tiny_sora_rwr.yaml"}
+METHODS = {"DPO": "tiny_sora_dpo.yaml", "RWR": "tiny_sora_rwr.yaml", "GRPO": "tiny_sora_grpo.yaml"}
 REWARD_RECIPE = "tiny_sora_reward.yaml"
 
 
@@ -68,12 +68,14 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         steps = {"max_steps": 3, "train_batch_size": 4}
+        grpo = {"max_steps": 2, "group_size": 2, "prompts_per_round": 2, "sample_steps": 2, "train_batch_size": 4}
+        grpo |= {"gradient_accumulation_steps": 1, "rollout_batch_size": 4, "train_timestep_fraction": 0.5}
         return cls(
             samples_per_prompt=2,
             sample_steps=2,
             eval_seeds_per_prompt=1,
             max_prompts=12,
-            recipe_overrides={"DPO": steps, "RWR": steps, "reward": {"epochs": 1}},
+            recipe_overrides={"DPO": steps, "RWR": steps, "GRPO": grpo, "reward": {"epochs": 1}},
         )
 
 
@@ -133,11 +135,20 @@ def _stage_configs(cfg: DemoConfig, out: Path, model_dir: Path, backbone: Path) 
     over = {"dataset": str(out / "reward_data"), "output_dir": str(out), "name": "reward_model"}
     over |= {"init_from": str(backbone), "seed": cfg.seed, **cfg.recipe_overrides.get("reward", {})}
     configs = {"reward": load_config(RewardTrainConfig, RECIPES / REWARD_RECIPE, over)}
-    datasets = {"DPO": out / "preference_data", "RWR": out / "rwr_samples"}
+    data = {  # what each objective learns from
+        "DPO": {"dataset": str(out / "preference_data")},
+        "RWR": {"dataset": str(out / "rwr_samples")},
+        # online: the training prompts, the reward model as the reward, the oracle as the held-out judge
+        "GRPO": {
+            "prompts_file": str(out / "train_prompts.txt"),
+            "judges": [f"reward:{out / 'reward_model' / 'best'}"],
+            "eval_judges": ["oracle"],
+        },
+    }
     for method, recipe in METHODS.items():
-        over = {"model": str(model_dir), "dataset": str(datasets[method]), "output_dir": str(out)}
-        over |= {"name": method.lower(), "seed": cfg.seed, "checkpointing_steps": 0}
-        configs[method] = load_train_config(RECIPES / recipe, over | cfg.recipe_overrides.get(method, {}))
+        over = {"model": str(model_dir), "output_dir": str(out), "name": method.lower(), "seed": cfg.seed}
+        over |= {"checkpointing_steps": 0, **data[method], **cfg.recipe_overrides.get(method, {})}
+        configs[method] = load_train_config(RECIPES / recipe, over)
     return configs
 
 
@@ -231,6 +242,7 @@ def run_demo(
     configs = _stage_configs(cfg, out, model_dir, backbone)
     out.mkdir(parents=True, exist_ok=True)
     train_prompts, heldout_prompts = _prompts(cfg)
+    (out / "train_prompts.txt").write_text("".join(p + "\n" for p in train_prompts))
     all_prompts, videos, prefs = _collect(cfg, load_model(model_dir), train_prompts, out)
     timings["pairs"], t0 = time.time() - t0, time.time()
     from reward_models.train import train_reward_model

@@ -364,7 +364,7 @@ def test_generate_cli_runs_the_pipeline_with_and_without_lora(pipeline_dir, tmp_
     for p in lora_parameters(model.denoiser):
         torch.nn.init.normal_(p, std=0.3)
     lora_dir = save_lora(model.denoiser, tmp_path / "lora")
-    size = ["--num-frames", "9", "--height", "16", "--width", "16"]
+    size = ["--num-frames", "9", "--height", "16", "--width", "16", "--format", "gif"]
     base = ["generate", "--model", str(pipeline_dir("wan")), "--prompt", PROMPT, "--steps", "2", *size]
     assert main([*base, "--out", str(tmp_path / "base")]) == 0
     assert main([*base, "--lora", str(lora_dir), "--out", str(tmp_path / "lora_out")]) == 0

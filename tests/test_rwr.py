@@ -148,36 +148,6 @@ def test_data_samples_cli(tiny_model_dir, tmp_path):
     assert len(s.prompts) == 3 and s.groups.tolist() == [0, 0, 0] and np.isfinite(s.rewards).all()
 
 
-def test_data_pairs_judged_by_a_reward_model(tiny_model_dir, tmp_path, capsys):
-    """``data pairs --reward-model``: labels come from the reward model's scores of the very
-    videos in each pair (no oracle: the prompt is outside the synthetic world's grammar)."""
-    torch.manual_seed(0)
-    rm = VideoRewardModel(RewardModelConfig(pooling="mean"))
-    rm.save_pretrained(tmp_path / "rm")
-    prompt = "a corgi surfing a wave at sunset"
-    args = ["data", "pairs", "--model", str(tiny_model_dir), "--reward-model", str(tmp_path / "rm"), "--prompt", prompt]
-    args += ["--rounds", "2", "--samples-per-prompt", "3", "--steps", "2", "--tie-margin", "0"]
-    assert main([*args, "--out", str(tmp_path / "bw")]) == 0
-    assert "judged by reward model" in capsys.readouterr().out
-    assert main([*args, "--pairs", "all", "--out", str(tmp_path / "all")]) == 0
-    import datasets
-
-    bw = datasets.load_from_disk(str(tmp_path / "bw")).with_format("numpy")
-    every = datasets.load_from_disk(str(tmp_path / "all")).with_format("numpy")
-    assert len(bw) == 2 and len(every) == 2 * 3  # one pair per round; all 3 pairs of each round
-    for ds in (bw, every):
-        sa = rm.score(np.asarray(ds["video_a"]), [prompt] * len(ds))
-        sb = rm.score(np.asarray(ds["video_b"]), [prompt] * len(ds))
-        np.testing.assert_allclose(ds["score_a"], sa, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(ds["score_b"], sb, rtol=1e-4, atol=1e-4)
-        assert list(ds["preference"]) == ["a" if a > b else "b" for a, b in zip(sa, sb)]
-    # best vs worst: the chosen video scores highest among every pair of its round
-    for i in range(2):
-        rows = every.select(range(3 * i, 3 * i + 3))
-        best = max(float(x) for x in np.concatenate([rows["score_a"], rows["score_b"]]))
-        assert max(float(bw[i]["score_a"]), float(bw[i]["score_b"])) == pytest.approx(best)
-
-
 def test_sample_groups_rejects_a_bad_judge(tiny_model_dir):
     from align.data.pairs import sample_groups
     from align.models import load_model
