@@ -120,6 +120,7 @@ def _collect(cfg: DemoConfig, model, prompts: list[str], out: Path) -> tuple:
         num_steps=cfg.sample_steps,
         guidance_scale=cfg.guidance_scale,
         progress=True,
+        score=OracleJudge().score,
     )
     pairs = pairs_from_groups(all_prompts, videos, totals, "best_worst", seed=cfg.seed)
     pairs.save_to_disk(str(out / "preference_data"))

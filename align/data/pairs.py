@@ -29,40 +29,30 @@ def sample_groups(
     num_steps: int = 20,
     guidance_scale: float = 4.0,
     progress: bool = True,
-    score: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None,
+    *,
+    score: Callable[[np.ndarray, Sequence[str]], np.ndarray],
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``k`` samples per prompt (consecutive rows form a group) and their scores:
     ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``. ``score(videos,
-    prompts)`` returns one number per video; default: the oracle's total."""
+    prompts)`` (a judge's ``score``, ``align.judges``) returns one number per video."""
     if not prompts:
         raise ValueError("sample_groups: empty prompt list")
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
-    if score is None:  # the demo's oracle knows only the synthetic world's prompts: say so before sampling
-        from align.data.synthetic import oracle_scores, parse_prompt
-
-        for p in dict.fromkeys(prompts):
-            try:
-                parse_prompt(p)
-            except ValueError as e:
-                raise ValueError(f"{e}; judge prompts outside the synthetic world with a reward model") from None
     k = samples_per_prompt
     all_prompts = [p for p in prompts for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
     videos = to_uint8(generate(model, all_prompts, seeds, num_steps, guidance_scale, progress=progress, desc="pairs"))
-    if score is None:
-        flat = np.array([s["total"] for s in oracle_scores(videos, all_prompts)])
-    else:
-        flat = np.asarray(score(videos, all_prompts), dtype=np.float64).reshape(-1)
-        if flat.shape != (len(all_prompts),):
-            raise ValueError(f"sample_groups: the judge returned {flat.size} scores for {len(all_prompts)} videos")
-        bad = np.flatnonzero(~np.isfinite(flat))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"sample_groups: the judge gave {bad.size} non-finite scores, first for video {i} "
-                f"(prompt {all_prompts[i]!r}, seed {seeds[i]})"
-            )
+    flat = np.asarray(score(videos, all_prompts), dtype=np.float64).reshape(-1)
+    if flat.shape != (len(all_prompts),):
+        raise ValueError(f"sample_groups: the judge returned {flat.size} scores for {len(all_prompts)} videos")
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"sample_groups: the judge gave {bad.size} non-finite scores, first for video {i} "
+            f"(prompt {all_prompts[i]!r}, seed {seeds[i]})"
+        )
     return all_prompts, videos, flat.reshape(len(prompts), k)
 
 
@@ -117,24 +107,3 @@ def pairs_from_groups(
             rows["score_a"].append(sa)
             rows["score_b"].append(sb)
     return _dataset(rows, None if isinstance(videos, list) else videos.shape[1:])
-
-
-def sampled_preference_dataset(
-    model,
-    prompts: list[str],
-    samples_per_prompt: int = 4,
-    seed: int = 0,
-    num_steps: int = 20,
-    guidance_scale: float = 4.0,
-    tie_margin: float = 0.01,
-    progress: bool = True,
-    score: Callable[[np.ndarray, Sequence[str]], np.ndarray] | None = None,
-    which: str = "best_worst",
-):
-    """Pairs of ``samples_per_prompt`` samples per prompt (``which``: best vs worst, or all),
-    judged by the oracle or by ``score`` (see ``sample_groups``): a ``datasets.Dataset`` in the
-    project's schema, videos as uint8 arrays."""
-    all_prompts, videos, totals = sample_groups(
-        model, prompts, samples_per_prompt, seed, num_steps, guidance_scale, progress, score
-    )
-    return pairs_from_groups(all_prompts, videos, totals, which, tie_margin, seed)
