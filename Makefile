@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.latent_cache
 	$(BIN)/python -m bench.distributed
+	$(BIN)/python -m bench.grpo
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check align reward_models tests bench
