@@ -10,7 +10,7 @@
     vidalign data validate DATASET [--min-frames N] [--allow-absolute-paths]
     vidalign data import --format FORMAT SRC DST [--limit N] [--skip-bad] [--num-frames N ...]  (docs/data.md)
     vidalign data inspect DATASET [--out PNG]
-    vidalign data cache DATASET --model DIR --cache-dir DIR
+    vidalign data cache DATASET --model DIR --cache-dir DIR [--num-frames N ...] | --recipe RECIPE
     vidalign data pairs --model DIR --prompts-file F --judge SPEC --out DATASET_DIR [--samples-per-prompt 4]
     vidalign data samples --model DIR --prompts-file F --judge SPEC --out DATASET_DIR
       (every sampling command: [--num-frames N --height H --width W] [--batch-size B] [--device D]
@@ -311,27 +311,46 @@ def cmd_data_inspect(args) -> int:
 
 
 def cmd_data_cache(args) -> int:
+    """``data cache``: fill a latent cache as a training run with the same model and options reads
+    it (videos at the model's input, every prompt's state); ``--recipe`` takes the model, its
+    options, the dataset and the cache folder from the training recipe (flags override)."""
     from align.data.latent_cache import build_latent_cache
     from align.data.preference import load_preference_dataset
+    from align.judges import default_device
     from align.models import load_model
 
-    model = load_model(args.model)
+    options: dict = {}
+    dataset, model_name, cache_dir = args.dataset, args.model, args.cache_dir
+    bad_rows = "skip" if args.skip_bad else "error"
+    if args.recipe:
+        from align.training import load_train_config
+
+        cfg = load_train_config(args.recipe)
+        options = {k: v for k, v in cfg.model_options.items() if k not in ("load_text_encoder", "prompt_embeds")}
+        dataset, model_name = dataset or cfg.dataset, model_name or cfg.model
+        cache_dir = cache_dir or cfg.latent_cache_dir
+        bad_rows = "skip" if args.skip_bad else cfg.bad_rows
+    for key in ("num_frames", "height", "width", "fps", "max_sequence_length", "dtype"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    missing = [name for name, v in (("DATASET", dataset), ("--model", model_name), ("--cache-dir", cache_dir)) if not v]
+    if missing:
+        raise ValueError(f"data cache: give {', '.join(missing)} (or a --recipe whose keys set them)")
+    model = load_model(model_name, device=args.device or default_device(), **options)
     model.requires_grad_(False)
-    ds = load_preference_dataset(args.dataset, split=args.split)
+    ds = load_preference_dataset(dataset, split=args.split)
     data = build_latent_cache(
-        model,
-        ds,
-        args.cache_dir,
-        args.dataset,
-        args.dataset,
-        bad_rows="skip" if args.skip_bad else "error",
-        allow_absolute_paths=args.allow_absolute_paths,
-    )
+        model, ds, cache_dir, dataset, dataset, target=model.video_input, bad_rows=bad_rows,
+        allow_absolute_paths=args.allow_absolute_paths, batch_size=args.batch_size,
+        model_source=model_name, model_options=options,
+    )  # fmt: skip
     s = data.stats
     print(
-        f"{args.cache_dir}: {s['pairs']} pairs (skipped {s['skipped']}); videos encoded {s['videos_encoded']}, "
+        f"{cache_dir}: {s['pairs']} pairs (skipped {s['skipped']}); videos encoded {s['videos_encoded']}, "
         f"reused {s['videos_reused']}; prompts encoded {s['prompts_encoded']}, reused {s['prompts_reused']}"
     )
+    if s["prompts_by_text_encoder_files"]:
+        print("all prompt states cached: training with this latent_cache_dir loads the model without its text encoder")
     return 0
 
 
@@ -599,10 +618,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("dataset")
     ins.add_argument("--out", default=None, help="PNG path (default: DATASET/inspect.png)")
     ca = dsub.add_parser("cache", help="encode videos and prompts once into a latent cache for training")
-    ca.add_argument("dataset")
-    ca.add_argument("--model", required=True, help="the model whose VAE and text encoder encode")
-    ca.add_argument("--cache-dir", required=True, help="the same folder as the recipe's latent_cache_dir")
+    ca.add_argument("dataset", nargs="?", help="the preference dataset (default: the recipe's)")
+    ca.add_argument("--recipe", help="the training recipe: model, model_options, dataset, latent_cache_dir")
+    ca.add_argument("--model", help="the model whose VAE and text encoder encode")
+    ca.add_argument("--cache-dir", help="the same folder as the recipe's latent_cache_dir")
     ca.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of failing")
+    for flag, kind in (("--num-frames", int), ("--height", int), ("--width", int), ("--fps", float)):
+        ca.add_argument(flag, type=kind, default=None, help="model option: the model input videos are resampled to")
+    ca.add_argument("--max-sequence-length", type=int, default=None, help="model option: the prompts' text length")
+    ca.add_argument("--dtype", default=None, help="model option (default auto: bfloat16 on CUDA), as the recipe's")
+    ca.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    ca.add_argument("--batch-size", type=int, default=16, help="videos per VAE call")
     for q in (v, ins, ca):
         q.add_argument("--split", default="train", help="split of a hub dataset / DatasetDict")
     im.add_argument("--split", default=None, help="split (default: the format's published one, else train)")

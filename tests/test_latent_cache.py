@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import pickle
 import weakref
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import SMALL, make_preference_rows, tiny_recipe
 from safetensors.torch import load_file
 from test_data_formats import clip
@@ -215,11 +217,12 @@ def test_train_with_the_cache_matches_training_without(tiny_model_dir, pref_data
     assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    # a fresh load of the model finds everything the cached run wrote (the same fingerprints)
-    again = cached_latents(
-        load_model(tiny_model_dir), to_pairs(load_preference_dataset(pref_dataset_dir)), tmp_path / "cache"
-    )
+    # a fresh load of the model finds everything the cached run wrote (the same fingerprints, at the model input)
+    fresh = load_model(tiny_model_dir)
+    ds = load_preference_dataset(pref_dataset_dir)
+    again = build_latent_cache(fresh, ds, tmp_path / "cache", root=pref_dataset_dir, target=fresh.video_input)
     assert again.stats["videos_encoded"] == 0 and again.stats["videos_reused"] == 16
+    assert again.stats["prompts_encoded"] == 0
     assert sorted((tmp_path / "cache").rglob("shard-*.safetensors")) == shards
 
 
@@ -232,6 +235,13 @@ def test_cli_cache_encodes_once(tiny_model_dir, tmp_path, capsys):
     assert "3 pairs (skipped {'bad_row': 0, 'tie': 1}); videos encoded 6, reused 0" in capsys.readouterr().out
     assert main(["data", "cache", src, "--model", str(tiny_model_dir), "--cache-dir", str(cache)]) == 0
     assert "videos encoded 0, reused 6; prompts encoded 0, reused 2" in capsys.readouterr().out
+    # --recipe: the model, dataset and cache folder of the training recipe (the same namespaces)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, tmp_path, dataset=src, latent_cache_dir=str(cache))))
+    assert main(["data", "cache", "--recipe", str(recipe)]) == 0
+    assert "videos encoded 0, reused 6; prompts encoded 0, reused 2" in capsys.readouterr().out
+    assert main(["data", "cache", src, "--model", str(tiny_model_dir)]) == 2
+    assert "give --cache-dir (or a --recipe whose keys set them)" in capsys.readouterr().err
 
 
 def test_streaming_build_reads_untyped_nested_list_videos(model, tmp_path):
@@ -342,3 +352,127 @@ def test_mixed_sizes_and_stills_cache_at_the_model_input(model, tmp_path):
     still = load_preference_dataset(tmp_path / "pp")
     cached = build_latent_cache(model, still, tmp_path / "c", "pp", tmp_path / "pp", target=target)
     assert len(cached) == 2 and cached[0][0].shape == model.latent_shape
+
+
+# --------------------------------------------------------------------------------------------
+# prompt states keyed by the text encoder's files: training a diffusers model without it
+
+WAN_SIZE = {"num_frames": 5, "height": 16, "width": 16, "max_sequence_length": 16}
+WAN_FLAGS = ["--num-frames", "5", "--height", "16", "--width", "16", "--max-sequence-length", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    from test_diffusers_models import build_pipeline
+
+    path = tmp_path_factory.mktemp("wan") / "pipe"
+    build_pipeline("wan").save_pretrained(path)
+    return path
+
+
+def _wan_recipe(wan_dir, tmp_path, src, name, **kw) -> dict:
+    from test_diffusers_models import DEFAULT_LORA_TARGETS
+
+    options = kw.pop("model_options", {})
+    return dict(
+        model=str(wan_dir), model_options={**WAN_SIZE, **options}, dataset=src, name=name,
+        output_dir=str(tmp_path / "runs"), max_steps=2, train_batch_size=2, learning_rate=2e-2, lora_rank=4,
+        lora_alpha=4.0, lora_targets=DEFAULT_LORA_TARGETS["wan"], beta=5000.0, checkpointing_steps=0, progress=False,
+        bad_rows="skip", **kw,
+    )  # fmt: skip
+
+
+def _refuse_text_encoder(monkeypatch) -> None:
+    """Loading (or running) a UMT5 encoder fails the test."""
+    from transformers import UMT5EncoderModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(UMT5EncoderModel, "forward", refuse)
+
+
+def _add_row(src: str, prompt: str) -> None:
+    f = Path(src)
+    row = json.loads(f.read_text().splitlines()[0]) | {"prompt": prompt, "preference": "a"}
+    f.write_text(f.read_text() + json.dumps(row) + "\n")
+
+
+def test_cached_prompts_let_a_diffusers_model_load_without_its_text_encoder(wan_dir, tmp_path, monkeypatch, capsys):
+    """`data cache` on a tiny Wan pipeline stores every prompt's state (and ""'s) keyed by the text
+    encoder's files; a model loaded without the text encoder then builds from the cache, and the
+    pre-load check (core.start's text_encoder_options) drops the encoder. A new prompt: the
+    encoder is loaded again (auto) or, with load_text_encoder false, a clear error naming it."""
+    from align.cli import main
+    from align.data.latent_cache import UNCOND_FILE, prompt_coverage, text_encoder_options
+
+    src = _mp4_dataset(tmp_path)
+    cache = tmp_path / "cache"
+    assert main(["data", "cache", src, "--model", str(wan_dir), "--cache-dir", str(cache), *WAN_FLAGS]) == 0
+    out = capsys.readouterr().out
+    assert "prompts encoded 3" in out and "loads the model without its text encoder" in out  # 2 prompts + ""
+    (uncond,) = cache.glob(f"prompt-*/{UNCOND_FILE}")
+    assert json.loads((cache / lc.FILE_DIGESTS).read_text())  # text-encoder file digests memoised
+
+    cfg = build_config(**_wan_recipe(wan_dir, tmp_path, src, "x", latent_cache_dir=str(cache)))
+    opts = text_encoder_options(cfg, "cpu")
+    assert opts == {"load_text_encoder": False, "prompt_embeds": str(uncond)}
+    _refuse_text_encoder(monkeypatch)
+    model = load_model(wan_dir, **WAN_SIZE, **opts)
+    assert model.text_encoder is None
+    data = build_latent_cache(model, load_preference_dataset(src), cache, src, src, target=model.video_input,
+                              model_source=str(wan_dir), model_options=WAN_SIZE)  # fmt: skip
+    assert data.stats["videos_encoded"] == 0 and data.stats["prompts_encoded"] == 0 and len(data) == 3
+    assert data.stats["text_encoder"] == "not loaded" and data[0][2].shape == (16, 32)
+    torch.testing.assert_close(model.encode_prompts([""])[0], lc.ShardStore(
+        uncond.parent, json.loads((uncond.parent / "fingerprint.json").read_text())["fingerprint"], {}
+    ).get(lc.prompt_hash("")))  # fmt: skip
+
+    # another dtype is another namespace; a new prompt is missing from this one
+    assert prompt_coverage(str(wan_dir), {**WAN_SIZE, "dtype": "bfloat16"}, cache, ["prompt 0"], "cpu")[1] is None
+    _add_row(src, "a red circle moving up")
+    assert text_encoder_options(cfg, "cpu") == {}  # auto: this run loads the text encoder and fills the cache
+    strict = build_config(**_wan_recipe(wan_dir, tmp_path, src, "y", latent_cache_dir=str(cache),
+                                        model_options={"load_text_encoder": False}))  # fmt: skip
+    want = (
+        r"1 prompt\(s\) are not in the latent cache .* text encoder is not loaded .* 'a red circle moving up'; "
+        rf"fill the cache with `vidalign data cache {src} --model {wan_dir} --cache-dir {cache} --num-frames 5 "
+        r"--height 16 --width 16 --max-sequence-length 16`"
+    )
+    with pytest.raises(ValueError, match=want):
+        text_encoder_options(strict, "cpu")  # before the model is loaded
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) .*'a red circle moving up'"):
+        build_latent_cache(model, load_preference_dataset(src), cache, src, src, target=model.video_input,
+                           model_source=str(wan_dir), model_options=WAN_SIZE)  # fmt: skip
+
+    # changed text-encoder files are a new namespace: nothing cached for them
+    cfg_file = wan_dir / "text_encoder" / "config.json"
+    original = cfg_file.read_text()
+    try:
+        cfg_file.write_text(original.replace("{", '{"_note": "changed",', 1))
+        assert prompt_coverage(str(wan_dir), WAN_SIZE, cache, ["prompt 0"], "cpu") == (["prompt 0"], None)
+    finally:
+        cfg_file.write_text(original)
+
+
+@pytest.mark.integration
+def test_wan_dpo_from_the_cache_trains_without_the_text_encoder(wan_dir, tmp_path, monkeypatch):
+    """After `data cache`, `train` with latent_cache_dir never loads the UMT5 encoder, encodes
+    nothing, and trains the same LoRA as the in-memory path with the encoder."""
+    from align.cli import main
+
+    src = _mp4_dataset(tmp_path)
+    cache = tmp_path / "cache"
+    plain = train(build_config(**_wan_recipe(wan_dir, tmp_path, src, "plain")))
+    assert main(["data", "cache", src, "--model", str(wan_dir), "--cache-dir", str(cache), *WAN_FLAGS]) == 0
+    _refuse_text_encoder(monkeypatch)
+    cached = train(build_config(**_wan_recipe(wan_dir, tmp_path, src, "cached", latent_cache_dir=str(cache))))
+    summary = json.loads((cached / "summary.json").read_text())["latent_cache"]
+    assert summary["text_encoder"] == "not loaded"
+    assert summary["videos_encoded"] == 0 and summary["prompts_encoded"] == 0 and summary["videos_reused"] == 6
+    a = load_file(plain / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(cached / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -22,6 +22,21 @@ and the text encoder. The cache stores them once, in safetensors shards:
   item with ``safetensors.safe_open`` (memory-mapped), so a dataset larger than RAM trains; the
   OS page cache keeps what fits.
 
+Training without the text encoder. A diffusers pipeline named by its source (a directory or
+Hub id: ``model_source``) has its prompt namespace keyed by the *files* of its text encoder(s)
+and tokenizer(s) (sha256 of each, memoised in ``<cache_dir>/file-digests.json`` by path, size
+and mtime; Hugging Face cache blobs are already named by their sha256), the adapter class, the
+dtype and the ``max_sequence_length`` option, not by the loaded weights, so a model loaded
+with ``load_text_encoder=False`` finds the states a run with the encoder wrote. Such a cache
+holds the states of *every* prompt of the dataset and of ``""`` (the unconditional prompt, also
+written as ``unconditional.safetensors`` in ``save_prompt_embeds``' format). Before loading,
+:func:`text_encoder_options` (called by ``core.start`` for DPO) checks that every prompt is
+there; then the model is loaded without its text encoder (UMT5-XXL alone is ~11 GB in bf16).
+Otherwise the text encoder is loaded and the run fills the prompt cache, unless the recipe says
+``model_options: {load_text_encoder: false}``: then a missing prompt is a ``ValueError`` naming
+it and the ``vidalign data cache`` command that fills the cache. TinySora (small) always keeps
+its text encoder, and its prompt namespace stays keyed by the encoder's weights.
+
 Entry points: :func:`build_latent_cache` (streaming from a dataset: one batch of decoded
 videos in memory at a time, for datasets whose pixels do not fit in RAM; used by ``vidalign
 data cache`` and by the trainer when ``latent_cache_dir`` is set) and :func:`cached_latents`
@@ -34,6 +49,8 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
+import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -45,7 +62,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from align.atomic import atomic_write_text
+from align.atomic import atomic_write, atomic_write_text
 from align.data.preference import (
     PreferenceDataError,
     check_rows,
@@ -61,6 +78,8 @@ CACHE_VERSION = 1
 SHARD_BYTES = 256 << 20  # a shard is written once this much is buffered
 MAX_OPEN_SHARDS = 64  # open safe_open handles kept per dataset (per DataLoader worker)
 PREPROCESSING_KEYS = ("num_frames", "height", "width", "fps")
+UNCOND_FILE = "unconditional.safetensors"  # the state of "" in save_prompt_embeds' format
+FILE_DIGESTS = "file-digests.json"  # sha256 of text-encoder files by path, size and mtime
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,16 +141,104 @@ def video_fingerprint(model, preprocessing: dict | None = None) -> tuple[str, di
     return _digest(meta), meta
 
 
-def text_fingerprint(model) -> tuple[str, dict]:
-    """``(fingerprint, what it covers)`` for prompt states: the text encoders' state dicts, the
-    context length and the model class."""
+def _is_diffusers(model) -> bool:
+    """Whether ``model`` is a diffusers adapter (without importing diffusers for the tiny model)."""
+    base = sys.modules.get("align.models.diffusers.base")
+    return base is not None and isinstance(model, base.DiffusersVideoModel)
+
+
+def text_encoder_loaded(model) -> bool:
+    """Whether ``model`` can encode prompts itself: TinySora always; a diffusers model unless it
+    was loaded with ``load_text_encoder=False``."""
+    return not _is_diffusers(model) or model.text_encoder is not None
+
+
+def _file_digest(path: Path, memo: dict) -> str:
+    """sha256 of a file's bytes. A Hugging Face cache blob named by its sha256 is not read;
+    other digests are memoised in ``memo`` by real path, size and mtime."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and len(real.name) == 64:  # LFS blob: the name is its sha256
+        return real.name
+    st = real.stat()
+    known = memo.get(str(real))
+    if known and known["size"] == st.st_size and known["mtime_ns"] == st.st_mtime_ns:
+        return known["sha256"]
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    memo[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def _text_root(source: str, components: tuple[str, ...], revision: str | None) -> Path:
+    """The local folder holding the pipeline's text components: ``source`` itself, or a Hub id's
+    snapshot in the local Hugging Face cache (no download)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                source, revision=revision, local_files_only=True, allow_patterns=[f"{c}/*" for c in components]
+            )
+        )
+    except Exception as e:  # huggingface_hub raises its own error types for a missing snapshot
+        raise ValueError(f"model {source}: its text encoder files are not in the local Hugging Face cache ({e})") from e
+
+
+def text_identity(source: str, model_class: type, dtype, options: dict | None, cache_dir: str | Path) -> dict:
+    """What identifies a diffusers pipeline's prompt states without loading its text encoder: the
+    sha256 of every file of its text encoder(s) and tokenizer(s) (``model_class.text_components``),
+    the adapter class, the dtype and the ``max_sequence_length`` option."""
+    options = options or {}
+    root = _text_root(str(source), model_class.text_components, options.get("revision"))
+    memo_file = Path(cache_dir) / FILE_DIGESTS
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    before = dict(memo)
+    files = {}
+    for comp in model_class.text_components:
+        folder = root / comp
+        if not folder.is_dir():
+            raise ValueError(f"model {source}: no {comp}/ folder; cannot identify its prompt states")
+        for f in sorted(q for q in folder.rglob("*") if q.is_file()):
+            files[f.relative_to(root).as_posix()] = _file_digest(f, memo)
+    if memo != before:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo_file, json.dumps(memo, indent=1))
+    return {
+        "cache_version": CACHE_VERSION,
+        "kind": "prompt",
+        "model_class": model_class.__name__,
+        "text_files_sha256": files,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_sequence_length_option": options.get("max_sequence_length"),
+    }
+
+
+def text_fingerprint(
+    model, source: str | None = None, options: dict | None = None, cache_dir: str | Path | None = None
+) -> tuple[str, dict]:
+    """``(fingerprint, what it covers)`` for prompt states.
+
+    A diffusers model with its ``source`` (directory or Hub id; ``options``: its load options):
+    :func:`text_identity` plus the resolved ``max_sequence_length``, so it works without the
+    text encoder loaded (``meta["identity"]`` is the digest looked up before loading). Any
+    other model: the text encoders' state dicts, the context length and the model class."""
+    if source is not None and _is_diffusers(model):
+        identity = text_identity(source, type(model), model.dtype, options, cache_dir or ".")
+        meta = {**identity, "max_sequence_length": model.max_sequence_length, "identity": _digest(identity)}
+        return _digest(meta), meta
     encoders = {
         name: module_digest(m)
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
         if isinstance(m := getattr(model, name, None), torch.nn.Module)
     }
     if not encoders:
-        raise ValueError(f"{type(model).__name__}: the latent cache needs the text encoder as `model.text_encoder`")
+        raise ValueError(
+            f"{type(model).__name__}: no text encoder loaded, and no model source to identify cached prompt states by"
+        )
     meta = {
         "cache_version": CACHE_VERSION,
         "kind": "prompt",
@@ -320,11 +427,20 @@ def _encode_videos(model, store: ShardStore, todo: Iterable[tuple[str, Callable[
     return n
 
 
+def missing_prompts_message(missing: list[str], cache_dir, command: str | None) -> str:
+    """The error for prompts a run without its text encoder cannot find in the cache."""
+    command = command or "vidalign data cache DATASET --model MODEL --cache-dir DIR"
+    return (
+        f"{len(missing)} prompt(s) are not in the latent cache {cache_dir} and the text encoder is not loaded "
+        f"(model_options.load_text_encoder: false), e.g. {missing[0]!r}; fill the cache with `{command}` "
+        "(the same model options), or leave load_text_encoder unset to load the text encoder for them"
+    )
+
+
 @torch.no_grad()
-def _encode_prompts(model, store: ShardStore, prompts: list[str], batch_size: int) -> tuple[list[str], int]:
-    """Keys of ``prompts``; the states of those not stored yet are encoded and stored."""
-    keys = [prompt_hash(p) for p in prompts]
-    todo = list({k: p for k, p in zip(keys, prompts) if k not in store}.items())
+def _encode_prompts(model, store: ShardStore, prompts: list[str], batch_size: int) -> int:
+    """Encode and store the states of ``prompts`` not stored yet; returns how many were encoded."""
+    todo = list({k: p for p in prompts if (k := prompt_hash(p)) not in store}.items())
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         states = model.encode_prompts([p for _, p in chunk])
@@ -332,43 +448,50 @@ def _encode_prompts(model, store: ShardStore, prompts: list[str], batch_size: in
             raise TypeError(f"the latent cache stores tensor prompt states, not {type(states).__name__}")
         for (k, _), s in zip(chunk, states):
             store.put(k, s)
-    return keys, len(todo)
+    return len(todo)
 
 
-def _finish(model, vstore, tstore, prompts: list[str], batch_size: int, n_enc: int, hits: int):
-    """Encode the prompts, flush both stores; ``(prompt keys, stats)`` of the cache fill."""
-    pkeys, p_enc = _encode_prompts(model, tstore, prompts, batch_size)
-    vstore.flush()
-    tstore.flush()
-    stats = {
+def _write_unconditional(model, tstore: ShardStore) -> Path:
+    """``unconditional.safetensors`` in the prompt namespace: the state of ``""`` in
+    ``save_prompt_embeds``' format, the ``prompt_embeds`` a model without its text encoder is
+    loaded with (the adapters need one; samplers use it for classifier-free guidance)."""
+    path = tstore.dir / UNCOND_FILE
+    if not path.is_file():
+        state = tstore.get(prompt_hash(""))[None].contiguous()
+        meta = {"prompts": json.dumps([""]), "family": model.family}
+        atomic_write(path, lambda tmp: save_file({"cond": state}, tmp, metadata=meta))
+    return path
+
+
+def _stats(vstore, tstore, prompts: list[str], n_enc: int, hits: int, p_enc: int) -> dict:
+    return {
         "videos_encoded": n_enc,
         "videos_reused": hits,
         "prompts_encoded": p_enc,
-        "prompts_reused": len(set(pkeys)) - p_enc,
+        "prompts_reused": len(set(prompts)) - p_enc,
         "bad_shards": vstore.bad_shards + tstore.bad_shards,
         "video_dir": str(vstore.dir),
         "prompt_dir": str(tstore.dir),
     }
-    return pkeys, stats
 
 
-def _open_stores(model, cache_dir, preprocessing, shard_bytes):
+def _open_stores(model, cache_dir, preprocessing, shard_bytes, source=None, options=None):
     vfp, vmeta = video_fingerprint(model, preprocessing)
-    tfp, tmeta = text_fingerprint(model)
+    tfp, tmeta = text_fingerprint(model, source, options, cache_dir)
     vstore = ShardStore.open(cache_dir, "video", vfp, vmeta, shard_bytes=shard_bytes)
     tstore = ShardStore.open(cache_dir, "prompt", tfp, tmeta, shard_bytes=shard_bytes)
-    return vstore, tstore
+    return vstore, tstore, "identity" in tmeta
 
 
 def cached_latents(
     model, pairs, cache_dir: str | Path, batch_size: int = 32, shard_bytes: int = SHARD_BYTES
 ) -> LatentPairDataset:
-    """The cached counterpart of ``align.train.encode_pairs``: latents of ``pairs.chosen`` /
-    ``pairs.rejected`` and prompt states, encoded only where ``cache_dir`` does not hold them
+    """The cached counterpart of ``align.training.dpo.encode_pairs``: latents of ``pairs.chosen``
+    / ``pairs.rejected`` and prompt states, encoded only where ``cache_dir`` does not hold them
     yet, returned as a lazy :class:`LatentPairDataset` with the same items. Videos are used as
-    decoded (preprocessing ``{}``), so a cache built by :func:`build_latent_cache` without
-    preprocessing serves the trainer too."""
-    vstore, tstore = _open_stores(model, cache_dir, None, shard_bytes)
+    decoded (preprocessing ``{}``), so a cache built by :func:`build_latent_cache` without a
+    target serves it too."""
+    vstore, tstore, _ = _open_stores(model, cache_dir, None, shard_bytes)
     hw = [content_hash(v) for v in pairs.chosen]
     hl = [content_hash(v) for v in pairs.rejected]
     first: dict[str, np.ndarray] = {}
@@ -377,8 +500,33 @@ def cached_latents(
             first.setdefault(h, v)
     hits = len(set(hw + hl)) - len(first)
     n_enc = _encode_videos(model, vstore, ((h, lambda v=v: v) for h, v in first.items()), batch_size)
-    pkeys, stats = _finish(model, vstore, tstore, list(pairs.prompts), batch_size, n_enc, hits)
+    p_enc = _encode_prompts(model, tstore, list(pairs.prompts), batch_size)
+    vstore.flush()
+    tstore.flush()
+    stats = _stats(vstore, tstore, list(pairs.prompts), n_enc, hits, p_enc)
+    pkeys = [prompt_hash(p) for p in pairs.prompts]
     return LatentPairDataset.from_stores(vstore, tstore, zip(hw, hl, pkeys), stats)
+
+
+def _usable_pairs(ds, report, vstore: ShardStore) -> tuple[list[int], list[tuple[str, str]], dict, dict]:
+    """``(rows, (chosen, rejected) hashes, videos to encode {hash: (row, column)}, skipped)``
+    of the rows that validation kept, ties skipped and counted."""
+    bad = report.bad_rows
+    rows, keys, where = [], [], {}
+    skipped = {"bad_row": len(bad), "tie": 0}
+    for i, (pref, hashes) in enumerate(zip((str(p) for p in ds["preference"]), report.hashes)):
+        if i in bad:
+            continue
+        if pref == "tie":
+            skipped["tie"] += 1
+            continue
+        ha, hb = hashes
+        keys.append((ha, hb) if pref == "a" else (hb, ha))
+        rows.append(i)
+        for h, col in ((ha, "video_a"), (hb, "video_b")):
+            if h not in vstore:
+                where.setdefault(h, (i, col))
+    return rows, keys, where, skipped
 
 
 def build_latent_cache(
@@ -395,6 +543,9 @@ def build_latent_cache(
     min_frames: int = 1,
     batch_size: int = 16,
     shard_bytes: int = SHARD_BYTES,
+    model_source: str | None = None,
+    model_options: dict | None = None,
+    fill_command: str | None = None,
 ) -> LatentPairDataset:
     """Validate ``ds`` and fill the cache from it, streaming: at most one batch of decoded videos
     is in memory at any time, so datasets whose pixels exceed RAM can be cached and trained.
@@ -406,9 +557,13 @@ def build_latent_cache(
     too short for it is a bad row. Without a target, all videos must share one shape. Bad rows
     raise :class:`PreferenceDataError` (``bad_rows="error"``) or are skipped and counted
     (``"skip"``); ties are skipped and counted. Videos are decoded once to validate and hash
-    them, and again only where the cache misses. Returns the pairs as a
-    :class:`LatentPairDataset`; its ``stats`` holds the counts and ``rows`` the source row of
-    each pair.
+    them, and again only where the cache misses. The states of every distinct prompt of ``ds``
+    are cached; with ``model_source`` (a diffusers pipeline's directory or Hub id, and its
+    ``model_options``) keyed by its text-encoder files, and ``""`` too (see the module
+    docstring). A model without its text encoder finds them there; a prompt missing then is a
+    ValueError naming it and ``fill_command``, raised before any video is read. Returns the
+    pairs as a :class:`LatentPairDataset`; its ``stats`` holds the counts and ``rows`` the
+    source row of each pair.
     """
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
@@ -417,36 +572,23 @@ def build_latent_cache(
     pre = normalize_preprocessing(
         {**(preprocessing or {}), **{k: v for k, v in (target or {}).items() if v is not None}}
     )
+    vstore, tstore, by_files = _open_stores(model, cache_dir, pre, shard_bytes, model_source, model_options)
+    prompts = [str(p) for p in ds["prompt"]]
+    wanted = [*dict.fromkeys(prompts), *([""] if by_files else [])]
+    if not text_encoder_loaded(model) and (missing := [p for p in wanted if prompt_hash(p) not in tstore]):
+        raise ValueError(missing_prompts_message(missing, cache_dir, fill_command))
     root = dataset_root(root)
     report = check_rows(
         ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, target=pre or None
     )
     if report.fatal and bad_rows == "error":
         raise PreferenceDataError(source, [(p.row, p.message) for p in report.fatal])
-    bad = report.bad_rows
     if not pre and len(report.info.get("sizes", {})) + len(report.info.get("frames", {})) > 2:
         raise ValueError(
             f"{source}: videos of several sizes or lengths ({report.info['sizes']}, frames {report.info['frames']}); "
             f"pass the model's input as the target (num_frames, height, width, fps) to resample them to one"
         )
-    vstore, tstore = _open_stores(model, cache_dir, pre, shard_bytes)
-
-    prefs = [str(p) for p in ds["preference"]]
-    prompts = [str(p) for p in ds["prompt"]]
-    rows, keys, where = [], [], {}
-    skipped = {"bad_row": len(bad), "tie": 0}
-    for i, (pref, hashes) in enumerate(zip(prefs, report.hashes)):
-        if i in bad:
-            continue
-        if pref == "tie":
-            skipped["tie"] += 1
-            continue
-        ha, hb = hashes
-        keys.append((ha, hb) if pref == "a" else (hb, ha))
-        rows.append(i)
-        for h, col in ((ha, "video_a"), (hb, "video_b")):
-            if h not in vstore:
-                where.setdefault(h, (i, col))
+    rows, keys, where, skipped = _usable_pairs(ds, report, vstore)
     if not rows:
         raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
 
@@ -467,10 +609,102 @@ def build_latent_cache(
         except ValueError as e:
             raise ValueError(f"{source}: row {i} {col}: {e}") from None
 
+    p_enc = _encode_prompts(model, tstore, wanted, batch_size)
     hits = len({h for k in keys for h in k}) - len(where)
     n_enc = _encode_videos(model, vstore, ((h, lambda i=i, c=c: load(i, c)) for h, (i, c) in where.items()), batch_size)
-    pkeys, stats = _finish(model, vstore, tstore, [prompts[i] for i in rows], batch_size, n_enc, hits)
-    stats = {"pairs": len(rows), "skipped": skipped, "warnings": [str(p) for p in report.warnings], **stats}
+    vstore.flush()
+    tstore.flush()
+    if by_files:
+        _write_unconditional(model, tstore)
+    stats = {
+        "pairs": len(rows),
+        "skipped": skipped,
+        "warnings": [str(p) for p in report.warnings],
+        "prompts_by_text_encoder_files": by_files,
+        "text_encoder": "loaded" if text_encoder_loaded(model) else "not loaded",
+        **_stats(vstore, tstore, wanted, n_enc, hits, p_enc),
+    }
+    pkeys = [prompt_hash(prompts[i]) for i in rows]
     out = LatentPairDataset.from_stores(vstore, tstore, ((w, lo, p) for (w, lo), p in zip(keys, pkeys)), stats)
     out.rows = rows
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# training without the text encoder
+
+
+def cache_command(dataset: str, model: str, cache_dir: str, options: dict | None = None, device=None) -> str:
+    """The ``vidalign data cache`` command that fills ``cache_dir`` for a training run with these
+    model ``options`` on ``device`` (the options that key the cache are spelled out)."""
+    options = options or {}
+    parts = ["vidalign", "data", "cache", str(dataset), "--model", str(model), "--cache-dir", str(cache_dir)]
+    for key in ("num_frames", "height", "width", "fps", "max_sequence_length", "dtype"):
+        if options.get(key) is not None:
+            parts += [f"--{key.replace('_', '-')}", str(options[key])]
+    if device is not None and torch.device(device).type != "cpu":
+        parts += ["--device", str(device)]
+    return shlex.join(parts)
+
+
+def prompt_coverage(source: str, options: dict, cache_dir, prompts: list[str], device) -> tuple[list[str], Path | None]:
+    """``(prompts missing, unconditional.safetensors or None)`` of the prompt namespace that a
+    diffusers pipeline at ``source`` loaded with ``options`` on ``device`` would use in
+    ``cache_dir``, found by :func:`text_identity` without loading the model (no such namespace:
+    every prompt is missing)."""
+    from align.models.diffusers import family_of, model_class, read_pipeline_class
+    from align.models.diffusers.loading import resolve_dtype
+
+    cls = model_class(options.get("family") or family_of(read_pipeline_class(source), source), source)
+    dtype = resolve_dtype(options.get("dtype", "auto"), torch.device(device))
+    want = _digest(text_identity(source, cls, dtype, options, cache_dir))
+    fewest = list(prompts)
+    for meta_file in sorted(Path(cache_dir).glob("prompt-*/fingerprint.json")):
+        meta = json.loads(meta_file.read_text())
+        if meta.get("identity") != want or not (meta_file.parent / UNCOND_FILE).is_file():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged shard is reported when the run opens the store
+            store = ShardStore(meta_file.parent, meta["fingerprint"], meta)
+        missing = [p for p in prompts if prompt_hash(p) not in store]
+        if not missing:
+            return [], meta_file.parent / UNCOND_FILE
+        fewest = min(fewest, missing, key=len)
+    return fewest, None
+
+
+def text_encoder_options(cfg, device) -> dict:
+    """Extra ``load_model`` options for a run (``core.start``): for DPO with ``latent_cache_dir`` on
+    a diffusers pipeline whose cache holds the states of every prompt of ``cfg.dataset`` (and of
+    ``""``), ``{"load_text_encoder": False, "prompt_embeds": <unconditional.safetensors>}``: the
+    text encoder is not loaded. Otherwise ``{}``: it is loaded and the run fills the cache, except
+    with ``model_options.load_text_encoder: false``, where a missing prompt is a ValueError naming
+    it and the command that fills the cache (``load_text_encoder: true`` always loads it)."""
+    from align.models import is_diffusers_source
+
+    options = dict(cfg.model_options)
+    choice = options.pop("load_text_encoder", None)
+    table = options.pop("prompt_embeds", None)
+    if cfg.objective != "dpo" or not cfg.latent_cache_dir or choice is True or not is_diffusers_source(cfg.model):
+        return {}
+    from align.data.preference import load_preference_dataset
+
+    prompts = [*dict.fromkeys(str(p) for p in load_preference_dataset(cfg.dataset)["prompt"]), ""]
+    command = cache_command(cfg.dataset, cfg.model, cfg.latent_cache_dir, options, device)
+    try:
+        missing, uncond = prompt_coverage(cfg.model, options, cfg.latent_cache_dir, prompts, device)
+    except ValueError as e:
+        if choice is False:
+            raise
+        print(f"[vidalign] latent cache: loading the text encoder ({e})")
+        return {}
+    if not missing:
+        print(f"[vidalign] latent cache: all {len(prompts)} prompt states cached; the text encoder is not loaded")
+        return {"load_text_encoder": False, "prompt_embeds": table or str(uncond)}
+    if choice is False:
+        raise ValueError(missing_prompts_message(missing, cfg.latent_cache_dir, command))
+    print(
+        f"[vidalign] latent cache: {len(missing)} of {len(prompts)} prompt(s) not cached; the text encoder is "
+        f"loaded to encode them (to train without it, fill the cache first: `{command}`)"
+    )
+    return {}

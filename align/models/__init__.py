@@ -15,7 +15,7 @@ def load_model(path: str | Path, device="cpu", **options):
 
     name = str(path)
     path = Path(path)
-    if (path / "model_index.json").is_file() or (not path.exists() and _looks_like_hub_id(name)):
+    if is_diffusers_source(path):
         from align.models.diffusers import load_diffusers_model
 
         return load_diffusers_model(name, device=device, **options)
@@ -32,6 +32,12 @@ def load_model(path: str | Path, device="cpu", **options):
     if options:
         raise ValueError(f"model {path}: TinySora takes no model options, got {sorted(options)}")
     return TinySora.from_pretrained(path, device=device)
+
+
+def is_diffusers_source(path: str | Path) -> bool:
+    """Whether ``path`` names a diffusers pipeline: a local directory with ``model_index.json``,
+    or (no such local path) a Hugging Face Hub id."""
+    return (Path(path) / "model_index.json").is_file() or (not Path(path).exists() and _looks_like_hub_id(str(path)))
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -43,6 +43,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from align.config import REQUIRED, save_config
+from align.data.latent_cache import text_encoder_options
 from align.models import load_model
 from align.models.lora import attach_lora, load_lora, lora_parameters, save_lora
 
@@ -432,8 +433,10 @@ def start(cfg: TrainConfig, noise_per_process: bool = False) -> Run:
         if stage is not None
         else nullcontext()
     )
+    # with latent_cache_dir, a diffusers model whose prompt states are all cached loads without its text encoder
+    options = {**cfg.model_options, **text_encoder_options(cfg, accelerator.device)}
     with no_zero_init:  # frozen parts are built whole, outside ZeRO-3 partitioning
-        model = load_model(cfg.model, device=accelerator.device, **cfg.model_options)
+        model = load_model(cfg.model, device=accelerator.device, **options)
     model.requires_grad_(False)
     if stage == 3:
         check_zero3_layout(model)

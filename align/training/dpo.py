@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from align.data.latent_cache import build_latent_cache
+from align.data.latent_cache import build_latent_cache, cache_command
 from align.data.preference import load_preference_dataset, to_pairs
 from align.data.video import from_uint8
 from align.models.lora import adapters_disabled
@@ -72,17 +72,21 @@ def load_dpo_data(cfg: DPOConfig, model) -> tuple[object, dict]:
     (``info["skipped"]``, ties included). With ``latent_cache_dir`` the dataset is streamed
     (``build_latent_cache``: one row's videos to validate, one batch to encode) and the
     latents are read lazily from the cache's memory-mapped shards, so a dataset larger than
-    RAM trains. Without it every video is decoded into memory (``to_pairs``) and encoded once.
+    RAM trains; prompt states are cached too, and a diffusers model that ``core.start`` loaded
+    without its text encoder (every prompt already cached: ``text_encoder_options``) reads them
+    there. Without it every video is decoded into memory (``to_pairs``) and encoded once.
     Either way videos of any size, fps and length are resampled to ``model.video_input``.
     """
     ds = load_preference_dataset(cfg.dataset)
     target = model.video_input  # every video resampled to the model's frames, fps and size
     if cfg.latent_cache_dir:
         data = build_latent_cache(
-            model, ds, cfg.latent_cache_dir, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows, target=target
-        )
+            model, ds, cfg.latent_cache_dir, source=cfg.dataset, root=cfg.dataset, bad_rows=cfg.bad_rows, target=target,
+            model_source=cfg.model, model_options=cfg.model_options,
+            fill_command=cache_command(cfg.dataset, cfg.model, cfg.latent_cache_dir, cfg.model_options, model.device),
+        )  # fmt: skip
         st = data.stats
-        cache = ("videos_encoded", "videos_reused", "prompts_encoded", "prompts_reused", "bad_shards")
+        cache = ("videos_encoded", "videos_reused", "prompts_encoded", "prompts_reused", "bad_shards", "text_encoder")
         info = {
             "pairs": len(data),
             "skipped": st["skipped"],
