@@ -319,6 +319,7 @@ def test_config_checks_name_the_key():
         (dict(eval_judges=["reward:rm"]), "eval_judges"),
         (dict(dataset="x"), "dataset"),
         (dict(inner_epochs=0), "inner_epochs"),
+        (dict(model_options={"wan_expert": "low_noise"}), "wan_expert"),
     ]:
         with pytest.raises(ValueError, match=key):
             _grpo_cfg(**kw)

@@ -125,6 +125,11 @@ class GRPOConfig(core.TrainConfig):
             raise ValueError(
                 f"recipe key `train_timestep_fraction` must be in (0, 1], got {self.train_timestep_fraction}"
             )
+        if self.model_options.get("wan_expert"):
+            raise ValueError(
+                "recipe key `model_options.wan_expert`: GRPO does not train one expert of a two-expert Wan 2.2 yet "
+                "(its recomputed log-probabilities would run the trained expert at the other expert's timesteps)"
+            )
         if self.lora_dropout != 0:
             raise ValueError(
                 f"recipe key `lora_dropout` must be 0 for objective 'grpo' (the likelihood ratio compares two "
