@@ -31,7 +31,7 @@ def test_demo_quick_end_to_end(tmp_path):
             w = report["winrate"][judge][method]
             assert w["n"] == n > 0 and w["ci95"][0] <= w["rate"] <= w["ci95"][1]
             assert w["wins"] + w["ties"] + w["losses"] == n
-    assert set(report["winrate"]["oracle"]["DPO"]["per_attribute"]) >= {"colour", "direction"}
+    assert set(report["winrate"]["oracle"]["DPO"]["per_attribute"]) >= {"background", "direction", "shape"}
     assert {"pairs", "reward_model", "dpo", "rwr", "eval", "total"} <= set(report["timings_s"])
     assert "pretrain" not in report["timings_s"]  # the shipped models are used as they are
     assert report["config"]["recipe_overrides"]["DPO"] == {"max_steps": 3, "train_batch_size": 4, "beta": "1000"}
