@@ -476,3 +476,35 @@ def test_wan_dpo_from_the_cache_trains_without_the_text_encoder(wan_dir, tmp_pat
     assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_shard_store_writes_plain_safetensors_from_its_arena(tmp_path):
+    """Entries of any supported dtype go through the byte arena into shards that safetensors
+    reads back exactly; one larger than a shard gets a shard of its own; buffered entries read back too."""
+    store = lc.ShardStore(tmp_path / "s", "fp", {}, shard_bytes=100)
+    g = torch.Generator().manual_seed(0)
+    want = {
+        "f32": torch.randn(2, 5, generator=g),  # 40 bytes
+        "bf16": torch.randn(3, 4, generator=g).to(torch.bfloat16),  # 24 bytes
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "big": torch.randn(60, generator=g),  # 240 bytes > shard_bytes
+        "f32b": torch.randn(9, generator=g),  # 36 bytes: 40 + 24 + 7 + 36 > 100, so a new shard first
+    }
+    for k, v in want.items():
+        store.put(k, v)
+    torch.testing.assert_close(store.get("f32b"), want["f32b"])  # still buffered
+    store.flush()
+    shards = sorted((tmp_path / "s").glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    got = {}
+    for f in shards:
+        got |= load_file(f)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    again = lc.ShardStore(tmp_path / "s", "fp", {})
+    assert again.bad_shards == [] and set(again.where) == set(want)
+    torch.testing.assert_close(again.get("bf16"), want["bf16"], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="cannot store torch.complex64"):
+        store.put("c", torch.zeros(2, dtype=torch.complex64))
