@@ -43,6 +43,7 @@ from align.models import load_model
 from align.pretrain import DEMO_MODELS, demo_models
 from align.sample import generate
 from align.training import load_aligned, load_train_config, train
+from reward_models.train import RewardTrainConfig, plot_calibration, train_reward_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 METHODS = {"DPO": "tiny_sora_dpo.yaml", "RWR": "tiny_sora_rwr.yaml", "GRPO": "tiny_sora_grpo.yaml"}
@@ -131,8 +132,6 @@ def _collect(cfg: DemoConfig, model, prompts: list[str], out: Path) -> tuple:
 def _stage_configs(cfg: DemoConfig, out: Path, model_dir: Path, backbone: Path) -> dict:
     """The config of every training stage, from its shipped recipe with the demo's paths and
     ``recipe_overrides``; built before anything runs, so a bad override fails at once."""
-    from reward_models.train import RewardTrainConfig
-
     over = {"dataset": str(out / "reward_data"), "output_dir": str(out), "name": "reward_model"}
     over |= {"init_from": str(backbone), "seed": cfg.seed, **cfg.recipe_overrides.get("reward", {})}
     configs = {"reward": load_config(RewardTrainConfig, RECIPES / REWARD_RECIPE, over)}
@@ -194,8 +193,6 @@ def _evaluate(cfg: DemoConfig, model_dir: Path, runs: dict[str, Path], reward_di
 def _artifacts(cfg: DemoConfig, out: Path, runs, winrate, scores, rm_summary, prompts, videos) -> dict:
     """Stage 6: training curves, win rates, oracle score histograms, the reward model's
     calibration and the side-by-side grid."""
-    from reward_models.train import plot_calibration
-
     arts = {
         f"training_curves_{m.lower()}": plot_training_curves(
             r / "metrics.jsonl", out / f"training_curves_{m.lower()}.png"
@@ -246,8 +243,6 @@ def run_demo(
     (out / "train_prompts.txt").write_text("".join(p + "\n" for p in train_prompts))
     all_prompts, videos, prefs = _collect(cfg, load_model(model_dir), train_prompts, out)
     timings["pairs"], t0 = time.time() - t0, time.time()
-    from reward_models.train import train_reward_model
-
     rm_run = train_reward_model(configs["reward"])
     rm_summary = json.loads((rm_run / "summary.json").read_text())
     timings["reward_model"], t0 = time.time() - t0, time.time()
