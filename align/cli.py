@@ -179,19 +179,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    """Sample videos for prompts into ``--out`` (an mp4 or GIF per video + index.jsonl)."""
-    from align.generation import default_batch_size, load_generator, sample_to_disk
+def _sample(args, model, prompts: list[str], seeds: list[int], out: str | Path, **kw) -> list[dict]:
+    """``sample_to_disk`` with the sampling options every sampling command takes."""
+    from align.generation import default_batch_size, sample_to_disk
 
-    prompts = _prompts_from(args)
-    prompts = [p for p in prompts for _ in range(args.num)]
-    seeds = [args.seed + i for i in range(len(prompts))]
-    model = load_generator(args.model, args.lora, args.device)
-    rows = sample_to_disk(
+    return sample_to_disk(
         model,
         prompts,
         seeds,
-        args.out,
+        out,
         num_steps=args.steps,
         guidance_scale=args.guidance,
         batch_size=args.batch_size or default_batch_size(model),
@@ -200,11 +196,21 @@ def cmd_generate(args) -> int:
         width=args.width,
         sampler=args.sampler,
         model_name=args.model,
-        lora=args.lora,
         resume=args.resume,
         fps=args.fps,
-        video_format=args.format,
+        **kw,
     )
+
+
+def cmd_generate(args) -> int:
+    """Sample videos for prompts into ``--out`` (an mp4 or GIF per video + index.jsonl)."""
+    from align.generation import load_generator
+
+    prompts = _prompts_from(args)
+    prompts = [p for p in prompts for _ in range(args.num)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    model = load_generator(args.model, args.lora, args.device)
+    rows = _sample(args, model, prompts, seeds, args.out, lora=args.lora, video_format=args.format)
     print(f"wrote {len(rows)} videos to {args.out} (index.jsonl: file, prompt, seed, model, lora, settings)")
     return 0
 
@@ -359,7 +365,7 @@ def _sample_and_judge(args, command: str, rounds: int = 1) -> tuple[list[str], l
     prompt and round into ``OUT/videos`` (resumable), then every judge's scores:
     ``(prompts, files relative to OUT, scores by judge name, judges)``."""
     from align.eval.evaluate import score_samples
-    from align.generation import default_batch_size, load_generator, sample_to_disk
+    from align.generation import load_generator
     from align.judges import check_prompts
 
     prompts = _prompts_from(args)
@@ -372,23 +378,7 @@ def _sample_and_judge(args, command: str, rounds: int = 1) -> tuple[list[str], l
     seeds = [args.seed * 1_000_003 + i for i in range(len(ps))]
     videos = Path(args.out) / "videos"
     model = load_generator(args.model, None, args.device)
-    rows = sample_to_disk(
-        model,
-        ps,
-        seeds,
-        videos,
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        batch_size=args.batch_size or default_batch_size(model),
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        sampler=args.sampler,
-        model_name=args.model,
-        resume=args.resume,
-        fps=args.fps,
-        desc=command,
-    )
+    rows = _sample(args, model, ps, seeds, videos, desc=command)
     del model
     return ps, [f"videos/{r['file']}" for r in rows], score_samples(judges, videos, rows), judges
 

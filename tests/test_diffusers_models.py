@@ -23,6 +23,7 @@ from align.models.diffusers import (
     DiffusersVideoModel,
     TimestepRangeSchedule,
     WanDenoiser,
+    model_class,
     resample_video,
     save_prompt_embeds,
 )
@@ -305,7 +306,7 @@ def _dpo_and_pipeline_round_trip(family: str, pipe_dir, tmp_path):
 
     # a fresh diffusers pipeline loads the LoRA with its own loader
     pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(pipe_dir)
-    fresh = DiffusersVideoModel(pipe, family, **SIZE[family])
+    fresh = model_class(family)(pipe, **SIZE[family])
     seeds, steps = [0], 2
     before_video = fresh.generate_videos([PROMPT], seeds, steps, guidance_scale=3.0)
     with torch.no_grad():
@@ -349,7 +350,7 @@ def test_trainer_end_to_end_on_a_diffusers_model(pipeline_dir, pref_dataset_dir,
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and abs(lines[0]["loss"] - 0.6931) < 1e-3
     pipe = diffusers.WanPipeline.from_pretrained(pipeline_dir("wan"))
-    fresh = DiffusersVideoModel(pipe, "wan", **SIZE["wan"])
+    fresh = model_class("wan")(pipe, **SIZE["wan"])
     before = fresh.generate_videos([PROMPT], [0], 2)
     pipe.load_lora_weights(str(run / "lora"))
     assert (fresh.generate_videos([PROMPT], [0], 2) - before).abs().max() > 1e-4
@@ -480,7 +481,7 @@ def test_wan22_two_experts_train_one_expert(tmp_path):
         load_lora(load_model(pipe_dir, **SIZE["wan"]).denoiser, lora_dir)  # default: the high-noise expert
     pipe = diffusers.WanPipeline.from_pretrained(pipe_dir)
     pipe.load_lora_weights(str(lora_dir), load_into_transformer_2=True)
-    fresh = DiffusersVideoModel(pipe, "wan", wan_expert="low_noise", **SIZE["wan"])
+    fresh = model_class("wan")(pipe, wan_expert="low_noise", **SIZE["wan"])
     with torch.no_grad():
         assert torch.allclose(fresh.predict(x, t, cond), mixed, atol=1e-5)
 
@@ -524,7 +525,7 @@ def test_expert_timesteps_are_the_truncated_model_distribution(sampling):
 def test_cogvideox_rotary_embeddings_match_the_pipeline(extra):
     """CogVideoX 5B / 1.5 use 3D RoPE; the denoiser builds the same embeddings as the pipeline."""
     pipe = build_pipeline("cogvideox", use_rotary_positional_embeddings=True, attention_head_dim=16, **extra)
-    model = DiffusersVideoModel(pipe, "cogvideox", num_frames=5, height=16, width=16)
+    model = model_class("cogvideox")(pipe, num_frames=5, height=16, width=16)
     _, T, H, W = model.latent_shape
     ours = model.denoiser._rotary(T, H, W, "cpu")
     theirs = pipe._prepare_rotary_positional_embeddings(16, 16, T, "cpu")
@@ -538,7 +539,7 @@ def test_wan22_ti2v_per_token_timesteps(tmp_path):
     as a per-sample timestep when all tokens share it."""
     pipe = build_pipeline("wan")
     pipe.register_to_config(expand_timesteps=True)
-    model = DiffusersVideoModel(pipe, "wan", **SIZE["wan"])
+    model = model_class("wan")(pipe, **SIZE["wan"])
     assert model.denoiser.expand_timesteps
     x, t, cond = _denoiser_inputs(model)
     with torch.no_grad():

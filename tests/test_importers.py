@@ -448,3 +448,11 @@ def test_hub_ids_are_streamed(tmp_path, monkeypatch):
     assert calls == [("yuvalkirstain/pickapic_v2", "train", True)]
     assert (stats["rows_in"], stats["rows_out"]) == (2, 2) and stats["files"] == ["hub:yuvalkirstain/pickapic_v2"]
     assert list(load_preference_dataset(tmp_path / "hub")["preference"]) == ["a", "b"]
+
+
+def test_cli_import_formats_are_the_importers():
+    """The CLI spells the formats out (its parser imports nothing heavy); they must stay the importers' list."""
+    from align.cli import IMPORT_FORMATS
+    from align.data.importers import FORMATS
+
+    assert IMPORT_FORMATS == FORMATS

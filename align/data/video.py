@@ -540,10 +540,10 @@ def resample_indices(
 
     Output frame ``k`` shows the source frame on screen at time ``k / fps``: index
     ``floor(k * src_fps / fps)``, from the start of the video. A faster source skips frames, a
-    slower one repeats them; the frame count is never squeezed to fit. Without ``src_fps`` (arrays,
-    stills, GIFs without a frame delay) the source is taken to play at ``fps``. ``num_frames=None``
-    keeps the whole duration; ``fps=None`` spreads ``num_frames`` uniformly over the video (the
-    old rule, for callers without a frame rate). A one-frame video (an image) gives one frame and
+    slower one repeats them; the frame count is never squeezed to fit. Without a frame rate on
+    either side (``src_fps`` None: arrays, GIFs without a frame delay; or ``fps`` None) there are
+    no timestamps: ``num_frames`` are spread uniformly over the frames there are (repeating some
+    when there are fewer). ``num_frames=None`` keeps every frame. A one-frame video (an image) gives one frame and
     cannot give more. Raises ``ValueError`` saying how long the video is and how long it must be.
     """
     if total < 1:
@@ -555,13 +555,15 @@ def resample_indices(
             f"an image (1 frame) cannot give the {num_frames} frames the model takes: import it with "
             f"--repeat-frames {num_frames}, or use a model that takes single frames"
         )
-    if fps is None:
+    if fps is None or src_fps is None:
         if num_frames is None:
             return np.arange(total)
+        if total < num_frames:  # nearest frames, some shown twice
+            return np.round(np.linspace(0, total - 1, num_frames)).astype(int)
         return sample_frame_indices(total, num_frames)
-    if fps <= 0 or (src_fps is not None and src_fps <= 0):
+    if fps <= 0 or src_fps <= 0:
         raise ValueError(f"frame rates must be > 0: source {src_fps}, target {fps}")
-    src = float(src_fps or fps)
+    src = float(src_fps)
     n = num_frames if num_frames is not None else max(1, int(np.floor(total / src * fps + 1e-6)))
     idx = np.floor(np.arange(n) * (src / fps) + 1e-6).astype(int)
     if idx[-1] >= total:

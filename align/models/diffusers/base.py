@@ -109,8 +109,8 @@ class DiffusersVideoModel:
     """A diffusers text-to-video pipeline behind the ``VideoDiffusionModel`` protocol.
 
     Build it with ``from_pretrained`` (a Hub id or a local pipeline directory) or from a
-    pipeline: ``WanVideoModel(pipe)``, or ``DiffusersVideoModel(pipe, "wan")``, which builds the
-    family's subclass. ``pipe`` is the diffusers pipeline; ``denoiser`` wraps
+    pipeline with the family's class: ``WanVideoModel(pipe)``, or ``model_class("wan")(pipe)``.
+    ``pipe`` is the diffusers pipeline; ``denoiser`` wraps
     ``pipe.transformer`` (``pipe.unet``), so a LoRA attached to the denoiser is used by ``pipe``
     too.
 
@@ -136,19 +136,9 @@ class DiffusersVideoModel:
     supports_gradient_checkpointing: ClassVar[bool] = True
     has_pipeline_sampler: ClassVar[bool] = True
 
-    def __new__(cls, pipe: Any = None, family: str | None = None, *args: Any, **kwargs: Any) -> DiffusersVideoModel:
-        if cls is DiffusersVideoModel:  # DiffusersVideoModel(pipe, "wan") builds a WanVideoModel
-            from align.models.diffusers import model_class
-
-            if family is None:
-                raise ValueError("DiffusersVideoModel(pipe, family): name the family, or build a family's class")
-            cls = model_class(family)
-        return super().__new__(cls)
-
     def __init__(
         self,
         pipe: Any,
-        family: str | None = None,
         *,
         num_frames: int | None = None,
         height: int | None = None,
@@ -162,8 +152,6 @@ class DiffusersVideoModel:
         gradient_checkpointing: bool = False,
         fps: float | None = None,
     ):
-        if family is not None and family != self.family:
-            raise ValueError(f"{type(self).__name__} is the {self.family} family, not {family!r}")
         self.pipe = pipe
         self.fps = float(fps or self.default_fps)
         self.frame_rate, self.embedded_guidance, self.wan_expert = frame_rate, embedded_guidance, wan_expert
