@@ -119,9 +119,12 @@ def rwr_step_losses(
     base=None,
     kl_weight: float = 0.0,
     guidance_scale: float = 1.0,
+    num_groups: torch.Tensor | float | None = None,
 ) -> dict:
     """RWR terms for one batch ``(latents, cond, weight)``: the weighted denoising loss, with
-    the module docstring's three departures. ``shard`` as in ``dpo.dpo_step_losses``."""
+    the module docstring's three departures. ``shard`` as in ``dpo.dpo_step_losses``;
+    ``num_groups`` as in ``objectives.rwr_loss`` (the trainer passes this process's share of the
+    global batch's, so that N processes average to the one-process loss)."""
     lat, cond, w = batch
     sched = model.scheduler
     noise, t = core.shared_draws(model, lat.shape, generator, shard, lat.device)
@@ -136,7 +139,7 @@ def rwr_step_losses(
     u = uncond.to(cond.dtype).expand_as(cond) if guidance_scale != 1.0 else None
     pred = guided_prediction(denoiser, x_t, t, cond, u, guidance_scale)
     err = per_sample_mse(pred, sched.target(lat, noise, t))
-    out = rwr_loss(err, w.to(err.dtype))
+    out = rwr_loss(err, w.to(err.dtype), num_groups)
     if kl_weight > 0:
         if base is None:
             raise ValueError("rwr_step_losses: kl_weight needs `base` (the LoRA-wrapped denoiser) for the reference")
@@ -246,6 +249,10 @@ def train(cfg: RWRConfig) -> Path:
     keys = KEYS + (("kl",) if cfg.rwr_kl_weight > 0 else ())
 
     def step(batch) -> dict:
+        groups = None
+        if not cfg.online and run.world > 1:  # the global batch's weight mass, this process's share
+            total = run.accelerator.reduce(batch[2].sum().to(run.device), reduction="sum")
+            groups = total.clamp(min=1.0) / run.world
         return rwr_step_losses(
             run.model,
             run.denoiser,
@@ -257,6 +264,7 @@ def train(cfg: RWRConfig) -> Path:
             base=run.base,
             kl_weight=cfg.rwr_kl_weight,
             guidance_scale=cfg.rwr_guidance_scale,
+            num_groups=groups,
         )
 
     return core.loop(cfg, run, batches, step, keys, info)
