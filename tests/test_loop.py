@@ -1,10 +1,12 @@
 """The whole loop on a user's own model, as `vidalign` CLI subprocesses, with nothing of the
-synthetic world involved: a tiny Wan pipeline (the real diffusers classes, built from configs,
-Wan 2.1's UniPC flow scheduler) and prompts of the user's own.
+synthetic world involved: tiny pipelines of two families (the real diffusers classes, built
+from configs: Wan with Wan 2.1's UniPC flow scheduler, and CogVideoX) and prompts of the
+user's own.
 
 generate -> labels of those videos -> reward train -> data pairs --judge reward:... -> DPO
-train -> eval --judge reward:... --judge clip:...; every command runs with ``-X importtime``
-and none may import ``align.data.synthetic``.
+train -> eval --judge reward:... --judge clip:... -> (Wan) eval --judge human -> labels
+posted to the annotation app -> eval human; every command runs with ``-X importtime`` and
+none may import ``align.data.synthetic``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ PROMPTS = [
     "fireworks over a harbour at night",
     "a chef slicing bread in a kitchen",
 ]
-SIZE = ["--num-frames", "5", "--height", "16", "--width", "16", "--steps", "2", "--device", "cpu"]
+FRAMES = {"wan": 5, "cogvideox": 9}
+STEPS = ["--height", "16", "--width", "16", "--steps", "2", "--device", "cpu"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -60,6 +63,14 @@ def tiny_wan_pipeline():
     )  # fmt: skip
 
 
+def tiny_pipeline(family: str):
+    if family == "wan":
+        return tiny_wan_pipeline()
+    from test_diffusers_models import build_pipeline
+
+    return build_pipeline(family)
+
+
 def vidalign(*args) -> str:
     """Run ``python -X importtime -m align.cli ARGS``; fail on a non-zero exit or if the
     synthetic world was imported; return stdout."""
@@ -90,16 +101,19 @@ def _labels(gen_dir) -> str:
 
 
 @pytest.mark.integration
-def test_whole_loop_on_a_tiny_wan_pipeline_without_the_synthetic_world(tmp_path):
-    pipe = tmp_path / "wan"
-    tiny_wan_pipeline().save_pretrained(pipe)
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_whole_loop_on_a_tiny_pipeline_without_the_synthetic_world(family, tmp_path):
+    pipe = tmp_path / family
+    tiny_pipeline(family).save_pretrained(pipe)
+    frames = FRAMES[family]
+    SIZE = ["--num-frames", frames, *STEPS]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
 
     gen = tmp_path / "gen"
     vidalign("generate", "--model", pipe, "--prompts-file", prompts, "--num", 4, *SIZE, "--out", gen)
     index = [json.loads(x) for x in (gen / "index.jsonl").read_text().splitlines()]
-    assert len(index) == 16 and index[0]["size"] == [5, 16, 16] and index[0]["sampler"] == "pipeline"
+    assert len(index) == 16 and index[0]["size"] == [frames, 16, 16] and index[0]["sampler"] == "pipeline"
 
     rm_recipe = tmp_path / "reward.yaml"
     rm_recipe.write_text(
@@ -119,7 +133,7 @@ def test_whole_loop_on_a_tiny_wan_pipeline_without_the_synthetic_world(tmp_path)
 
     dpo = tmp_path / "dpo.yaml"
     dpo.write_text(
-        f"model: {pipe}\nmodel_options:\n  num_frames: 5\n  height: 16\n  width: 16\n  max_sequence_length: 16\n"
+        f"model: {pipe}\nmodel_options:\n  num_frames: {frames}\n  height: 16\n  width: 16\n"
         f"dataset: {pairs}\nname: dpo\noutput_dir: {tmp_path}\nobjective: dpo\nbeta: 500.0\nlearning_rate: 0.001\n"
         "lora_rank: 4\nlora_alpha: 4.0\nlora_targets: [to_q, to_k, to_v, to_out.0]\ntrain_batch_size: 2\n"
         "max_steps: 2\ncheckpointing_steps: 0\nprogress: false\n"
@@ -139,3 +153,56 @@ def test_whole_loop_on_a_tiny_wan_pipeline_without_the_synthetic_world(tmp_path)
     assert len(report["agreement"]) == 1 and isinstance(report["suspect_judges"], list)
     assert (ev / "side_by_side.mp4").stat().st_size > 0 and (ev / "winrates.png").stat().st_size > 0
     assert json.loads(out.strip().splitlines()[-1])[f"reward:{rm}"]["n"] == 4
+    if family == "wan":
+        _human_ab_study(pipe, lora, prompts, SIZE, tmp_path)
+
+
+def _human_ab_study(pipe, lora, prompts, size, tmp_path):
+    """eval --judge human writes a blinded task; the app serves it; every pair is voted a tie
+    through the app's API; eval human reports the human win rate (0.5: all ties)."""
+    import http.client
+    import time
+
+    from align.launch import free_port
+
+    ab = tmp_path / "ab"
+    vidalign(
+        "eval", "--model", pipe, "--lora", lora, "--prompts-file", prompts, "--judge", "human",
+        "--seeds-per-prompt", 1, *size, "--out", ab,
+    )  # fmt: skip
+    db, port = tmp_path / "ab.sqlite", free_port()
+    cmd = [sys.executable, "-m", "align.cli", "annotate", "serve", ab / "human", "--db", db, "--port", port]
+    server = subprocess.Popen(list(map(str, cmd)), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def call(method, path, body=None):
+        con = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        con.request(method, path, body=json.dumps(body) if body else None, headers={"Content-Type": "application/json"})
+        res = con.getresponse()
+        data = json.loads(res.read() or b"null")
+        con.close()
+        return res.status, data
+
+    try:
+        for _ in range(100):  # the server's start-up
+            try:
+                status, nxt = call("GET", "/api/next?annotator=ann")
+                break
+            except OSError:
+                time.sleep(0.2)
+        voted = 0
+        while nxt["pair"] is not None:
+            status, data = call(
+                "POST", "/api/label", {"annotator": "ann", "pair_id": nxt["pair"]["id"], "choice": "tie"}
+            )
+            assert status == 200, data
+            voted += 1
+            status, nxt = call("GET", "/api/next?annotator=ann")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert voted == 4
+    out = vidalign("eval", "human", "--db", db, "--task", ab / "human", "--out", tmp_path / "human_report")
+    report = json.loads((tmp_path / "human_report" / "report.json").read_text())
+    wr = report["winrate"]["human"]
+    assert wr["n"] == 4 and wr["ties"] == 4 and wr["rate"] == 0.5, wr
+    assert "human win rate" in out
