@@ -695,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_error(command: str, e: Exception) -> int:
+    """Print a user error in one line and return exit code 2 (``VIDALIGN_DEBUG=1``: re-raise it)."""
+    if os.environ.get("VIDALIGN_DEBUG"):
+        raise e
+    print(f"vidalign {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
 def _eval_human(argv: list[str]) -> int:
     """``vidalign eval human ...``: handed to ``align.eval.human.main_eval_human``."""
     try:
@@ -702,10 +710,7 @@ def _eval_human(argv: list[str]) -> int:
 
         return main_eval_human(argv)
     except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("VIDALIGN_DEBUG"):
-            raise
-        print(f"vidalign eval human: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error("eval human", e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -734,10 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_reward(args, extra)
         return cmd_data(args)
     except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("VIDALIGN_DEBUG"):
-            raise
-        print(f"vidalign {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _user_error(args.command, e)
 
 
 if __name__ == "__main__":
