@@ -23,19 +23,23 @@ REQUIRED = dataclasses.MISSING
 class PretrainConfig:
     """Pretraining of the tiny Sora model on the synthetic world (VAE, then denoiser)."""
 
-    output_dir: str = "runs/pretrained/tiny_sora"
-    seed: int = 0
-    model: dict = field(default_factory=dict)  # TinySoraConfig overrides
-    num_videos: int = 4096
-    vae_steps: int = 700
-    vae_batch_size: int = 16
-    vae_lr: float = 3e-3
-    kl_weight: float = 1e-4
-    denoiser_steps: int = 1600
-    denoiser_batch_size: int = 32
-    denoiser_lr: float = 2e-3
-    cond_dropout: float = 0.1  # share of prompts replaced by "" (for classifier-free guidance)
-    ema_decay: float = 0.0  # 0 = no EMA
+    output_dir: str = field(
+        default="runs/pretrained/tiny_sora", metadata={"help": "where the pretrained model is written"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic data and of training"})
+    model: dict = field(default_factory=dict, metadata={"help": "TinySoraConfig overrides"})
+    num_videos: int = field(default=4096, metadata={"help": "synthetic training videos"})
+    vae_steps: int = field(default=700, metadata={"help": "VAE training steps"})
+    vae_batch_size: int = field(default=16, metadata={"help": "VAE batch size"})
+    vae_lr: float = field(default=3e-3, metadata={"help": "VAE learning rate"})
+    kl_weight: float = field(default=1e-4, metadata={"help": "VAE KL weight"})
+    denoiser_steps: int = field(default=1600, metadata={"help": "denoiser training steps"})
+    denoiser_batch_size: int = field(default=32, metadata={"help": "denoiser batch size"})
+    denoiser_lr: float = field(default=2e-3, metadata={"help": "denoiser learning rate"})
+    cond_dropout: float = field(
+        default=0.1, metadata={"help": 'share of prompts replaced by "" (for classifier-free guidance)'}
+    )
+    ema_decay: float = field(default=0.0, metadata={"help": "0 = no EMA"})
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

@@ -8,6 +8,7 @@ and the aligned model: the basis of paired win rates.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,60 @@ from tqdm.auto import tqdm
 
 from align.data.video import to_uint8
 from align.models.base import VideoDiffusionModel
+
+SAMPLERS = ("pipeline", "vidalign")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How every sampling path samples: ``generate``, ``data pairs``, ``data samples``, ``eval``
+    and the online rounds take one of these, built once from the CLI's flags or a recipe.
+
+    ``None`` sizes keep the model's own; ``batch_size`` None is the model's default (1 for a
+    diffusers pipeline, 16 for the tiny model); ``device`` None is CUDA when there is one.
+    ``sampler`` ``pipeline`` is the family's own diffusers sampler, ``vidalign`` the ODE of
+    :func:`generate` (the tiny model has only that). Video ``i`` of prompt ``p`` is drawn from
+    seed ``seed + i`` (:meth:`expand`)."""
+
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_steps: int = 20
+    guidance_scale: float = 4.0
+    batch_size: int | None = None
+    device: str | None = None
+    sampler: str = "pipeline"
+    fps: int = 8
+    seed: int = 0
+    seeds_per_prompt: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("num_frames", "height", "width", "batch_size"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"sampling option `{key}` must be >= 1, got {v}")
+        for key in ("num_steps", "fps", "seeds_per_prompt"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"sampling option `{key}` must be >= 1, got {getattr(self, key)}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"sampling option `guidance_scale` must be >= 0, got {self.guidance_scale}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampling option `sampler` must be one of {SAMPLERS}, got {self.sampler!r}")
+
+    @property
+    def size(self) -> tuple[int | None, int | None, int | None]:
+        """``(num_frames, height, width)``; None keeps the model's."""
+        return self.num_frames, self.height, self.width
+
+    def expand(self, prompts: list[str]) -> tuple[list[str], list[int]]:
+        """Each prompt ``seeds_per_prompt`` times, with seeds ``seed, seed + 1, ...`` over the
+        whole list (the layout of ``vidalign generate --num K``)."""
+        out = [p for p in prompts for _ in range(self.seeds_per_prompt)]
+        return out, [self.seed + i for i in range(len(out))]
+
+    def replace(self, **changes) -> SamplingOptions:
+        """A copy with ``changes`` (checked again)."""
+        return replace(self, **changes)
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device="cpu") -> torch.Tensor:

@@ -38,24 +38,30 @@ PREF_TO_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
 class RewardTrainConfig:
     """A reward-model training run. Keys of ``recipes/reward_clip.yaml``."""
 
-    dataset: str = ""  # a preference dataset directory (save_to_disk)
-    output_dir: str = "runs"
-    name: str = "reward"
-    init_from: str | None = None  # a saved reward model directory to start from
-    # RewardModelConfig fields; with init_from, changes to the saved config that add parts
-    # (motion_keypoints, aspects, learned_head): those parts start fresh
-    model: dict = field(default_factory=dict)
-    finetune: str = "full"  # full | lora | head
-    lora_rank: int = 8
-    learning_rate: float = 3e-4
-    fresh_learning_rate: float | None = None  # for the parts `model` adds to init_from (default: learning_rate)
-    weight_decay: float = 0.01
-    epochs: int = 10
-    batch_size: int = 32
-    eval_fraction: float = 0.2  # share of prompts held out
-    seed: int = 0
-    bad_rows: str = "error"  # error | skip
-    progress: bool = True
+    dataset: str = field(default="", metadata={"help": "a preference dataset directory (save_to_disk)"})
+    output_dir: str = field(default="runs", metadata={"help": "the folder that holds reward-model runs"})
+    name: str = field(default="reward", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
+    init_from: str | None = field(default=None, metadata={"help": "a saved reward model directory to start from"})
+    model: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "RewardModelConfig fields; with init_from, changes to the saved config that add parts "
+            "(motion_keypoints, aspects, learned_head): those parts start fresh"
+        },
+    )
+    finetune: str = field(default="full", metadata={"help": "full | lora | head"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank of the backbone (finetune: lora)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    fresh_learning_rate: float | None = field(
+        default=None, metadata={"help": "for the parts `model` adds to init_from (default: learning_rate)"}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=10, metadata={"help": "passes over the training pairs"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    eval_fraction: float = field(default=0.2, metadata={"help": "share of prompts held out"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, the order and initialisation"})
+    bad_rows: str = field(default="error", metadata={"help": "error | skip"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 @dataclass

@@ -69,38 +69,67 @@ RESUME_FREE_KEYS = (
 class TrainConfig:
     """Keys every objective shares. An objective's config subclasses this and adds its own keys."""
 
-    model: str = REQUIRED  # a TinySora directory (see `vidalign pretrain`), a diffusers directory or hub id
-    model_options: dict = field(default_factory=dict)  # load_model options (dtype, num_frames, height, width, ...)
-    dataset: str = ""  # the objective's dataset (checked by the objective)
-    name: str = "run"
-    output_dir: str = "runs"
-    objective: str = "dpo"  # picks the training module: dpo | rwr | grpo
-    learning_rate: float = 1e-3
-    lr_warmup_steps: int = 10
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
-    train_batch_size: int = 16  # samples per process per micro-step (derived from effective_batch_size when set)
-    # samples per optimizer step over all processes and accumulation steps; must divide by
-    # processes x gradient_accumulation_steps. 0 = train_batch_size x processes x accumulation
-    effective_batch_size: int = 0
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False  # for denoisers that support it (diffusers transformers)
-    max_steps: int = 200
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    seed: int = 0
-    log_every: int = 1
-    checkpointing_steps: int = 100  # 0 = only the final LoRA
-    checkpoints_total_limit: int = 2
-    bad_rows: str = "error"  # error | skip (skipped rows are counted and logged)
-    # a folder for VAE latents and prompt states (safetensors shards keyed by content hash and
-    # model fingerprint, read lazily); None = encode in memory at every start
-    latent_cache_dir: str | None = None
-    progress: bool = True
-    resume: str | None = None  # "latest" (the run's newest checkpoint, if any) or a checkpoint-<step> directory
-    report_to: list = field(default_factory=list)  # tensorboard, wandb (via accelerate): used when installed
+    model: str = field(
+        default=REQUIRED,
+        metadata={"help": "a TinySora directory (see `vidalign pretrain`), a diffusers directory or hub id"},
+    )
+    model_options: dict = field(
+        default_factory=dict, metadata={"help": "load_model options (dtype, num_frames, height, width, ...)"}
+    )
+    dataset: str = field(default="", metadata={"help": "the objective's dataset (checked by the objective)"})
+    name: str = field(default="run", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
+    output_dir: str = field(default="runs", metadata={"help": "the folder that holds run directories"})
+    objective: str = field(default="dpo", metadata={"help": "picks the training module: dpo | rwr | grpo"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the LoRA parameters (AdamW)"})
+    lr_warmup_steps: int = field(
+        default=10, metadata={"help": "linear warm-up steps of the learning rate, then constant"}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_targets: list = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj"],
+        metadata={"help": "module-name suffixes of the denoiser's linear layers that get LoRA adapters"},
+    )
+    train_batch_size: int = field(
+        default=16, metadata={"help": "samples per process per micro-step (derived from effective_batch_size when set)"}
+    )
+    effective_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "samples per optimizer step over all processes and accumulation steps; must divide by "
+            "processes x gradient_accumulation_steps. 0 = train_batch_size x processes x accumulation"
+        },
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "for denoisers that support it (diffusers transformers)"}
+    )
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps of the run"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = no clipping"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of every random choice of the run (data order, noise, timesteps, rollouts)"}
+    )
+    log_every: int = field(default=1, metadata={"help": "write metrics every N optimizer steps"})
+    checkpointing_steps: int = field(default=100, metadata={"help": "0 = only the final LoRA"})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (the newest)"})
+    bad_rows: str = field(default="error", metadata={"help": "error | skip (skipped rows are counted and logged)"})
+    latent_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "a folder for VAE latents and prompt states (safetensors shards keyed by content hash and "
+            "model fingerprint, read lazily); None = encode in memory at every start"
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on the main process"})
+    resume: str | None = field(
+        default=None,
+        metadata={"help": '"latest" (the run\'s newest checkpoint, if any) or a checkpoint-<step> directory'},
+    )
+    report_to: list = field(
+        default_factory=list, metadata={"help": "tensorboard, wandb (via accelerate): used when installed"}
+    )
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_steps")

@@ -12,7 +12,7 @@ reference (the same denoiser with its adapters off) and minimises the DPO loss
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,11 +33,13 @@ KEYS = ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff")
 class DPOConfig(core.TrainConfig):
     """DPO alignment on a preference dataset (``prompt, video_a, video_b, preference``)."""
 
-    name: str = "dpo"
-    objective: str = "dpo"
-    loss_type: str = "sigmoid"  # sigmoid | hinge | ipo
-    beta: float = 500.0  # the KL strength; Diffusion-DPO's convention (see docs/training.md)
-    sft_weight: float = 0.0  # optional extra denoising loss on the preferred sample
+    name: str = field(default="dpo", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
+    objective: str = field(default="dpo", metadata={"help": "dpo (picks the training module)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
+    beta: float = field(
+        default=500.0, metadata={"help": "the KL strength; Diffusion-DPO's convention (see docs/training.md)"}
+    )
+    sft_weight: float = field(default=0.0, metadata={"help": "optional extra denoising loss on the preferred sample"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -62,27 +62,47 @@ KEYS = ("loss", "policy_loss", "clip_fraction", "approx_kl", "ratio_mean", "rati
 class GRPOConfig(core.TrainConfig):
     """GRPO on rollouts of the current policy, scored by judges (see the module docstring)."""
 
-    name: str = "grpo"
-    objective: str = "grpo"
-    prompts_file: str = ""  # required: one prompt per line
-    judges: list = field(default_factory=list)  # the training reward: judge specs (align/judges.py)
-    judge_weights: list = field(default_factory=list)  # one per judge; [] = equal
-    eval_judges: list = field(default_factory=list)  # held-out judges: scored each round, never trained on
-    group_size: int = 4  # G rollouts per prompt
-    prompts_per_round: int = 4
-    inner_epochs: int = 1  # passes over a round's rollouts
-    sample_steps: int = 10  # stochastic steps per rollout
-    guidance_scale: float = 4.0  # CFG in rollouts and in the recomputed log-probabilities
-    sde_noise: float = 0.7  # flow models: a in sigma_s = a sqrt(s / (1 - s))
-    eta: float = 1.0  # epsilon / v models: DDIM eta
-    clip_range: float = 1e-4  # PPO clip of the ratio (of mean-over-elements log-probabilities)
-    kl_weight: float = 0.04  # KL to the reference (adapters off); 0 skips the reference pass
-    adv_global_std: bool = False  # divide by the round's reward std instead of the group's
-    adv_clip_max: float = 5.0  # advantages clipped to [-adv_clip_max, adv_clip_max]; 0 = off
-    train_timestep_fraction: float = 1.0  # share of each rollout's steps trained per pass
-    rollout_batch_size: int = 8  # rollouts sampled at once per process
-    hacking_patience: int = 3  # rounds of rising train reward and falling held-out score before a warning
-    lr_warmup_steps: int = 0
+    name: str = field(default="grpo", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
+    objective: str = field(default="grpo", metadata={"help": "grpo (picks the training module)"})
+    prompts_file: str = field(default="", metadata={"help": "required: one prompt per line"})
+    judges: list = field(default_factory=list, metadata={"help": "the training reward: judge specs (align/judges.py)"})
+    judge_weights: list = field(default_factory=list, metadata={"help": "one per judge; [] = equal"})
+    eval_judges: list = field(
+        default_factory=list, metadata={"help": "held-out judges: scored each round, never trained on"}
+    )
+    group_size: int = field(default=4, metadata={"help": "G rollouts per prompt"})
+    prompts_per_round: int = field(
+        default=4, metadata={"help": "prompt groups per round (each sampled group_size times)"}
+    )
+    inner_epochs: int = field(default=1, metadata={"help": "passes over a round's rollouts"})
+    sample_steps: int = field(default=10, metadata={"help": "stochastic steps per rollout"})
+    guidance_scale: float = field(
+        default=4.0, metadata={"help": "CFG in rollouts and in the recomputed log-probabilities"}
+    )
+    sde_noise: float = field(default=0.7, metadata={"help": "flow models: a in sigma_s = a sqrt(s / (1 - s))"})
+    eta: float = field(default=1.0, metadata={"help": "epsilon / v models: DDIM eta"})
+    clip_range: float = field(
+        default=1e-4, metadata={"help": "PPO clip of the ratio (of mean-over-elements log-probabilities)"}
+    )
+    kl_weight: float = field(
+        default=0.04, metadata={"help": "KL to the reference (adapters off); 0 skips the reference pass"}
+    )
+    adv_global_std: bool = field(
+        default=False, metadata={"help": "divide by the round's reward std instead of the group's"}
+    )
+    adv_clip_max: float = field(
+        default=5.0, metadata={"help": "advantages clipped to [-adv_clip_max, adv_clip_max]; 0 = off"}
+    )
+    train_timestep_fraction: float = field(
+        default=1.0, metadata={"help": "share of each rollout's steps trained per pass"}
+    )
+    rollout_batch_size: int = field(default=8, metadata={"help": "rollouts sampled at once per process"})
+    hacking_patience: int = field(
+        default=3, metadata={"help": "rounds of rising train reward and falling held-out score before a warning"}
+    )
+    lr_warmup_steps: int = field(
+        default=0, metadata={"help": "linear warm-up steps of the learning rate, then constant"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

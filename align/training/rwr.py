@@ -44,23 +44,36 @@ KEYS = ("loss", "weighted_err", "mean_err", "ess")
 class RWRConfig(core.TrainConfig):
     """Reward-weighted regression, offline (``dataset``: scored samples) or online (``online``)."""
 
-    name: str = "rwr"
-    objective: str = "rwr"
-    rwr_temperature: float = 1.0  # weights = softmax(reward / T) within a prompt group ...
-    rwr_max_weight: float = 0.5  # ... clipped at this share of the group
-    rwr_cond_dropout: float = 0.0  # share of samples trained with the empty prompt
-    rwr_kl_weight: float = 0.0  # weight of ||pred - pred_reference||^2 (adapters off)
-    rwr_guidance_scale: float = 1.0  # fit the guided prediction (set it to the samples' guidance); 1 = plain
-    # online RWR: sample the current policy, score with the judges, update, repeat
-    online: bool = False
-    judges: list = field(default_factory=list)  # judge specs (align/judges.py); several: mean of z-scores
-    reward_model: str | None = None  # a reward model directory: short for judges [reward:DIR]
-    prompts_file: str | None = None  # online prompts, one per line (required online)
-    online_prompts_per_round: int = 16
-    online_samples_per_prompt: int = 4
-    online_steps_per_round: int = 10
-    sample_steps: int = 20
-    guidance_scale: float = 4.0
+    name: str = field(default="rwr", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
+    objective: str = field(default="rwr", metadata={"help": "rwr (picks the training module)"})
+    rwr_temperature: float = field(
+        default=1.0, metadata={"help": "weights = softmax(reward / T) within a prompt group ..."}
+    )
+    rwr_max_weight: float = field(default=0.5, metadata={"help": "... clipped at this share of the group"})
+    rwr_cond_dropout: float = field(default=0.0, metadata={"help": "share of samples trained with the empty prompt"})
+    rwr_kl_weight: float = field(default=0.0, metadata={"help": "weight of ||pred - pred_reference||^2 (adapters off)"})
+    rwr_guidance_scale: float = field(
+        default=1.0, metadata={"help": "fit the guided prediction (set it to the samples' guidance); 1 = plain"}
+    )
+    online: bool = field(
+        default=False, metadata={"help": "online RWR: sample the current policy, score with the judges, update, repeat"}
+    )
+    judges: list = field(
+        default_factory=list, metadata={"help": "judge specs (align/judges.py); several: mean of z-scores"}
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "a reward model directory: short for judges [reward:DIR]"}
+    )
+    prompts_file: str | None = field(default=None, metadata={"help": "online prompts, one per line (required online)"})
+    online_prompts_per_round: int = field(default=16, metadata={"help": "online: prompts drawn per round"})
+    online_samples_per_prompt: int = field(
+        default=4, metadata={"help": "online: samples (seeds) per prompt, one prompt group"}
+    )
+    online_steps_per_round: int = field(
+        default=10, metadata={"help": "online: micro-batches trained on each round's samples"}
+    )
+    sample_steps: int = field(default=20, metadata={"help": "online: sampler steps per video"})
+    guidance_scale: float = field(default=4.0, metadata={"help": "online: classifier-free guidance of the samples"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
