@@ -45,6 +45,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from align.models import default_device
+
 KINDS = ("reward:DIR", "clip:MODEL[@PRETRAINED]", "http:URL", "oracle")
 
 
@@ -59,13 +61,6 @@ class Judge(Protocol):
     name: str
 
     def score(self, videos: np.ndarray, prompts: list[str]) -> np.ndarray: ...
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_batch(videos, prompts, name: str) -> None:

@@ -5,6 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(path: str | Path, device="cpu", **options):
     """Load a generator: a TinySora directory (``config.json`` + safetensors written by
     ``vidalign pretrain``), or a diffusers video pipeline by local directory (with
