@@ -322,8 +322,7 @@ def cmd_data_cache(args) -> int:
     options, the dataset and the cache folder from the training recipe (flags override)."""
     from align.data.latent_cache import build_latent_cache
     from align.data.preference import load_preference_dataset
-    from align.models import default_device
-    from align.models import load_model
+    from align.models import default_device, load_model
 
     options: dict = {}
     dataset, model_name, cache_dir = args.dataset, args.model, args.cache_dir

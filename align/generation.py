@@ -36,8 +36,7 @@ _SETTINGS = ("prompt", "seed", "model", "lora", "steps", "guidance", "size", "sa
 def load_generator(model: str | Path, lora: str | Path | None = None, device: str | None = None):
     """The generator at ``model`` (TinySora dir, diffusers pipeline dir or Hub id) on ``device``
     (default: CUDA when available), with the LoRA at ``lora`` attached, in eval mode."""
-    from align.models import default_device
-    from align.models import load_model
+    from align.models import default_device, load_model
     from align.models.lora import load_lora
 
     m = load_model(model, device=device or default_device())
