@@ -1,52 +1,27 @@
-"""Atomic writes: a reader sees the old file or directory, or the new one, never half of one.
+"""Files: atomic writes and content digests, one helper each, used everywhere in ``align``.
 
-Everything is written under a temp name next to its destination (same filesystem) and then
-moved into place with ``os.replace``; on any error the temp copy is removed.
+- :func:`atomic_write`, :func:`atomic_write_text`, :func:`atomic_directory` (and its last
+  step, :func:`replace_directory`): a reader sees the old file or directory, or the new one,
+  never half of one. They are implemented in
+  :mod:`reward_models.atomic` (``reward_models`` imports nothing from ``align`` and saves its
+  models atomically too) and re-exported here.
+- :func:`file_sha256`: the SHA-256 of a file's bytes, read in chunks.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import hashlib
 from pathlib import Path
 
+from reward_models.atomic import atomic_directory, atomic_write, atomic_write_text, replace_directory
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a fresh temp name next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["atomic_directory", "atomic_write", "atomic_write_text", "file_sha256", "replace_directory"]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temp directory next to ``path``; when the block ends without an error it
-    replaces ``path`` (an existing directory there is removed first), otherwise it is deleted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The hex SHA-256 of the bytes of the file at ``path``, read ``chunk_bytes`` at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()

@@ -11,10 +11,15 @@ the missing ones (a video is reused when its line matches the prompt, seed and s
 for; a line that does not is an error, not a silent mix). Video ``i`` always comes from seed
 ``seeds[i]`` alone, so batching and resuming do not change what is sampled.
 
-Samplers: a diffusers model samples with its family's own pipeline (its scheduler and guidance
-conventions, ``model.generate_videos``) unless ``sampler="vidalign"`` asks for vidalign's ODE
-sampler (``align.sample.generate``); TinySora has only vidalign's. The video size is checked
-before anything is sampled (e.g. Wan needs ``num_frames = 4k + 1``).
+How to sample (size, steps, guidance, batch size, sampler, fps) is one
+``align.sample.SamplingOptions``, the same type every sampling path takes. Samplers: a diffusers
+model samples with its family's own pipeline (its scheduler and guidance conventions,
+``model.generate_videos``) unless ``sampler="vidalign"`` asks for vidalign's ODE sampler
+(``align.sample.generate``); TinySora has only vidalign's. The video size is checked before
+anything is sampled (e.g. Wan needs ``num_frames = 4k + 1``).
+
+:func:`sample_and_score` is ``vidalign data pairs`` / ``data samples``: K samples per prompt
+into ``OUT/videos``, then every judge's scores of them (:func:`score_samples`).
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from align.atomic import atomic_write_text
 
+if TYPE_CHECKING:
+    from align.sample import SamplingOptions
+
 INDEX = "index.jsonl"
-SAMPLERS = ("pipeline", "vidalign")
 _SETTINGS = ("prompt", "seed", "model", "lora", "steps", "guidance", "size", "sampler")
 
 
@@ -65,7 +73,7 @@ def check_video_size(
 
 def _sample_batch(model, prompts: list[str], seeds: list[int], steps: int, guidance: float, sampler: str):
     """uint8 videos ``(B, T, H, W, 3)`` for one batch."""
-    from align.data.video import to_uint8
+    from align.frames import to_uint8
 
     if sampler == "vidalign" or not model.has_pipeline_sampler:
         from align.sample import generate
@@ -129,24 +137,20 @@ def sample_to_disk(
     prompts: Sequence[str],
     seeds: Sequence[int],
     out_dir: str | Path,
+    options: SamplingOptions,
     *,
-    num_steps: int,
-    guidance_scale: float,
-    batch_size: int = 1,
-    num_frames: int | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    sampler: str = "pipeline",
     model_name: str = "",
     lora: str | Path | None = None,
     resume: bool = True,
-    fps: int = 8,
     progress: bool = True,
     video_format: str = "mp4",
     desc: str = "sampling",
 ) -> list[dict]:
     """Sample video ``i`` of ``prompts[i]`` from ``seeds[i]`` into ``out_dir`` (see the module
-    docstring), ``batch_size`` videos per sampler call; return the index rows in order.
+    docstring) as ``options`` say (size, steps, guidance, sampler, fps; ``options.batch_size``
+    videos per sampler call, default :func:`default_batch_size`); return the index rows in order.
+    The seeds are given here, so ``options.seed`` and ``seeds_per_prompt`` are not read, nor
+    ``options.device`` (the model is already on one).
 
     ``model_name`` and ``lora`` are recorded (and matched on resume); ``lora`` describes the
     model as given, it is not loaded here. Without ``resume`` every video is sampled again and
@@ -164,14 +168,12 @@ def sample_to_disk(
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise ValueError(f"sample_to_disk: prompt {empty[0]} is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if video_format not in ("mp4", "gif", "webm"):
         raise ValueError(f"video_format must be mp4, gif or webm, got {video_format!r}")
-    size = list(check_video_size(model, num_frames, height, width))
-    used = sampler if model.has_pipeline_sampler else "vidalign"
+    size = list(check_video_size(model, *options.size))
+    batch_size = options.batch_size or default_batch_size(model)
+    num_steps, guidance_scale = options.num_steps, options.guidance_scale
+    used = options.sampler if model.has_pipeline_sampler else "vidalign"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     common = {"model": str(model_name), "lora": None if lora is None else str(lora), "steps": int(num_steps)}
@@ -193,7 +195,7 @@ def sample_to_disk(
         ps, ss = [prompts[i] for i in idx], [seeds[i] for i in idx]
         videos = _sample_batch(model, ps, ss, num_steps, guidance_scale, used)
         for i, v in zip(idx, videos):
-            write_video(out / expected[i]["file"], v, fps=fps)
+            write_video(out / expected[i]["file"], v, fps=options.fps)
             _append(index, expected[i])
         bar.update(len(idx))
     bar.close()
@@ -216,3 +218,54 @@ def read_samples(out_dir: str | Path, rows: Sequence[dict] | None = None) -> tup
         first = rows[[v.shape for v in videos].index(next(iter(shapes - {videos[0].shape})))]
         raise ValueError(f"{out}: videos differ in shape: {rows[0]['file']} {videos[0].shape}, {first['file']} ...")
     return np.stack(videos), rows
+
+
+def score_samples(judges: Sequence, out_dir: str | Path, rows: list[dict], chunk: int = 16) -> dict[str, np.ndarray]:
+    """Every judge's scores of the videos of ``rows`` under ``out_dir``, decoding ``chunk``
+    videos at a time (real-size videos do not all fit in memory)."""
+    from align.judges import judge_scores
+
+    scores: dict[str, list[np.ndarray]] = {j.name: [] for j in judges}
+    for i in range(0, len(rows), chunk):
+        videos, part = read_samples(out_dir, rows[i : i + chunk])
+        prompts = [r["prompt"] for r in part]
+        for j in judges:
+            scores[j.name].append(judge_scores(j, videos, prompts))
+    return {k: np.concatenate(v) for k, v in scores.items()}
+
+
+def sample_and_score(
+    model_name: str | Path,
+    prompts: Sequence[str],
+    judges: Sequence,
+    out_dir: str | Path,
+    options: SamplingOptions,
+    *,
+    samples_per_prompt: int,
+    rounds: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """``vidalign data pairs`` / ``data samples``: ``samples_per_prompt`` samples of the base
+    model ``model_name`` per prompt and round into ``out_dir/videos`` (resumable; video ``i``
+    from seed ``options.seed * 1_000_003 + i``), then every judge's scores of them.
+
+    Returns ``(prompt of each video, its file relative to out_dir, scores by judge name)``;
+    consecutive ``samples_per_prompt`` videos share a prompt. The argument checks and the
+    judges' prompt checks run before the model is loaded."""
+    from align.judges import check_prompts
+
+    k = samples_per_prompt
+    if k < 2:
+        raise ValueError(f"--samples-per-prompt must be >= 2 (samples are compared with each other), got {k}")
+    check_prompts(judges, prompts)
+    ps = [p for p in list(prompts) * rounds for _ in range(k)]
+    seeds = [options.seed * 1_000_003 + i for i in range(len(ps))]
+    videos = Path(out_dir) / "videos"
+    model = load_generator(model_name, None, options.device)
+    rows = sample_to_disk(
+        model, ps, seeds, videos, options, model_name=str(model_name), resume=resume, progress=progress, desc=desc
+    )
+    del model
+    return ps, [f"videos/{r['file']}" for r in rows], score_samples(judges, videos, rows)

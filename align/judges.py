@@ -17,31 +17,36 @@ judges the same way, as ``--judge SPEC`` strings parsed by :func:`parse_judge`:
   ``{"prompts": [...], "videos": [base64 mp4, ...]}``, answer ``{"scores": [...]}``, so that a
   VLM reward model served elsewhere can judge. ``parse_judge`` sends one probe request (a black
   8-frame 64x64 clip), so a service that is down, slow or answers garbage fails before any
-  sampling. Timeout and retries: ``VIDALIGN_HTTP_TIMEOUT`` (seconds, default 300) and
-  ``VIDALIGN_HTTP_RETRIES`` (default 2); ``VIDALIGN_HTTP_BATCH`` videos per request (default 8).
+  sampling. Settings: ``VIDALIGN_HTTP_TIMEOUT`` (the deadline of one request, connect and the
+  whole answer together: seconds, default 120), ``VIDALIGN_HTTP_MAX_BYTES`` (the largest answer
+  read, default 16 MiB), ``VIDALIGN_HTTP_RETRIES`` (retries of transient failures only:
+  connection refused or reset, HTTP 5xx, 429; default 2), ``VIDALIGN_HTTP_BATCH`` (videos per
+  request, default 8).
 - ``oracle`` -- the synthetic world's oracle (its total score), for the demo's prompts only.
 
 ``human`` is not a scoring judge: ``vidalign eval --judge human`` writes a blinded A/B task
 instead (:mod:`align.eval.human`).
 
-Commands that need one score per video use :func:`combined_score` (several judges: the mean of
-their z-scored scores). All spec errors, bad directories and unreachable services are raised
-by :func:`parse_judge`, before anything is sampled.
+Commands that need one score per video combine several judges with the one rule of
+:func:`combine_judges` (one judge: its raw scores; several: the weighted mean of their
+z-scores). All spec errors, bad directories and unreachable services are raised by
+:func:`parse_judge`, before anything is sampled.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
+import io
 import json
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -157,9 +162,9 @@ class ClipJudge:
         except (RuntimeError, OSError, ValueError) as e:  # e.g. offline and not in the cache
             raise JudgeError(f"judge {spec}: could not load open_clip weights {tag!r} ({e})") from e
         if local is not None:
-            from reward_models.model import _load_weights
+            from reward_models.model import load_weights
 
-            missing, unexpected = model.load_state_dict(_load_weights(local), strict=False)
+            missing, unexpected = model.load_state_dict(load_weights(local), strict=False)
             if missing or unexpected:
                 raise JudgeError(
                     f"judge {spec}: {local} does not fit {model_name}: missing {missing[:5]}, "
@@ -233,8 +238,75 @@ def encode_mp4(video: np.ndarray, fps: int = 8) -> bytes:
         return write_video(Path(d) / "v.mp4", video, fps=fps).read_bytes()
 
 
+HTTP_TIMEOUT = 120.0  # seconds: the deadline of one request (connect, send, the whole answer)
+HTTP_MAX_BYTES = 16 * 1024 * 1024  # the largest answer read (scores are a few bytes each)
+HTTP_RETRIES = 2
+HTTP_CHUNK = 64 * 1024
+HTTP_MAX_RETRY_AFTER = 10.0  # seconds: the longest Retry-After honoured between tries
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The reading side of a socket on which every read waits at most the time left until
+    ``deadline`` (``time.monotonic()``): a service that trickles its answer a byte at a time
+    cannot stretch a request beyond it, as it can a per-read timeout. Past it: ``TimeoutError``."""
+
+    def __init__(self, sock, deadline: float):
+        super().__init__()
+        # the socket's own raw file: it keeps the socket open while the answer is read, as
+        # http.client expects (it may close the connection's handle of it before)
+        self._sock, self._raw, self._deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What :class:`http.client.HTTPResponse` reads its status, headers and body from."""
+
+    def __init__(self, sock, deadline: float):
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str = "rb", *args, **kwargs) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+class _Failure(Exception):
+    """One try of a request failed: ``reason`` for the message, ``transient`` when a retry may
+    help (connection refused or reset, HTTP 5xx, 429), ``retry_after`` as the service asked."""
+
+    def __init__(self, reason: str, transient: bool = False, retry_after: float | None = None, hint: str = ""):
+        super().__init__(reason)
+        self.reason, self.transient, self.retry_after, self.hint = reason, transient, retry_after, hint
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form is ignored), at most HTTP_MAX_RETRY_AFTER."""
+    try:
+        return min(max(float(value), 0.0), HTTP_MAX_RETRY_AFTER) if value else None
+    except ValueError:
+        return None
+
+
 class HttpJudge:
-    """A scoring service: POST ``{"prompts", "videos": [base64 mp4]}`` -> ``{"scores"}``."""
+    """A scoring service: POST ``{"prompts", "videos": [base64 mp4]}`` -> ``{"scores"}``.
+
+    Each request has an overall deadline, ``timeout`` seconds for connecting, sending and
+    reading the whole answer (``$VIDALIGN_HTTP_TIMEOUT``, default :data:`HTTP_TIMEOUT`); an
+    answer over ``max_bytes`` (``$VIDALIGN_HTTP_MAX_BYTES``, default :data:`HTTP_MAX_BYTES`) is
+    refused without being read whole. Only transient failures (connection refused or reset,
+    HTTP 5xx, 429) are retried, ``retries`` times (``$VIDALIGN_HTTP_RETRIES``) with exponential
+    backoff; a request past its deadline, a 4xx, an oversized or malformed answer are not."""
 
     def __init__(
         self,
@@ -244,41 +316,89 @@ class HttpJudge:
         batch_size: int | None = None,
         fps: int = 8,
         probe: bool = True,
+        max_bytes: int | None = None,
     ):
         if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
             raise JudgeError(f"judge http:{url}: not an http:// or https:// URL")
         self.url, self.name, self.fps = url, f"http:{url}", fps
-        self.timeout = timeout if timeout is not None else _env_number("VIDALIGN_HTTP_TIMEOUT", 300.0)
-        self.retries = retries if retries is not None else int(_env_number("VIDALIGN_HTTP_RETRIES", 2, int))
+        self.timeout = timeout if timeout is not None else _env_number("VIDALIGN_HTTP_TIMEOUT", HTTP_TIMEOUT)
+        self.retries = retries if retries is not None else int(_env_number("VIDALIGN_HTTP_RETRIES", HTTP_RETRIES, int))
         self.batch_size = batch_size or int(_env_number("VIDALIGN_HTTP_BATCH", 8, int))
+        self.max_bytes = (
+            max_bytes if max_bytes is not None else _env_number("VIDALIGN_HTTP_MAX_BYTES", HTTP_MAX_BYTES, int)
+        )
+        if not self.timeout > 0:
+            raise JudgeError(f"judge {self.name}: the deadline VIDALIGN_HTTP_TIMEOUT must be > 0 s, got {self.timeout}")
+        if self.max_bytes < 1:
+            raise JudgeError(f"judge {self.name}: VIDALIGN_HTTP_MAX_BYTES must be >= 1, got {self.max_bytes}")
         if probe:
             self.score(np.zeros((1, 8, 64, 64, 3), np.uint8), ["a probe video"])
 
     def _post(self, body: bytes) -> bytes:
-        """The answer's bytes; timeouts, connection errors and 5xx are retried."""
-        last = None
+        """The answer's bytes. Transient failures are retried after 0.5, 1, 2, ... s (at most
+        5 s, or the service's ``Retry-After`` up to HTTP_MAX_RETRY_AFTER); others end at once."""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(2.0**attempt * 0.25, 5.0))
-            req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return r.read()
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
-                if e.code < 500:
-                    break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"timed out after {self.timeout:g} s" if "timed out" in str(reason) else str(reason)
-        tries = attempt + 1
-        raise JudgeError(f"judge {self.name}: no usable answer from {self.url} after {tries} tries ({last})")
+                return self._request(body)
+            except _Failure as e:
+                failure = e
+            if not failure.transient or attempt == self.retries:
+                break
+            time.sleep(max(min(2.0 ** (attempt + 1) * 0.25, 5.0), failure.retry_after or 0.0))
+        raise JudgeError(
+            f"judge {self.name}: no usable answer from {self.url} after {attempt + 1} tries "
+            f"({failure.reason}){failure.hint}"
+        )
+
+    def _request(self, body: bytes) -> bytes:
+        """One POST within the deadline; its answer (2xx) read up to the cap, or :class:`_Failure`."""
+        deadline = time.monotonic() + self.timeout
+        url = urlsplit(self.url)
+        connection = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        try:  # the host[:port] of the URL, without any user:password@
+            con = connection(url.netloc.rpartition("@")[2], timeout=self.timeout)
+        except http.client.InvalidURL as e:  # e.g. a port that is not a number
+            raise _Failure(f"bad URL: {e}") from None
+        con.response_class = lambda sock, *a, **k: http.client.HTTPResponse(_DeadlineSocket(sock, deadline), *a, **k)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        try:
+            con.connect()
+            con.sock.settimeout(max(deadline - time.monotonic(), 1e-3))  # sending: in all, not per write
+            con.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            res = con.getresponse()
+            if not 200 <= res.status < 300:
+                transient = res.status >= 500 or res.status == 429
+                raise _Failure(f"HTTP {res.status} {res.reason}", transient, _retry_after(res.getheader("Retry-After")))
+            return self._read_capped(res)
+        except TimeoutError:
+            hint = "; VIDALIGN_HTTP_TIMEOUT is the deadline of one request (connect, send and the whole answer)"
+            raise _Failure(f"timed out after {self.timeout:g} s", hint=hint) from None
+        except (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
+            raise _Failure(str(e) or type(e).__name__, transient=True) from None
+        except (OSError, http.client.HTTPException) as e:  # no such host, TLS, a garbled answer
+            raise _Failure(f"{type(e).__name__}: {e}") from None
+        finally:
+            con.close()
+
+    def _read_capped(self, res: http.client.HTTPResponse) -> bytes:
+        """The body, read in chunks and refused (:class:`_Failure`) once over ``max_bytes``."""
+        over = f"the answer is over the cap of {self.max_bytes} bytes (VIDALIGN_HTTP_MAX_BYTES)"
+        length = res.getheader("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
+            raise _Failure(f"{over}: Content-Length {int(length)}")
+        chunks, size = [], 0
+        while chunk := res.read(HTTP_CHUNK):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _Failure(f"{over}; stopped reading at {size} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _parse(self, raw: bytes, n: int) -> np.ndarray:
         snippet = raw[:200].decode("utf-8", "replace")
         try:
             answer = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON or UTF-8, a 5,000-digit number, nested too deeply
             raise JudgeError(
                 f"judge {self.name}: {self.url} answered with something that is not JSON: {snippet!r}"
             ) from None
@@ -311,7 +431,7 @@ class OracleJudge:
     name = "oracle"
 
     def __init__(self):
-        from align.data import synthetic  # the demo's world: imported only when this judge is used
+        from align.demo import synthetic  # the demo's world: imported only when this judge is used
 
         self._synthetic = synthetic
 
@@ -389,8 +509,12 @@ def judge_scores(judge: Judge, videos: np.ndarray, prompts: list[str]) -> np.nda
     return s
 
 
+ZSCORE_EPS = 1e-12  # a std at most this is a constant set: z-score 0
+
+
 def zscore(x: np.ndarray, groups: Sequence[int] | None = None) -> np.ndarray:
-    """``(x - mean) / std`` over the batch, or within each group; a constant set scores 0."""
+    """``(x - mean) / std`` (population std) over the set, or within each group; a set whose
+    std is at most ``ZSCORE_EPS`` (constant scores) scores 0. No eps is added to the std."""
     x = np.asarray(x, dtype=np.float64)
     keys = np.zeros(len(x), dtype=int) if groups is None else np.asarray(groups)
     if len(keys) != len(x):
@@ -399,21 +523,50 @@ def zscore(x: np.ndarray, groups: Sequence[int] | None = None) -> np.ndarray:
     for g in np.unique(keys):
         m = keys == g
         sd = x[m].std()
-        out[m] = (x[m] - x[m].mean()) / sd if sd > 1e-12 else 0.0
+        out[m] = (x[m] - x[m].mean()) / sd if sd > ZSCORE_EPS else 0.0
     return out
+
+
+def combine_judges(
+    scores: np.ndarray | Sequence[np.ndarray],
+    weights: Sequence[float] | None = None,
+    groups: Sequence[int] | None = None,
+) -> np.ndarray:
+    """THE rule that turns several judges' scores ``(J, N)`` into one score per video ``(N,)``,
+    used by every caller that needs one number (online RWR and GRPO rewards, ``data pairs``,
+    ``data samples``):
+
+    - one judge: its raw scores, unchanged (so margins and temperatures stay in its units);
+    - several: the ``weights``-weighted mean (``None`` = equal) of each judge's :func:`zscore`,
+      within ``groups`` (e.g. prompt groups of an online round) when given, else over all ``N``.
+
+    The z-score is exact (population std, no eps; a judge constant on a set scores 0 there), so
+    no judge counts more because its scores are larger or spread wider. GRPO then normalises this
+    score within each group again (its advantage, with its own eps: ``objectives.group_advantages``)."""
+    s = np.stack([np.asarray(x, dtype=np.float64).reshape(-1) for x in scores]) if len(scores) else None
+    if s is None:
+        raise ValueError("combine_judges needs at least one judge's scores")
+    w = np.ones(len(s)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(s),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"combine_judges: need {len(s)} non-negative weights, not all 0; got {weights}")
+    if len(s) == 1:
+        return s[0]
+    z = np.stack([zscore(sj, groups) for sj in s])
+    return (w[:, None] * z).sum(0) / w.sum()
 
 
 def combine_scores(
     scores: Sequence[np.ndarray], weights: Sequence[float] | None = None, groups: Sequence[int] | None = None
 ) -> np.ndarray:
-    """The (weighted) mean of each judge's z-scored scores (z-scored within ``groups`` if given)."""
-    if len(scores) == 0:
-        raise ValueError("combine_scores needs at least one judge's scores")
-    w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(scores),) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"combine_scores: need {len(scores)} non-negative weights, not all 0; got {weights}")
-    z = np.stack([zscore(s, groups) for s in scores])
-    return (w[:, None] * z).sum(0) / w.sum()
+    """:func:`combine_judges` (kept for callers that still use this name)."""
+    return combine_judges(scores, weights, groups)
+
+
+def score_judges(judges: Sequence[Judge], videos: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """Every judge's checked scores (:func:`judge_scores`) of the videos, ``(J, N)``."""
+    if not judges:
+        return np.zeros((0, len(prompts)))
+    return np.stack([judge_scores(j, videos, prompts) for j in judges])
 
 
 def combined_score(
@@ -423,6 +576,5 @@ def combined_score(
     weights: Sequence[float] | None = None,
     groups: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """One score per video from several judges: the mean of their z-scored scores
-    (:func:`combine_scores`), for commands that need one number (pairs, RWR rewards)."""
-    return combine_scores([judge_scores(j, videos, prompts) for j in judges], weights, groups)
+    """One score per video from the judges: :func:`score_judges`, then :func:`combine_judges`."""
+    return combine_judges(score_judges(judges, videos, prompts), weights, groups)

@@ -14,10 +14,24 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from align.data.video import to_uint8
+from align.frames import to_uint8
 from align.models.base import VideoDiffusionModel
 
 SAMPLERS = ("pipeline", "vidalign")
+# the command-line flag of each SamplingOptions field (`vidalign generate | eval | data pairs | data samples`)
+SAMPLING_FLAGS = {
+    "num_frames": "--num-frames",
+    "height": "--height",
+    "width": "--width",
+    "num_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "sampler": "--sampler",
+    "fps": "--fps",
+    "seed": "--seed",
+    "seeds_per_prompt": "--seeds-per-prompt",
+}
 
 
 @dataclass(frozen=True)
@@ -44,17 +58,15 @@ class SamplingOptions:
     seeds_per_prompt: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("num_frames", "height", "width", "batch_size"):
+        # each error names the option as a recipe spells it and as the command line does
+        for key in ("num_frames", "height", "width", "batch_size", "num_steps", "fps", "seeds_per_prompt"):
             v = getattr(self, key)
             if v is not None and v < 1:
-                raise ValueError(f"sampling option `{key}` must be >= 1, got {v}")
-        for key in ("num_steps", "fps", "seeds_per_prompt"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"sampling option `{key}` must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"sampling option {key} must be >= 1, got {v} ({SAMPLING_FLAGS[key]} must be >= 1)")
         if self.guidance_scale < 0:
-            raise ValueError(f"sampling option `guidance_scale` must be >= 0, got {self.guidance_scale}")
+            raise ValueError(f"sampling option guidance_scale must be >= 0, got {self.guidance_scale} (--guidance)")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampling option `sampler` must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise ValueError(f"sampling option sampler must be one of {SAMPLERS}, got {self.sampler!r} (--sampler)")
 
     @property
     def size(self) -> tuple[int | None, int | None, int | None]:

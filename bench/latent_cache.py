@@ -100,7 +100,8 @@ def child(mode: str, data: str, cache: str, threads: int) -> None:
     """One measured process: build (``cache``) or encode in memory (``in_memory``), then one epoch."""
     torch.set_num_threads(threads)
     from align.data.latent_cache import build_latent_cache
-    from align.data.preference import load_preference_dataset, to_pairs
+    from align.data.pairs import to_pairs
+    from align.data.preference import load_preference_dataset
     from align.models.tiny_sora import TinySora, TinySoraConfig
     from align.training.dpo import encode_pairs
 
@@ -273,8 +274,10 @@ def write_mp4_dataset(root: Path, n_pairs: int, frames: int, size: int, fps: int
 def bench_speed(tmp: Path, args) -> dict:
     """Per-step and start-up ratios of the cache on a tiny Wan pipeline at ``frames x size x size``."""
     from align.data.latent_cache import build_latent_cache
-    from align.data.preference import load_preference_dataset, to_pairs
-    from align.data.video import from_uint8, read_video
+    from align.data.pairs import to_pairs
+    from align.data.preference import load_preference_dataset
+    from align.data.video import read_video
+    from align.frames import from_uint8
     from align.models import load_model
     from align.models.lora import attach_lora, lora_parameters
     from align.training.dpo import dpo_step_losses, encode_pairs

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from align.atomic import atomic_directory
+from reward_models.atomic import atomic_directory
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # model configs as data: vidalign-tiny-clip.json
 
@@ -137,7 +137,10 @@ def _is_uint8_video(videos) -> bool:
     return isinstance(videos, np.ndarray) or (isinstance(videos, torch.Tensor) and videos.dtype == torch.uint8)
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local weights file: ``.safetensors``, or a torch file loaded with
+    ``weights_only=True`` (never an arbitrary pickle; a ``{"state_dict": ...}`` wrapper is unwrapped)."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)  # never an arbitrary pickle
@@ -167,7 +170,7 @@ def _create_backbone(cfg: RewardModelConfig):
     if is_file:
         if not local.is_file():
             raise FileNotFoundError(f"reward model weights {local}: no such file")
-        missing, unexpected = model.load_state_dict(_load_weights(local), strict=False)
+        missing, unexpected = model.load_state_dict(load_weights(local), strict=False)
         if unexpected or len(missing) > 0:
             raise ValueError(
                 f"reward model weights {local} do not fit {cfg.model_name}: "

@@ -2,10 +2,12 @@
 
 ``vidalign reward train recipes/reward_clip.yaml`` reads a preference dataset (the project
 schema: prompt, video_a, video_b, preference a|b|tie; optional per-aspect labels in columns
-``preference_<aspect>`` with the same values), splits it *by prompt* into train and held-out
-parts, and minimises the Bradley–Terry loss with ties as soft targets
-(``reward_models.model.bt_loss``). Each epoch it evaluates held-out pairwise accuracy and
-keeps the best checkpoint in ``<output_dir>/<name>/best/``.
+``preference_<aspect>`` with the same values) through the loader its caller passes in (this
+package imports nothing from ``align``; vidalign's is ``align.training.reward.load_pairs``), as
+decoded :class:`PairData`, splits it *by prompt* into train and held-out parts, and minimises
+the Bradley–Terry loss with ties as soft targets (``reward_models.model.bt_loss``). Each epoch
+it evaluates held-out pairwise accuracy and keeps the best checkpoint in
+``<output_dir>/<name>/best/``.
 
 Fine-tuning modes: ``full`` (everything), ``lora`` (LoRA on the backbone's MLP projections
 ``c_fc``/``c_proj`` of both towers, merged into the weights when saved, plus the heads),
@@ -20,9 +22,10 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,7 +52,7 @@ class RewardTrainConfig:
             "(motion_keypoints, aspects, learned_head): those parts start fresh"
         },
     )
-    finetune: str = field(default="full", metadata={"help": "full | lora | head"})
+    finetune: Literal["full", "lora", "head"] = field(default="full", metadata={"help": "full | lora | head"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank of the backbone (finetune: lora)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     fresh_learning_rate: float | None = field(
@@ -60,7 +63,7 @@ class RewardTrainConfig:
     batch_size: int = field(default=32, metadata={"help": "pairs per step"})
     eval_fraction: float = field(default=0.2, metadata={"help": "share of prompts held out"})
     seed: int = field(default=0, metadata={"help": "seed of the split, the order and initialisation"})
-    bad_rows: str = field(default="error", metadata={"help": "error | skip"})
+    bad_rows: Literal["error", "skip"] = field(default="error", metadata={"help": "error | skip"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -84,37 +87,6 @@ class PairData:
             self.target[idx],
             {k: v[idx] for k, v in self.aspects.items()},
         )
-
-
-def load_pairs(path: str, bad_rows: str = "error") -> PairData:
-    """All usable rows of a preference dataset, ties included; bad rows raise or are counted."""
-    from align.data.preference import PreferenceDataError, load_preference_dataset, validate_rows
-
-    ds = load_preference_dataset(path)
-    problems, decoded = validate_rows(ds, path, root=path)
-    if problems and bad_rows == "error":
-        raise PreferenceDataError(path, problems)
-    aspect_cols = [c for c in ds.column_names if c.startswith("preference_")]
-    keep = [i for i, d in enumerate(decoded) if d is not None]
-    if not keep:
-        raise ValueError(f"{path}: no usable rows")
-    prefs = ds["preference"]
-    aspects = {}
-    for c in aspect_cols:
-        vals = list(ds[c])
-        bad = [i for i in keep if vals[i] not in PREF_TO_TARGET]
-        if bad:
-            raise ValueError(f"{path}: column {c}: row {bad[0]} has {vals[bad[0]]!r}, not one of a|b|tie")
-        aspects[c.removeprefix("preference_")] = np.array([PREF_TO_TARGET[vals[i]] for i in keep], np.float32)
-    prompts = list(ds["prompt"])
-    return PairData(
-        prompts=[str(prompts[i]) for i in keep],
-        video_a=np.stack([decoded[i][0] for i in keep]),
-        video_b=np.stack([decoded[i][1] for i in keep]),
-        target=np.array([PREF_TO_TARGET[prefs[i]] for i in keep], np.float32),
-        aspects=aspects,
-        skipped=len(decoded) - len(keep),
-    )
 
 
 def split_by_prompt(prompts: list[str], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -262,8 +234,12 @@ def _save(model: VideoRewardModel, path: Path, extra: dict) -> None:
     clean.save_pretrained(path, extra)
 
 
-def train_reward_model(cfg: RewardTrainConfig) -> Path:
-    """Train as configured; returns the run directory (best model in ``best/``)."""
+def train_reward_model(cfg: RewardTrainConfig, load_pairs: Callable[[str, str], PairData]) -> Path:
+    """Train as configured; returns the run directory (best model in ``best/``).
+
+    ``load_pairs(dataset, bad_rows)`` reads ``cfg.dataset`` as :class:`PairData`: this package
+    reads no dataset format itself (vidalign's loader, for its preference datasets, is
+    ``align.training.reward.load_pairs``; ``align.training.reward.train_reward_model`` passes it)."""
     if not cfg.dataset:
         raise ValueError("reward train: `dataset` is required")
     run_dir = Path(cfg.output_dir) / cfg.name
@@ -277,70 +253,22 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
             f"held-out parts with eval_fraction={cfg.eval_fraction}"
         )
     train_data, eval_data = data.subset(tr_idx), data.subset(ev_idx)
-    if cfg.init_from:
-        model = VideoRewardModel.from_pretrained(cfg.init_from, overrides=cfg.model)
-    else:
-        model = VideoRewardModel(RewardModelConfig.from_dict(cfg.model))
-    unused = sorted(set(train_data.aspects) - set(model.cfg.aspects))
-    if unused:
-        warnings.warn(
-            f"{cfg.dataset}: per-aspect labels {unused} are not used: the reward model has no heads for "
-            f"them (add them to `model.aspects`)",
-            stacklevel=2,
-        )
-    aspects = {k: v for k, v in train_data.aspects.items() if k in model.cfg.aspects}
-    params = _setup_finetune(model, cfg.finetune, cfg.lora_rank)
-    fresh_names = set(model.fresh_parameters)  # parts cfg.model added to init_from: their own rate
-    if fresh_names and cfg.progress:
-        parts = sorted({n.split(".")[0] for n in fresh_names})
-        print(f"[vidalign] reward train: {cfg.init_from} with {cfg.model}: new parts {parts} start fresh")
-    fresh = [p for n, p in model.named_parameters() if n in fresh_names and p.requires_grad]
-    groups = [{"params": [p for p in params if not any(p is q for q in fresh)]}]
-    if fresh:
-        lr = cfg.learning_rate if cfg.fresh_learning_rate is None else cfg.fresh_learning_rate
-        groups.append({"params": fresh, "lr": lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+    model, params, opt, aspects = _model_and_optimizer(cfg, train_data)
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = open(run_dir / "metrics.jsonl", "w")
     best, best_eval, t0 = -1.0, {}, time.time()
-    n = len(tr_idx)
-    steps_per_epoch = max(1, n // cfg.batch_size)
+    steps_per_epoch = max(1, len(tr_idx) // cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"reward ({cfg.name})", disable=not cfg.progress)
     num_phases = model.num_phases(train_data.video_a)  # 1 unless frame_sampling is strided
     for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen).numpy()
-        for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            ids = model.tokenize([train_data.prompts[i] for i in idx])
-            # strided sampling: one random phase per step, the same for both clips of a pair
-            phase = None
-            if model.cfg.frame_sampling == "strided":
-                phase = int(torch.randint(0, num_phases, (1,), generator=gen))
-            fa = model.frames(train_data.video_a[idx], generator=gen, phase=phase)
-            fb = model.frames(train_data.video_b[idx], generator=gen, phase=phase)
-            oa, ob = model(fa, ids), model(fb, ids)
-            out = bt_loss(oa["score"], ob["score"], torch.from_numpy(train_data.target[idx]))
-            loss = out["loss"]
-            for aspect, y in aspects.items():
-                loss = loss + bt_loss(oa[aspect], ob[aspect], torch.from_numpy(y[idx]))["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+        batches = _epoch_batches(model, train_data, cfg.batch_size, gen, num_phases)
+        for s, (fa, fb, ids, idx) in enumerate(batches):
+            out = _step(model, opt, params, fa, fb, ids, train_data, aspects, idx)
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss'].item():.3f}", acc=f"{out['acc'].item():.2f}")
-            metrics.write(
-                json.dumps(
-                    {
-                        "epoch": epoch,
-                        "step": epoch * steps_per_epoch + s,
-                        "loss": out["loss"].item(),
-                        "acc": out["acc"].item(),
-                    }
-                )
-                + "\n"
-            )
+            step = epoch * steps_per_epoch + s
+            rec = {"epoch": epoch, "step": step, "loss": out["loss"].item(), "acc": out["acc"].item()}
+            metrics.write(json.dumps(rec) + "\n")
         ev = evaluate(model, eval_data)
         ev["epoch"] = epoch
         rec = {"epoch": epoch, "eval_accuracy": ev["accuracy"], "eval_accuracy_with_ties": ev["accuracy_with_ties"]}
@@ -367,6 +295,69 @@ def train_reward_model(cfg: RewardTrainConfig) -> Path:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return run_dir
+
+
+def _model_and_optimizer(cfg: RewardTrainConfig, train_data: PairData) -> tuple:
+    """``(model, trained parameters, AdamW, per-aspect targets the model has heads for)``: a fresh
+    model from ``cfg.model``, or ``cfg.init_from`` with ``cfg.model``'s changes (new parts at
+    ``fresh_learning_rate``), set up for ``cfg.finetune``."""
+    if cfg.init_from:
+        model = VideoRewardModel.from_pretrained(cfg.init_from, overrides=cfg.model)
+    else:
+        model = VideoRewardModel(RewardModelConfig.from_dict(cfg.model))
+    unused = sorted(set(train_data.aspects) - set(model.cfg.aspects))
+    if unused:
+        warnings.warn(
+            f"{cfg.dataset}: per-aspect labels {unused} are not used: the reward model has no heads for "
+            f"them (add them to `model.aspects`)",
+            stacklevel=3,
+        )
+    aspects = {k: v for k, v in train_data.aspects.items() if k in model.cfg.aspects}
+    params = _setup_finetune(model, cfg.finetune, cfg.lora_rank)
+    fresh_names = set(model.fresh_parameters)  # parts cfg.model added to init_from: their own rate
+    if fresh_names and cfg.progress:
+        parts = sorted({n.split(".")[0] for n in fresh_names})
+        print(f"[vidalign] reward train: {cfg.init_from} with {cfg.model}: new parts {parts} start fresh")
+    fresh = [p for n, p in model.named_parameters() if n in fresh_names and p.requires_grad]
+    groups = [{"params": [p for p in params if not any(p is q for q in fresh)]}]
+    if fresh:
+        lr = cfg.learning_rate if cfg.fresh_learning_rate is None else cfg.fresh_learning_rate
+        groups.append({"params": fresh, "lr": lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
+    return model, params, opt, aspects
+
+
+def _epoch_batches(model: VideoRewardModel, data: PairData, batch_size: int, gen: torch.Generator, num_phases: int):
+    """Yield one epoch's ``(frames a, frames b, token ids, row indices)`` in a seeded random order
+    (``len // batch_size`` full batches; the model in train mode)."""
+    model.train()
+    n = len(data.prompts)
+    perm = torch.randperm(n, generator=gen).numpy()
+    for s in range(max(1, n // batch_size)):
+        idx = perm[s * batch_size : (s + 1) * batch_size]
+        ids = model.tokenize([data.prompts[i] for i in idx])
+        # strided sampling: one random phase per step, the same for both clips of a pair
+        phase = None
+        if model.cfg.frame_sampling == "strided":
+            phase = int(torch.randint(0, num_phases, (1,), generator=gen))
+        fa = model.frames(data.video_a[idx], generator=gen, phase=phase)
+        fb = model.frames(data.video_b[idx], generator=gen, phase=phase)
+        yield fa, fb, ids, idx
+
+
+def _step(model, opt, params, fa, fb, ids, data: PairData, aspects: dict, idx) -> dict:
+    """One optimizer step on the Bradley-Terry loss of a batch (plus each aspect head's); returns
+    the overall loss terms."""
+    oa, ob = model(fa, ids), model(fb, ids)
+    out = bt_loss(oa["score"], ob["score"], torch.from_numpy(data.target[idx]))
+    loss = out["loss"]
+    for aspect, y in aspects.items():
+        loss = loss + bt_loss(oa[aspect], ob[aspect], torch.from_numpy(y[idx]))["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return out
 
 
 def contrastive_pretrain(

@@ -20,7 +20,7 @@ from test_annotate import start_server_process
 
 from align.cli import main
 from align.data.preference import load_preference_dataset
-from align.data.synthetic import all_scenes, render
+from align.demo.synthetic import all_scenes, render
 from align.launch import free_port
 
 pytestmark = pytest.mark.integration

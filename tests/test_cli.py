@@ -113,19 +113,23 @@ def test_no_prompts_no_judge_bad_judge_exit_2_before_sampling(tiny_model_dir, tm
     assert not out.exists()
 
 
-def test_eval_human_is_dispatched(monkeypatch):
+def test_eval_human_is_an_ordinary_subcommand(monkeypatch, capsys):
+    """``eval human`` parses its own options (none of eval's are required) and calls the library."""
     got = []
     fake = types.ModuleType("align.eval.human")
-    fake.main_eval_human = lambda argv: got.append(argv) or 0
+    fake.run_human_eval = lambda *a: got.append(a) or ({}, Path(a[1]) / "report")
+    fake.summary_line = lambda report: "human win rate"
     monkeypatch.setitem(sys.modules, "align.eval.human", fake)
     assert main(["eval", "human", "--db", "labels.sqlite", "--task", "runs/eval/human"]) == 0
-    assert got == [["--db", "labels.sqlite", "--task", "runs/eval/human"]]
+    assert got == [("labels.sqlite", "runs/eval/human", None, 0)]
+    assert "human win rate; report in runs/eval/human/report/report.md" in capsys.readouterr().out
 
-    def bad(argv):
+    def bad(*a):
         raise ValueError("labels.sqlite: no such database")
 
-    fake.main_eval_human = bad
+    fake.run_human_eval = bad
     assert main(["eval", "human", "--db", "labels.sqlite"]) == 2
+    assert "vidalign eval human: error: labels.sqlite: no such database" in capsys.readouterr().err
 
 
 def test_data_pairs_judged_by_a_reward_model(tiny_model_dir, tmp_path, capsys):

@@ -12,15 +12,12 @@ import numpy as np
 import pytest
 
 from align.cli import main
+from align.data.checks import check_rows, summarize, validate_rows
+from align.data.pairs import to_pairs
 from align.data.preference import (
     PreferenceDataError,
-    check_rows,
     dataset_root,
     load_preference_dataset,
-    plot_summary,
-    summarize,
-    to_pairs,
-    validate_rows,
 )
 from align.data.video import (
     decode_video_bytes,
@@ -31,6 +28,7 @@ from align.data.video import (
     video_info,
     write_video,
 )
+from align.eval.plots import plot_summary
 
 PROMPTS = ["a red square moving left", "a blue circle moving up", "a green square moving right", "a dot"]
 PREFS = ["a", "b", "tie", "a"]

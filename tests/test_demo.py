@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from align.cli import main
-from align.pretrain import DEMO_MODELS, SHA256SUMS, demo_models
+from align.demo.pretrain import DEMO_MODELS, SHA256SUMS, demo_models
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

@@ -251,7 +251,11 @@ def eval_assets(tiny_model_dir, tmp_path_factory):
 
 
 def _cfg(a, out, **kw):
+    """An EvalConfig; keywords that are SamplingOptions fields go into its ``sampling``."""
+    from dataclasses import fields
+
     from align.eval.evaluate import EvalConfig
+    from align.sample import SamplingOptions
 
     base = dict(
         model=str(a["model"]),
@@ -264,7 +268,10 @@ def _cfg(a, out, **kw):
         device="cpu",
         progress=False,
     )
-    return EvalConfig(**(base | kw))
+    cfg = base | kw
+    names = {f.name for f in fields(SamplingOptions)}
+    sampling = SamplingOptions(**{k: cfg.pop(k) for k in list(cfg) if k in names})
+    return EvalConfig(**cfg, sampling=sampling)
 
 
 @pytest.mark.filterwarnings("ignore:judge clip")

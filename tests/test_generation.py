@@ -10,6 +10,7 @@ import torch
 from conftest import PROMPT
 
 from align.generation import read_index, read_samples, sample_to_disk
+from align.sample import SamplingOptions
 
 PROMPTS = ["a robot walking on the street in rain", "a cat asleep on a sofa", "fireworks over a harbour"]
 
@@ -43,9 +44,12 @@ class FakePipelineModel:
         return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in seeds])
 
 
-def _run(model, out, prompts=PROMPTS * 2, **kw):
-    kw = {"num_steps": 2, "guidance_scale": 5.0, "model_name": "fake/wan", "progress": False} | kw
-    return sample_to_disk(model, prompts, list(range(100, 100 + len(prompts))), out, **kw)
+def _run(model, out, prompts=PROMPTS * 2, lora=None, resume=True, video_format="mp4", **sampling):
+    """``sample_to_disk`` with ``SamplingOptions(**sampling)`` (2 steps, guidance 5 unless given)."""
+    options = SamplingOptions(**({"num_steps": 2, "guidance_scale": 5.0} | sampling))
+    seeds = list(range(100, 100 + len(prompts)))
+    kw = dict(model_name="fake/wan", lora=lora, resume=resume, video_format=video_format, progress=False)
+    return sample_to_disk(model, prompts, seeds, out, options, **kw)
 
 
 def test_writes_an_mp4_per_video_and_the_index(tmp_path):

@@ -348,7 +348,8 @@ def test_batches_are_the_same_for_one_and_two_processes():
     """Rollout ownership and every pass's micro-batches: the 2 processes' batches, side by side,
     are the 1-process batches (same global set per micro-step), and each process trains only
     rollouts it sampled."""
-    from align.training.grpo import epoch_batches, local_columns
+    from align.training.grpo import epoch_batches
+    from align.training.rollouts import local_columns
 
     cfg, n, width = _grpo_cfg(), 12, 4
     for e in range(3):
@@ -377,6 +378,62 @@ def test_layout_errors_and_the_recipes():
     for path in recipes:  # every recipe parses and its rounds end on updates and checkpoints
         cfg = load_train_config(path)
         assert cfg.objective == "grpo" and check_layout(cfg, cfg.train_batch_size, 1) >= 1, path.name
+
+
+def test_accumulation_is_derived_from_the_round_layout():
+    """Unset, gradient_accumulation_steps is the trained steps of one micro-batch (one update per
+    micro-batch of rollouts with all its steps): every layout then ends its rounds on updates. A
+    set value is used as given; one that does not end rounds on updates is the layout error."""
+    from align.training.core import micro_batch_size
+    from align.training.grpo import check_layout
+
+    for steps, frac, K in [(10, 0.6, 6), (20, 0.5, 10), (3, 1.0, 3), (3, 0.1, 1)]:
+        cfg = _grpo_cfg(sample_steps=steps, train_timestep_fraction=frac)
+        assert cfg.gradient_accumulation_steps == 0 and cfg.accumulation_steps == K
+        for micro, world in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)]:  # 4 rollouts a round
+            assert check_layout(cfg, micro, world) == 4 // (micro * world)  # one update per micro-batch
+    # effective_batch_size counts (rollout, step) pairs: with the derived K, micro = ebs / (world K)
+    cfg = _grpo_cfg(sample_steps=4, train_timestep_fraction=0.5, effective_batch_size=8)
+    assert micro_batch_size(cfg, 1) == 4 and micro_batch_size(cfg, 2) == 2
+    # explicit and consistent: two micro-batches per update
+    both = _grpo_cfg(sample_steps=3, gradient_accumulation_steps=6)
+    assert both.accumulation_steps == 6 and check_layout(both, 1, 1) == 2
+    with pytest.raises(ValueError, match="not a multiple of gradient_accumulation_steps 6.*rollout_batches_per_upd"):
+        check_layout(both, 1, 4)  # 4 processes: a round is one micro-batch of 3 steps
+    # the shipped real-model recipes' layout: two micro-batches per update, derived
+    two = _grpo_cfg(sample_steps=3, rollout_batches_per_update=2)
+    assert two.gradient_accumulation_steps == 0 and two.accumulation_steps == 6 and check_layout(two, 1, 1) == 2
+    with pytest.raises(ValueError, match="both set"):
+        _grpo_cfg(sample_steps=3, rollout_batches_per_update=2, gradient_accumulation_steps=6)
+    with pytest.raises(ValueError, match="rollout_batches_per_update"):
+        _grpo_cfg(rollout_batches_per_update=0)
+
+
+def test_the_tiny_recipe_with_another_layout_runs_without_setting_accumulation(tiny_model_dir, grpo_world, tmp_path):
+    """recipes/tiny_sora_grpo.yaml leaves gradient_accumulation_steps unset; changing the group
+    size and prompts per round needs no arithmetic (the derived value follows the layout)."""
+    from align.training import load_train_config, train
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    over = dict(
+        model=str(tiny_model_dir),
+        output_dir=str(tmp_path),
+        prompts_file=str(grpo_world / "prompts.txt"),
+        judges=[f"reward:{grpo_world / 'rm0'}"],
+        group_size=2,
+        prompts_per_round=2,
+        sample_steps=5,  # 3 trained steps a rollout (train_timestep_fraction 0.6)
+        train_batch_size=2,
+        max_steps=2,
+        checkpointing_steps=0,
+        progress=False,
+    )
+    cfg = load_train_config(root / "tiny_sora_grpo.yaml", over)
+    assert cfg.gradient_accumulation_steps == 0 and cfg.accumulation_steps == 3
+    run = train(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["gradient_accumulation_steps"] == 3 and summary["steps_per_round"] == 2
+    assert [(r["step"], r["round"]) for r in _rows(run)] == [(1, 0), (2, 0)]
 
 
 # -- the training module: runs on the tiny model -------------------------------------------------

@@ -16,7 +16,7 @@ from align.annotate.stats import cohen_kappa, fleiss_kappa
 from align.annotate.storage import LabelStore
 from align.cli import main
 from align.data.video import write_video
-from align.eval.human import KEY_FILE, human_report, load_ab_key, main_eval_human, write_ab_task
+from align.eval.human import KEY_FILE, human_report, load_ab_key, write_ab_task
 
 NAMES = ("base", "aligned")
 
@@ -189,7 +189,7 @@ def test_human_report_from_votes_posted_through_the_api(ab_served, tmp_path, cap
     assert json.loads((tmp_path / "report" / "report.json").read_text())["winrate"]["human"]["rate"] == 0.6
 
     # the command: the task recorded in the database, the default report folder
-    assert main_eval_human(["--db", str(tmp_path / "labels.sqlite")]) == 0
+    assert main(["eval", "human", "--db", str(tmp_path / "labels.sqlite")]) == 0
     line = capsys.readouterr().out
     assert "human win rate aligned vs base: 0.600" in line and "over 5 pairs" in line
     assert (task / "report" / "report.md").read_text().count("| human | 0.600 |") == 1

@@ -19,8 +19,10 @@ import pytest
 from test_data_formats import clip
 
 from align.cli import main
+from align.data.checks import check_rows
 from align.data.importers import ImportOptions, import_dataset
-from align.data.preference import PreferenceDataError, check_rows, content_hash, load_preference_dataset, to_pairs
+from align.data.pairs import to_pairs
+from align.data.preference import PreferenceDataError, content_hash, load_preference_dataset
 from align.data.samples import load_scored_samples
 from align.data.video import read_video, write_video
 

@@ -22,6 +22,7 @@ from align.judges import (
     OracleJudge,
     RewardJudge,
     check_prompts,
+    combine_judges,
     combine_scores,
     combined_score,
     load_judges,
@@ -245,7 +246,7 @@ def test_http_judge_unreachable(monkeypatch):
 
 
 def test_oracle_judge_is_the_synthetic_worlds_total():
-    from align.data.synthetic import all_scenes, oracle_scores, sample_videos
+    from align.demo.synthetic import all_scenes, oracle_scores, sample_videos
 
     scenes = all_scenes()[:3]
     v = sample_videos(scenes, np.random.default_rng(0))
@@ -260,7 +261,7 @@ def test_oracle_judge_is_the_synthetic_worlds_total():
 def test_judges_module_does_not_import_the_synthetic_world():
     code = (
         "import sys, align.judges, align.generation, align.eval.evaluate, align.data.pairs, align.cli;"
-        "align.judges.parse_judge; assert 'align.data.synthetic' not in sys.modules, 'imported'"
+        "align.judges.parse_judge; assert 'align.demo.synthetic' not in sys.modules, 'imported'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -301,3 +302,136 @@ def test_combined_score_of_judges_and_bad_answers():
         combined_score([Fixed("nan", [0, np.nan, 1])], v, PROMPTS)
     with pytest.raises(JudgeError, match="judge short returned 2 scores for 3 videos"):
         combined_score([Fixed("short", [0, 1])], v, PROMPTS)
+
+
+def test_combine_judges_is_the_one_rule():
+    """One judge: its raw scores. Several: the weighted mean of exact z-scores, within groups
+    when given, else over the whole set; combine_scores / combined_score are the same rule."""
+    a, b = np.array([1.0, 3.0, 0.0, 0.0]), np.array([10.0, 0.0, 5.0, 7.0])
+    np.testing.assert_array_equal(combine_judges(a[None]), a)  # raw, not z-scored
+    np.testing.assert_array_equal(combine_judges([a], weights=[2.0], groups=[0, 0, 1, 1]), a)
+    # within groups: judge a -> -1, 1, 0 (constant group), 0; judge b -> 1, -1, -1, 1
+    got = combine_judges(np.stack([a, b]), weights=[3.0, 1.0], groups=[0, 0, 1, 1])
+    np.testing.assert_allclose(got, [-0.5, 0.5, -0.25, 0.25], rtol=0, atol=1e-15)
+    # over the whole set (no groups): the judges' global z-scores, equal weights
+    np.testing.assert_allclose(combine_judges(np.stack([a, b])), (zscore(a) + zscore(b)) / 2)
+    np.testing.assert_array_equal(combine_scores([a, b], [3.0, 1.0], [0, 0, 1, 1]), got)
+    with pytest.raises(ValueError, match="non-negative weights"):
+        combine_judges(np.stack([a, b]), weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        combine_judges(np.zeros((0, 4)))
+
+
+# ------------------------------------------------------------ http: deadline, size cap, retries
+
+
+class _HostileHandler(BaseHTTPRequestHandler):
+    """A scoring service gone wrong. /trickle-head and /trickle-body: a byte every 0.2 s (the
+    status line; the body); /huge: 2 MB of answer without a Content-Length; /declared: a
+    Content-Length of 600 MB; /bad400, /busy503, /limited429: those statuses every time."""
+
+    calls: list[str] = []
+
+    def log_message(self, *a):
+        pass
+
+    def _trickle(self, data: bytes, seconds: float = 10.0) -> None:
+        end = time.monotonic() + seconds
+        for b in data:
+            if time.monotonic() > end:
+                return
+            self.wfile.write(bytes([b]))
+            time.sleep(0.2)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls.append(self.path)
+        try:
+            if self.path == "/trickle-head":
+                self._trickle(b"HTTP/1.0 200 OK\r\n" + b"X-Slow: " + b"." * 100)
+            elif self.path == "/trickle-body":
+                self.send_response(200)
+                self.end_headers()
+                self._trickle(b'{"scores": [' + b" " * 100)
+            elif self.path in ("/huge", "/declared"):
+                self.send_response(200)
+                if self.path == "/declared":
+                    self.send_header("Content-Length", str(600_000_000))
+                self.end_headers()
+                for _ in range(32):  # 2 MB in 64 KiB chunks, or until the judge stops reading
+                    self.wfile.write(b" " * 65536)
+            else:
+                code = {"/bad400": 400, "/busy503": 503, "/limited429": 429}.get(self.path, 404)
+                self.send_response(code)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):  # the judge gave up: as it should
+            pass
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _HostileHandler)
+    srv.daemon_threads, srv.block_on_close = True, False
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_http_judge_deadline_cuts_off_a_trickling_service(hostile, monkeypatch):
+    """A byte every 0.2 s never trips a per-read timeout; the deadline of the request does."""
+    monkeypatch.setenv("VIDALIGN_HTTP_TIMEOUT", "1")
+    monkeypatch.setenv("VIDALIGN_HTTP_RETRIES", "2")  # a request past its deadline is not retried
+    for path in ("/trickle-body", "/trickle-head"):
+        t0 = time.monotonic()
+        with pytest.raises(JudgeError) as e:
+            parse_judge(f"http:{hostile}{path}")
+        elapsed = time.monotonic() - t0
+        assert elapsed < 3.0, f"{path}: held for {elapsed:.1f} s with a 1 s deadline"
+        assert f"no usable answer from {hostile}{path} after 1 tries (timed out after 1 s)" in str(e.value)
+        assert "VIDALIGN_HTTP_TIMEOUT is the deadline of one request" in str(e.value)
+    assert HttpJudge(f"{hostile}/x", probe=False).timeout == 1.0
+    monkeypatch.delenv("VIDALIGN_HTTP_TIMEOUT")
+    assert HttpJudge(f"{hostile}/x", probe=False).timeout == 120.0  # minutes, not a quarter hour
+
+
+def test_http_judge_refuses_an_oversized_answer_naming_the_cap(hostile, monkeypatch):
+    monkeypatch.setenv("VIDALIGN_HTTP_MAX_BYTES", "100000")
+    monkeypatch.setenv("VIDALIGN_HTTP_RETRIES", "2")  # an oversized answer is not retried
+    n = len(_HostileHandler.calls)
+    with pytest.raises(
+        JudgeError, match=rf"{hostile}/huge after 1 tries \(the answer is over the cap of 100000 bytes "
+    ):
+        parse_judge(f"http:{hostile}/huge")
+    t0 = time.monotonic()
+    with pytest.raises(JudgeError, match=r"over the cap of 100000 bytes \(VIDALIGN_HTTP_MAX_BYTES\): Content-Length 6"):
+        parse_judge(f"http:{hostile}/declared")  # refused on its header, before reading
+    assert time.monotonic() - t0 < 2.0
+    assert _HostileHandler.calls[n:] == ["/huge", "/declared"]
+    assert HttpJudge(f"{hostile}/x", probe=False, max_bytes=5).max_bytes == 5
+    monkeypatch.setenv("VIDALIGN_HTTP_MAX_BYTES", "0")
+    with pytest.raises(JudgeError, match="VIDALIGN_HTTP_MAX_BYTES must be >= 1"):
+        HttpJudge(f"{hostile}/x", probe=False)
+
+
+def test_http_judge_retries_only_transient_failures(hostile, server, monkeypatch):
+    """5xx, 429 and a refused connection are retried; a 4xx and a bad answer are not."""
+    monkeypatch.setenv("VIDALIGN_HTTP_RETRIES", "1")
+    for path, tries, reason in [
+        ("/bad400", 1, "HTTP 400"),
+        ("/busy503", 2, "HTTP 503"),
+        ("/limited429", 2, "HTTP 429"),
+    ]:
+        n = len(_HostileHandler.calls)
+        with pytest.raises(JudgeError, match=rf"{hostile}{path} after {tries} tries \({reason}"):
+            parse_judge(f"http:{hostile}{path}")
+        assert _HostileHandler.calls[n:] == [path] * tries
+    n = len(_Handler.calls)
+    with pytest.raises(JudgeError, match="not JSON"):
+        parse_judge(f"http:{server}/garbage")
+    assert _Handler.calls[n:] == ["/garbage"]  # a bad answer is asked once
+    with pytest.raises(JudgeError, match=r"127.0.0.1:9/score after 2 tries \(.*refused"):
+        parse_judge("http:http://127.0.0.1:9/score")

@@ -24,7 +24,8 @@ from align.data.latent_cache import (
     text_fingerprint,
     video_fingerprint,
 )
-from align.data.preference import PreferenceDataError, load_preference_dataset, to_pairs
+from align.data.pairs import to_pairs
+from align.data.preference import PreferenceDataError, load_preference_dataset
 from align.data.video import write_video
 from align.models import load_model
 from align.models.tiny_sora import TinySora, TinySoraConfig
@@ -259,11 +260,11 @@ def test_streaming_build_reads_untyped_nested_list_videos(model, tmp_path):
 def _track_decodes(monkeypatch) -> dict:
     """Wrap ``load_video_value`` (validation's and the cache's) to count decoded videos and the
     most of them alive in memory at once."""
-    from align.data import preference
+    from align.data import checks
 
     seen = {"decodes": 0, "peak_alive": 0}
     alive: list[weakref.ref] = []
-    orig = preference.load_video_value
+    orig = checks.load_video_value
 
     def tracked(*args, **kwargs):
         frames = orig(*args, **kwargs)
@@ -272,7 +273,7 @@ def _track_decodes(monkeypatch) -> dict:
         seen["peak_alive"] = max(seen["peak_alive"], len(alive))
         return frames
 
-    monkeypatch.setattr(preference, "load_video_value", tracked)
+    monkeypatch.setattr(checks, "load_video_value", tracked)
     monkeypatch.setattr(lc, "load_video_value", tracked)
     return seen
 
@@ -281,7 +282,7 @@ def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monk
     """With latent_cache_dir, train() validates and encodes row by row (never to_pairs, never all
     videos in memory), skips and counts as bad_rows says, and trains the same LoRA as without."""
     import align.training.dpo as train_module
-    from align.data import preference
+    from align.data import pairs
 
     src = _mp4_dataset(tmp_path, n=24)  # 48 distinct mp4 files; every 4th row a tie
     lines = (tmp_path / "ds" / "prefs.jsonl").read_text().splitlines()
@@ -298,7 +299,7 @@ def test_train_with_the_cache_streams_the_dataset(tiny_model_dir, tmp_path, monk
         raise AssertionError("to_pairs decodes every video into memory")
 
     monkeypatch.setattr(train_module, "to_pairs", refuse)
-    monkeypatch.setattr(preference, "to_pairs", refuse)
+    monkeypatch.setattr(pairs, "to_pairs", refuse)
     monkeypatch.setattr(train_module, "encode_pairs", refuse)
     seen = _track_decodes(monkeypatch)
     cache = str(tmp_path / "cache")
@@ -405,7 +406,8 @@ def test_cached_prompts_let_a_diffusers_model_load_without_its_text_encoder(wan_
     pre-load check (core.start's text_encoder_options) drops the encoder. A new prompt: the
     encoder is loaded again (auto) or, with load_text_encoder false, a clear error naming it."""
     from align.cli import main
-    from align.data.latent_cache import UNCOND_FILE, prompt_coverage, text_encoder_options
+    from align.data.latent_cache import UNCOND_FILE
+    from align.training.text_encoder import prompt_coverage, text_encoder_options
 
     src = _mp4_dataset(tmp_path)
     cache = tmp_path / "cache"

@@ -6,7 +6,7 @@ user's own.
 generate -> labels of those videos -> reward train -> data pairs --judge reward:... -> DPO
 train -> eval --judge reward:... --judge clip:... -> (Wan) eval --judge human -> labels
 posted to the annotation app -> eval human; every command runs with ``-X importtime`` and
-none may import ``align.data.synthetic``.
+none may import ``align.demo.synthetic``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def vidalign(*args) -> str:
     cmd = [sys.executable, "-X", "importtime", "-m", "align.cli", *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, f"{' '.join(cmd[4:])}:\n{r.stderr[-3000:]}"
-    imported = [line for line in r.stderr.splitlines() if "align.data.synthetic" in line]
+    imported = [line for line in r.stderr.splitlines() if "align.demo.synthetic" in line]
     assert not imported, f"{args[0]} imported the synthetic world: {imported}"
     return r.stdout
 

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 from conftest import make_preference_rows, save_rows
 
+from align.data.checks import check_rows, summarize, validate_rows
+from align.data.pairs import to_pairs
 from align.data.preference import (
     PreferenceDataError,
-    check_rows,
     iter_rows,
     load_preference_dataset,
-    summarize,
-    to_pairs,
-    validate_rows,
     value_reader,
 )
 from align.data.video import write_video

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from align.cli import main
+from align.training.reward import load_pairs, train_reward_model
 from reward_models.model import RewardModelConfig, VideoRewardModel, bt_loss, sample_frame_indices
 from reward_models.train import (
     PairData,
@@ -17,8 +18,6 @@ from reward_models.train import (
     _setup_finetune,
     accuracy_ci,
     evaluate,
-    load_pairs,
-    train_reward_model,
 )
 
 
@@ -341,8 +340,8 @@ def test_contrastive_pretraining_batches_hold_their_hard_negatives():
 def test_demo_backbone_clips_come_with_their_reversals():
     """The demo backbone's data: each clip and its time-reversed copy, captioned with the
     opposite direction; each item's hard negative is the other."""
-    from align.data.synthetic import DIRECTIONS, parse_prompt
-    from align.pretrain import world_clips_with_reversals
+    from align.demo.pretrain import world_clips_with_reversals
+    from align.demo.synthetic import DIRECTIONS, parse_prompt
 
     videos, prompts, neg = world_clips_with_reversals(0)
     assert len(videos) == len(prompts) == len(neg) == 4096
@@ -354,7 +353,7 @@ def test_demo_backbone_clips_come_with_their_reversals():
 
 
 def _world(n=8, seed=0):
-    from align.data.synthetic import all_scenes, sample_videos
+    from align.demo.synthetic import all_scenes, sample_videos
 
     rng = np.random.default_rng(seed)
     scenes = all_scenes()
@@ -365,7 +364,7 @@ def _world(n=8, seed=0):
 def _left_right_pairs(n, seed):
     """Clips of a shape moving left or right; the pair is (clip, the same clip played
     backwards) for the prompt naming the clip's direction, so only the order of frames differs."""
-    from align.data.synthetic import Scene, sample_videos
+    from align.demo.synthetic import Scene, sample_videos
 
     rng = np.random.default_rng(seed)
     scenes = [Scene("red", "square", ["left", "right"][i % 2], "black") for i in range(n)]

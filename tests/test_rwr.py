@@ -149,7 +149,7 @@ def test_data_samples_cli(tiny_model_dir, tmp_path):
 
 
 def test_sample_groups_rejects_a_bad_judge(tiny_model_dir):
-    from align.data.pairs import sample_groups
+    from align.demo.run import sample_groups
     from align.models import load_model
 
     model = load_model(tiny_model_dir)
@@ -279,3 +279,28 @@ def test_shared_draws_are_the_global_batch_sliced(tiny_model_dir):
     assert torch.equal(t, model.scheduler.sample_timesteps(8, generator=g, device="cpu"))
     halves = [shared_draws(model, (4, *shape[1:]), torch.Generator().manual_seed(0), (r, 2), "cpu") for r in (0, 1)]
     assert torch.equal(torch.cat([h[0] for h in halves]), noise) and torch.equal(torch.cat([h[1] for h in halves]), t)
+
+
+@pytest.mark.integration
+def test_online_rwr_two_processes_sample_half_each_and_gather_the_round(tiny_model_dir, tmp_path):
+    """2 DDP processes each sample and score half of a round (align.training.rollouts) and
+    gather the buffer: the round's reward statistics are the 1-process ones, and training runs on
+    the gathered latents. (The two processes then train the same micro-batches with their own
+    noise, so the updates, and later rounds, differ from one process's.)"""
+    import yaml
+
+    from align.launch import cpu_launch
+
+    keys = _online(tmp_path) | dict(name="one", train_batch_size=2, max_steps=2)
+    recipe = tiny_recipe(tiny_model_dir, tmp_path, objective="rwr", **keys)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    one = train(build_config(**recipe))
+    proc = cpu_launch("ddp", 2, tmp_path / "recipe.yaml", "--name", "two", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ref, got = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, tmp_path / "two")
+    )
+    assert [r["step"] for r in got] == [1, 2] and [r["round"] for r in got] == [0, 0]
+    for k in ("reward_mean", "reward_std"):
+        assert abs(ref[0][k] - got[0][k]) <= 1e-5, (k, ref[0][k], got[0][k])
+    assert all(np.isfinite(r["loss"]) for r in got)

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from align.data.synthetic import (
+from align.demo.synthetic import (
     BACKGROUNDS,
     COLORS,
     DIRECTIONS,

@@ -13,17 +13,16 @@ from PIL import Image
 from align.data.video import (
     check_image,
     decode_video_bytes,
-    from_uint8,
     read_video,
     repeat_frames,
     resample_frames,
     resample_indices,
     resize_center_crop,
-    to_uint8,
     video_info,
     write_grid_gif,
     write_video,
 )
+from align.frames import from_uint8, to_uint8
 
 
 def smooth_video(t: int = 8, h: int = 32, w: int = 32) -> np.ndarray:

@@ -24,15 +24,14 @@ export leaves nothing at ``OUT``.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from align.annotate.stats import CATEGORIES
 from align.annotate.storage import ASPECTS, LabelStore
+from align.atomic import atomic_directory
 
 MODES = ("majority", "all")
 VIDEO_MODES = ("copy", "symlink")
@@ -68,18 +67,10 @@ def export_dataset(
     if not rows:
         raise ValueError(f"export: no pair of {db} has {min_labels} or more labels")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:  # replaces an empty `out` (checked above)
         features = _attach_videos(rows, pairs, store, tmp, videos)
         ds = datasets.Dataset.from_list(rows, features=datasets.Features(features))
         ds.save_to_disk(str(tmp))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prefs = Counter(r["preference"] for r in rows)
     return {
         "rows": len(rows),

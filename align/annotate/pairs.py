@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from align.atomic import file_sha256
+
 #: suffixes a browser's <video> element plays, served straight from the dataset root
 PLAYABLE = (".mp4", ".webm")
 CACHE_FORMATS = ("webm", "mp4")
@@ -220,7 +222,7 @@ class _Converter:
 
     def file(self, path: Path) -> str:
         """A cached conversion of a video file (e.g. a GIF) the browser cannot sync."""
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+        digest = file_sha256(path)[:20]
         target = self.cache / f"{digest}.{self.fmt}"
         if not target.is_file():
             from align.data.video import read_video, video_info

@@ -8,9 +8,11 @@ Routes (everything else is 404):
 - ``POST /api/label`` ``{"annotator", "pair_id", "choice", "aspects"?, "comment"?}``: ``choice``
   and each aspect are ``left | right | tie`` as the annotator saw them (``choice`` may also be
   ``skip``); the server maps them to the dataset's ``a``/``b`` with the side it chose. Answers
-  200 only after the label is committed; 400 for a malformed request, 404 for an unknown
-  pair, 409 for a second label of the same pair by the same annotator. Nothing is written
-  unless the answer is 200.
+  200 only after the label is committed; 400 for a malformed request (the body included: not
+  JSON, nested too deeply, a number too long, a lone surrogate), 404 for an unknown pair, 409
+  for a second label of the same pair by the same annotator (``"reason": "duplicate"``) or for
+  a pair that already has its ``per_pair`` labels from others (``"reason": "pair_complete"``).
+  Nothing is written unless the answer is 200.
 - ``POST /api/undo`` ``{"annotator"}``: undo that annotator's last label; 409 if there is none.
 - ``GET /api/stats``: agreement statistics.
 - ``GET /media/<root>/<path>``: a video of a pair, from the dataset root (``data``) or the
@@ -21,6 +23,14 @@ percent-decoding), or when the path resolves, symlinks followed, outside its roo
 inside the root that is not a video of some pair is 404. Bound to a loopback address the
 server also checks the ``Host`` header (against DNS rebinding), and every POST must be
 ``application/json`` from the same origin (a cross-site form cannot post labels).
+
+Bursts and slow clients. The listen queue holds :data:`LISTEN_BACKLOG` connections; at most
+``max_connections`` (:data:`MAX_CONNECTIONS`) are served at once, each by a thread, and a
+connection beyond that is answered 503 at once (``Retry-After: 1``) without a thread. A
+request (its line, headers and body; on a kept-alive connection the wait for it too) must
+arrive within ``request_timeout`` seconds (:data:`REQUEST_TIMEOUT`) in all, however slowly
+it trickles in; otherwise the connection is closed (408 when the body was late), so idle or
+slow clients, authenticated or not, cannot hold threads.
 
 Access control. With a shared secret (``--secret``) or invite tokens required
 (``--require-invite``; tokens from ``vidalign annotate invite NAME``, kept hashed in the
@@ -38,6 +48,7 @@ without access control is refused (:func:`make_server` raises ``ValueError``).
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import os
@@ -46,6 +57,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,7 +66,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from align.annotate.pairs import inside
 from align.annotate.stats import json_safe, store_stats
-from align.annotate.storage import ASPECTS, DuplicateLabelError, LabelStore, UnknownPairError
+from align.annotate.storage import ASPECTS, DuplicateLabelError, LabelStore, PairCompleteError, UnknownPairError
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {
@@ -71,6 +83,14 @@ SIDES = ("left", "right", "tie")
 MIN_SECRET = 12
 COOKIE_PREFIX = "vidalign_token_"  # + the port: cookies are per host, not per port
 COOKIE_MAX_AGE = 30 * 24 * 3600
+LISTEN_BACKLOG = 128  # connections the kernel queues while the server accepts (a team's bursts)
+MAX_CONNECTIONS = 256  # connections served at once (one thread each; a browser keeps a few open); more: 503
+REQUEST_TIMEOUT = 20.0  # seconds for a whole request to arrive, and per write to a slow reader
+_BUSY_BODY = b'{"ok": false, "error": "the server is busy; try again in a moment"}'
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 UNAUTHORIZED_PAGE = (
     "<!doctype html><meta charset='utf-8'><title>vidalign annotate</title>"
     "<h1>This annotation app needs an invite link</h1>"
@@ -80,11 +100,16 @@ UNAUTHORIZED_PAGE = (
 
 
 class BadRequest(Exception):
-    """A request the client got wrong: answered with ``status`` and ``message``, nothing written."""
+    """A request the client got wrong: answered with ``status`` and ``message`` (and a
+    machine-readable ``reason`` when the page acts on it), nothing written."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.reason = status, message, reason
+
+    def body(self) -> dict:
+        """The JSON answer: ``{"ok": false, "error": message[, "reason": reason]}``."""
+        return {"ok": False, "error": self.message, **({"reason": self.reason} if self.reason else {})}
 
 
 class AnnotateApp:
@@ -182,12 +207,22 @@ class AnnotateApp:
         side = {"left": left, "right": right, "tie": "tie", "skip": "skip", None: None}
         try:
             label_id = self.store.add_label(
-                annotator, pid, side[choice], left, {k: side[v] for k, v in aspects.items()}, comment.strip()
+                annotator,
+                pid,
+                side[choice],
+                left,
+                {k: side[v] for k, v in aspects.items()},
+                comment.strip(),
+                per_pair=self.per_pair,
             )
         except DuplicateLabelError as e:
-            raise BadRequest(409, str(e)) from None
+            raise BadRequest(409, str(e), "duplicate") from None
+        except PairCompleteError as e:
+            raise BadRequest(409, str(e), "pair_complete") from None
         except UnknownPairError as e:
             raise BadRequest(404, str(e)) from None
+        except ValueError as e:  # text the database cannot store
+            raise BadRequest(400, str(e)) from None
         return {"ok": True, "label_id": label_id, "progress": self.store.progress(annotator, self.per_pair)}
 
     def undo(self, body: dict, bound: str | None = None) -> dict:
@@ -258,6 +293,38 @@ def _only(body: dict, keys: set[str]) -> None:
         raise BadRequest(400, f"unknown field(s) {extra}")
 
 
+def _split_url(raw: str):
+    """``urlsplit(raw)``; a malformed URL (e.g. ``//[x``) is a 400, not a traceback."""
+    try:
+        return urlsplit(raw)
+    except ValueError:
+        raise BadRequest(400, "malformed request path") from None
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reading side that gives each request until its handler's ``deadline``
+    (``time.monotonic()``) in all: every read waits at most the time left, so a client that
+    trickles a byte at a time cannot stretch a request beyond it (a plain socket timeout is
+    per read). Past the deadline a read raises ``TimeoutError``."""
+
+    def __init__(self, sock: socket.socket, handler: Handler):
+        super().__init__()
+        self._sock, self._handler = sock, handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self._handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._handler.timeout)  # writes: per write, as usual
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     """``(first, last)`` byte positions (inclusive) of a single ``bytes=`` range, ``None`` to
     send the whole file (no header, or one this server does not honour such as several
@@ -287,6 +354,21 @@ class Handler(BaseHTTPRequestHandler):
     def app(self) -> AnnotateApp:
         return self.server.app  # type: ignore[attr-defined]
 
+    def setup(self) -> None:
+        """The socket timeout (writes) and the per-request deadline on reads (see
+        :class:`_DeadlineReader`), from the server's ``request_timeout``."""
+        self.timeout = getattr(self.server, "request_timeout", REQUEST_TIMEOUT)
+        self.deadline = time.monotonic() + self.timeout
+        super().setup()
+        self.rfile.close()  # the plain reader; the socket stays open
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def handle_one_request(self) -> None:
+        """One request, which (its wait on a kept-alive connection included) must arrive
+        within ``timeout`` seconds; a late one closes the connection (the base class)."""
+        self.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         if getattr(self.server, "verbose", False):
             super().log_message(format, *args)
@@ -302,10 +384,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._cookie = None
         try:
+            path = _split_url(self.path).path
             self._check_host()
             bound = self._authorize()  # before the body is read: an unauthorised one is never parsed
             body = self._json_body()
-            path = urlsplit(self.path).path
             if path == "/api/label":
                 self._send_json(200, self.app.label(body, bound))
             elif path == "/api/undo":
@@ -313,7 +395,9 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 raise BadRequest(404, "no such endpoint")
         except BadRequest as e:
-            self._send_json(e.status, {"ok": False, "error": e.message})
+            self._send_json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client went away, or reads our answer too slowly
         except Exception as e:  # a bug or a locked database: 500, never a silent success
             self.close_connection = True
             self._send_json(500, {"ok": False, "error": f"{type(e).__name__}: {e}"})
@@ -321,9 +405,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self, head: bool) -> None:
         self._cookie = None
-        url = urlsplit(self.path)
-        path = url.path
+        path = None
         try:
+            url = _split_url(self.path)
+            path = url.path
             self._check_host()
             bound = self._authorize()
             if path in STATIC_FILES:
@@ -344,9 +429,9 @@ class Handler(BaseHTTPRequestHandler):
             if e.status == 401 and path == "/":  # a person opened the page without a link: say what to do
                 self._send_bytes(401, UNAUTHORIZED_PAGE.encode(), "text/html; charset=utf-8", head)
             else:
-                self._send_json(e.status, {"ok": False, "error": e.message}, head)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the browser stopped reading (e.g. seeking a video)
+                self._send_json(e.status, e.body(), head)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the browser stopped reading (e.g. seeking a video), or too slowly
         except Exception as e:  # a bug or a locked database: 500, then the traceback on stderr
             self.close_connection = True
             self._send_json(500, {"ok": False, "error": f"{type(e).__name__}: {e}"}, head)
@@ -384,7 +469,7 @@ class Handler(BaseHTTPRequestHandler):
             return auth[7:].strip(), "header"
         if self.headers.get("X-Vidalign-Token"):
             return self.headers["X-Vidalign-Token"].strip(), "header"
-        query = parse_qs(urlsplit(self.path).query).get("token")
+        query = parse_qs(_split_url(self.path).query).get("token")
         if query:
             return query[0], "query"
         try:
@@ -405,28 +490,30 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def _json_body(self) -> dict:
+        """The POST body as a JSON object; every way it can be wrong is a 4xx (:class:`BadRequest`)."""
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             self.close_connection = True
             raise BadRequest(411, "a Content-Length is required")
         n = int(length)
         if n > MAX_BODY:
             self.close_connection = True  # the body is not read: this connection cannot go on
             raise BadRequest(413, f"request body over {MAX_BODY} bytes")
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            self.close_connection = True
+            raise BadRequest(408, f"the request body did not arrive within {self.timeout:g} s") from None
+        if len(raw) < n:
+            self.close_connection = True
+            raise BadRequest(400, f"the body ended after {len(raw)} of its {n} bytes")
         if ctype != "application/json":
             raise BadRequest(415, "POST bodies must be application/json")
         origin = self.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc.lower() != (self.headers.get("Host") or "").lower():
+        if origin is not None and _origin_host(origin) != (self.headers.get("Host") or "").lower():
             raise BadRequest(403, "cross-origin request refused")
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRequest(400, f"body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise BadRequest(400, "body must be a JSON object")
-        return body
+        return parse_json_object(raw)
 
     def _send_json(self, status: int, obj, head: bool = False) -> None:
         data = json.dumps(json_safe(obj), allow_nan=False).encode()
@@ -481,6 +568,37 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(chunk)
 
 
+def _origin_host(origin: str) -> str | None:
+    """The ``host[:port]`` of an ``Origin`` header, lower-cased; ``None`` when it is malformed."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """``raw`` (UTF-8 JSON) as a dict, or ``BadRequest(400)`` saying what is wrong: not UTF-8
+    or not JSON, nested too deeply, a number too long to read (over Python's 4,300 digits), a
+    string with a lone surrogate (not storable), or not an object."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(400, f"body is not JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(400, "body is nested too deeply") from None
+    except ValueError:  # int() of a number over sys.get_int_max_str_digits() digits
+        raise BadRequest(400, "body holds a number too long to read") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(400, "body holds a lone surrogate (e.g. \\ud800): text must be valid Unicode") from None
+    except (RecursionError, ValueError):
+        raise BadRequest(400, "body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "body must be a JSON object")
+    return body
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -490,7 +608,68 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+class AnnotateHTTPServer(ThreadingHTTPServer):
+    """The threading server with a team-sized listen queue, at most ``max_connections``
+    connections served at once (a thread each; beyond that a 503 at once, no thread) and
+    ``request_timeout`` (read by :class:`Handler`) for each request to arrive."""
+
+    request_queue_size = LISTEN_BACKLOG
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address,
+        handler,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ):
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {request_timeout}")
+        self.max_connections, self.request_timeout = max_connections, float(request_timeout)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection while fewer than ``max_connections`` are served, else 503."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        """Answer 503 and close, in the accepting thread (the answer fits a socket buffer)."""
+        try:
+            request.setblocking(False)
+            try:  # take what has arrived: closing with unread data would reset the connection
+                request.recv(MAX_BODY + 16 * 1024)
+            except OSError:
+                pass
+            request.settimeout(1.0)
+            request.sendall(BUSY_RESPONSE)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away or was too slow is no error of the server's: not printed."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class _AnnotateHTTPServerV6(AnnotateHTTPServer):
     address_family = socket.AF_INET6
 
 
@@ -515,14 +694,21 @@ def access_error(host: str) -> str:
     )
 
 
-def make_server(app: AnnotateApp, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> ThreadingHTTPServer:
+def make_server(
+    app: AnnotateApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    verbose: bool = False,
+    max_connections: int = MAX_CONNECTIONS,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> AnnotateHTTPServer:
     """A threading HTTP server for ``app`` bound to ``host:port`` (0: any free port); not started.
-    Raises ``ValueError`` (before binding) for a non-loopback ``host`` when ``app`` is not protected."""
+    ``max_connections`` and ``request_timeout``: see :class:`AnnotateHTTPServer`. Raises
+    ``ValueError`` (before binding) for a non-loopback ``host`` when ``app`` is not protected."""
     if not is_loopback(host) and not app.protected:
         raise ValueError(access_error(host))
-    server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
-    server = server_class((host, port), Handler)
-    server.daemon_threads = True
+    server_class = _AnnotateHTTPServerV6 if ":" in host else AnnotateHTTPServer
+    server = server_class((host, port), Handler, max_connections, request_timeout)
     server.app = app  # type: ignore[attr-defined]
     server.verbose = verbose  # type: ignore[attr-defined]
     port = server.server_address[1]
@@ -531,7 +717,7 @@ def make_server(app: AnnotateApp, host: str = "127.0.0.1", port: int = 0, verbos
     return server
 
 
-def start_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+def start_in_thread(server: AnnotateHTTPServer) -> threading.Thread:
     """Serve in a daemon thread (tests, notebooks); stop with ``server.shutdown()``."""
     t = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True, name="vidalign-annotate")
     t.start()
@@ -549,14 +735,23 @@ def serve(
     verbose: bool = False,
     secret: str | None = None,
     require_invite: bool = False,
+    max_connections: int | None = None,
+    request_timeout: float | None = None,
 ) -> None:
     """Load ``pairs`` into the database ``db`` (first time) or check them (later), then serve
     until interrupted. Converted videos go to ``<db name>.videos/`` beside the database.
     ``secret`` / ``require_invite`` turn on access control (see the module docstring); a
-    non-loopback ``host`` without either is refused before anything is loaded."""
+    non-loopback ``host`` without either is refused before anything is loaded.
+    ``max_connections`` / ``request_timeout`` (default: ``$VIDALIGN_ANNOTATE_MAX_CONNECTIONS``,
+    ``$VIDALIGN_ANNOTATE_TIMEOUT``, else :data:`MAX_CONNECTIONS`, :data:`REQUEST_TIMEOUT`): see
+    :class:`AnnotateHTTPServer`."""
     from align.annotate.pairs import load_pairs
 
     check_secret(secret)
+    if max_connections is None:
+        max_connections = int(_env_number("VIDALIGN_ANNOTATE_MAX_CONNECTIONS", MAX_CONNECTIONS, int))
+    if request_timeout is None:
+        request_timeout = _env_number("VIDALIGN_ANNOTATE_TIMEOUT", REQUEST_TIMEOUT, float)
     if not is_loopback(host) and secret is None and not require_invite:
         raise ValueError(access_error(host))
     warning = host_warning(host)
@@ -568,7 +763,7 @@ def serve(
     store = LabelStore(db)
     store.sync_pairs(source.pairs, source.source, source.kind)
     app = AnnotateApp(store, source.roots, per_pair, secret=secret, require_invite=require_invite)
-    server = make_server(app, host, port, verbose)
+    server = make_server(app, host, port, verbose, max_connections, request_timeout)
     shown = f"[{host}]" if ":" in host else host
     base = f"http://{shown}:{server.server_address[1]}/"
     print(f"{len(app.pairs)} pairs, {per_pair} label(s) each; labels in {db}", flush=True)
@@ -591,6 +786,21 @@ def serve(
         pass
     finally:
         server.server_close()
+
+
+def _env_number(name: str, default: float, cast: type = float) -> float:
+    """The positive number in the environment variable ``name`` (``default`` when unset);
+    anything else is a ``ValueError`` naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise ValueError(f"{name}={raw!r}: expected a positive {'integer' if cast is int else 'number'}")
+    return value
 
 
 def invite_link(base_url: str | None, token: str) -> str:

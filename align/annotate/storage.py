@@ -89,6 +89,10 @@ class DuplicateLabelError(Exception):
     """The annotator already has a live label (or skip) for this pair."""
 
 
+class PairCompleteError(Exception):
+    """The pair already has its ``per_pair`` live labels from other annotators."""
+
+
 class LabelStore:
     """The annotation database at ``path``. ``create=False`` refuses a missing file (for
     ``stats`` and ``export``, which must not create an empty database by a typo)."""
@@ -301,14 +305,21 @@ class LabelStore:
         aspects: dict[str, str] | None = None,
         comment: str = "",
         now: float | None = None,
+        per_pair: int | None = None,
     ) -> int:
         """Record one decision in its own transaction and return its id (after the commit).
 
         ``choice`` and ``aspects`` values are in the dataset's terms (``a``/``b``/``tie``;
-        ``choice`` may also be ``skip``); ``shown_left`` is the video shown on the left. Raises
-        :class:`UnknownPairError`, :class:`DuplicateLabelError` or ``ValueError``; then nothing
-        is written."""
+        ``choice`` may also be ``skip``); ``shown_left`` is the video shown on the left. With
+        ``per_pair`` a label (not a skip) of a pair that already has ``per_pair`` live labels
+        from other annotators is refused: checked and written in one transaction, so
+        simultaneous requests cannot overfill a pair. Raises :class:`UnknownPairError`,
+        :class:`DuplicateLabelError`, :class:`PairCompleteError` or ``ValueError`` (also for
+        text that is not valid Unicode, such as a lone surrogate); then nothing is written."""
         aspects = dict(aspects or {})
+        for what, text in (("annotator", annotator), ("comment", comment)):
+            if not isinstance(text, str) or not _encodable(text):
+                raise ValueError(f"{what} must be valid Unicode text (no lone surrogates)")
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         if shown_left not in ("a", "b"):
@@ -322,6 +333,17 @@ class LabelStore:
         with self._tx(write=True) as con:
             if con.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
                 raise UnknownPairError(f"no pair with id {pair_id}")
+            if per_pair is not None and choice != "skip":
+                (others,) = con.execute(
+                    "SELECT COUNT(*) FROM labels WHERE pair_id = ? AND annotator != ? AND undone_at IS NULL "
+                    "AND choice != 'skip'",
+                    (pair_id, annotator),
+                ).fetchone()
+                if others >= per_pair:
+                    raise PairCompleteError(
+                        f"pair {pair_id} already has its {per_pair} label{'s' if per_pair > 1 else ''} from other "
+                        "annotators; this label was not recorded"
+                    )
             try:
                 cur = con.execute(
                     "INSERT INTO labels (pair_id, annotator, choice, shown_left, visual_quality, motion, "
@@ -407,6 +429,15 @@ class LabelStore:
                 "SELECT annotator, COUNT(*) FROM invites WHERE revoked_at IS NULL GROUP BY annotator ORDER BY annotator"
             )
             return dict(rows.fetchall())
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (SQLite stores UTF-8: a lone surrogate cannot be)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def token_hash(token: str) -> str:

@@ -1,1 +1,1 @@
-"""Preference data, the synthetic world and video I/O."""
+"""Preference data: the schema and loading, row checks, pairs, importers, video I/O, the latent cache."""

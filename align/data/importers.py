@@ -65,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
-from align.atomic import atomic_directory
+from align.atomic import atomic_directory, file_sha256
 from align.data.preference import (
     HUB_ID,
     IMAGE_EXTS,
@@ -200,18 +200,7 @@ def import_dataset(
     import datasets
 
     opts = options or ImportOptions(seed=seed)
-    pre = {k: v for k, v in (preprocessing or {}).items() if v is not None}
-    unknown = sorted(set(pre) - {"num_frames", "height", "width", "fps"})
-    if unknown:
-        raise ValueError(f"unknown preprocessing key(s) {unknown}; use num_frames, height, width, fps")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown import format {fmt!r}; use one of {list(FORMATS)}")
-    if bad_rows not in ("error", "skip"):
-        raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
-    if opts.as_samples and fmt not in GROUPED_FORMATS:
-        raise ValueError(f"as_samples (--as-samples) needs a scored format ({list(GROUPED_FORMATS)}), not {fmt!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+    pre = _checked_arguments(fmt, bad_rows, preprocessing, opts, limit)
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise ValueError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -253,6 +242,23 @@ def import_dataset(
         }
         (stage / "vidalign_import.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _checked_arguments(fmt: str, bad_rows: str, preprocessing: dict | None, opts: ImportOptions, limit) -> dict:
+    """The preprocessing keys given, once every argument of :func:`import_dataset` is checked."""
+    pre = {k: v for k, v in (preprocessing or {}).items() if v is not None}
+    unknown = sorted(set(pre) - {"num_frames", "height", "width", "fps"})
+    if unknown:
+        raise ValueError(f"unknown preprocessing key(s) {unknown}; use num_frames, height, width, fps")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown import format {fmt!r}; use one of {list(FORMATS)}")
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    if opts.as_samples and fmt not in GROUPED_FORMATS:
+        raise ValueError(f"as_samples (--as-samples) needs a scored format ({list(GROUPED_FORMATS)}), not {fmt!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return pre
 
 
 @dataclass
@@ -643,19 +649,17 @@ class _MediaStore:
         return self._zips
 
     def _put_member(self, member: tuple, ext: str) -> str:
-        """Extract one zip member into the output once (streamed, hashed on the way)."""
+        """Extract one zip member into the output once: streamed to a temp name in the staging
+        directory, then renamed to its content's name (its sha256 is known only once extracted)."""
         zf, name = member
         tmp = self.stage / "videos" / f".extract-{os.getpid()}{ext}"
-        h = hashlib.sha256()
         try:
             with zf.open(name) as fin, open(tmp, "wb") as fout:
-                for chunk in iter(lambda: fin.read(1 << 20), b""):
-                    h.update(chunk)
-                    fout.write(chunk)
+                shutil.copyfileobj(fin, fout, 1 << 20)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             tmp.unlink(missing_ok=True)
             raise ValueError(f"{name}: cannot extract from {Path(zf.filename).name} ({e})") from None
-        digest = h.hexdigest()[:32]
+        digest = _file_hash(tmp)
         if digest in self.stored:
             tmp.unlink()
             return self.stored[digest]
@@ -741,11 +745,8 @@ class _MediaStore:
 
 
 def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
+    """A stored file's name: the first 32 hex digits of its sha256."""
+    return file_sha256(path)[:32]
 
 
 # --------------------------------------------------------------------------------------------

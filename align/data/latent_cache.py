@@ -29,13 +29,11 @@ and mtime; Hugging Face cache blobs are already named by their sha256), the adap
 dtype and the ``max_sequence_length`` option, not by the loaded weights, so a model loaded
 with ``load_text_encoder=False`` finds the states a run with the encoder wrote. Such a cache
 holds the states of *every* prompt of the dataset and of ``""`` (the unconditional prompt, also
-written as ``unconditional.safetensors`` in ``save_prompt_embeds``' format). Before loading,
-:func:`text_encoder_options` (called by ``core.start`` for DPO) checks that every prompt is
-there; then the model is loaded without its text encoder (UMT5-XXL alone is ~11 GB in bf16).
-Otherwise the text encoder is loaded and the run fills the prompt cache, unless the recipe says
-``model_options: {load_text_encoder: false}``: then a missing prompt is a ``ValueError`` naming
-it and the ``vidalign data cache`` command that fills the cache. TinySora (small) always keeps
-its text encoder, and its prompt namespace stays keyed by the encoder's weights.
+written as ``unconditional.safetensors`` in ``save_prompt_embeds``' format).
+:func:`cached_prompt_states` finds them by the text-encoder files alone, before any model is
+loaded; whether a run then loads its model without the text encoder (UMT5-XXL alone is ~11 GB
+in bf16) is the trainer's decision (:mod:`align.training.text_encoder`). TinySora (small)
+always keeps its text encoder, and its prompt namespace stays keyed by the encoder's weights.
 
 Entry points: :func:`build_latent_cache` (streaming from a dataset: one batch of decoded
 videos in memory at a time, for datasets whose pixels do not fit in RAM; used by ``vidalign
@@ -50,7 +48,6 @@ import json
 import os
 import secrets
 import shlex
-import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -62,17 +59,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from align.atomic import atomic_write, atomic_write_text
+from align.atomic import atomic_write, atomic_write_text, file_sha256
+from align.data.checks import check_rows
 from align.data.preference import (
     PreferenceDataError,
-    check_rows,
     content_hash,
     dataset_root,
     load_video_value,
     value_reader,
     video_fps,
 )
-from align.data.video import from_uint8, resample_frames
+from align.data.video import resample_frames
+from align.frames import from_uint8
 
 CACHE_VERSION = 1
 SHARD_BYTES = 32 << 20  # a shard is written before more than this is buffered
@@ -147,9 +145,9 @@ def video_fingerprint(model, preprocessing: dict | None = None) -> tuple[str, di
 
 
 def _is_diffusers(model) -> bool:
-    """Whether ``model`` is a diffusers adapter (without importing diffusers for the tiny model)."""
-    base = sys.modules.get("align.models.diffusers.base")
-    return base is not None and isinstance(model, base.DiffusersVideoModel)
+    """Whether ``model`` is a diffusers adapter: its class names the pipeline's text components
+    (``text_components``, what :func:`text_identity` hashes); TinySora's does not."""
+    return hasattr(type(model), "text_components")
 
 
 def text_encoder_loaded(model) -> bool:
@@ -168,12 +166,9 @@ def _file_digest(path: Path, memo: dict) -> str:
     known = memo.get(str(real))
     if known and known["size"] == st.st_size and known["mtime_ns"] == st.st_mtime_ns:
         return known["sha256"]
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    memo[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-    return h.hexdigest()
+    digest = file_sha256(real, chunk_bytes=1 << 24)
+    memo[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return digest
 
 
 def _text_root(source: str, components: tuple[str, ...], revision: str | None) -> Path:
@@ -353,15 +348,14 @@ class ShardStore:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to 8 bytes
         name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        try:
+
+        def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(len(raw).to_bytes(8, "little"))
                 f.write(raw)
                 f.write(memoryview(body.numpy()))
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        final = atomic_write(self.dir / name, write)
         self._scanned.add(final)
         for k in entries:
             self.where.setdefault(k, final)
@@ -567,6 +561,44 @@ def _usable_pairs(ds, report, vstore: ShardStore) -> tuple[list[int], list[tuple
     return rows, keys, where, skipped
 
 
+def _checked_rows(ds, source: str, root, pre: dict, bad_rows: str, allow_absolute_paths: bool, min_frames: int):
+    """:func:`check_rows` of ``ds`` at the target ``pre``: its fatal problems raised (``bad_rows="error"``),
+    and without a target, videos of several shapes refused."""
+    report = check_rows(
+        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, target=pre or None
+    )
+    if report.fatal and bad_rows == "error":
+        raise PreferenceDataError(source, [(p.row, p.message) for p in report.fatal])
+    if not pre and len(report.info.get("sizes", {})) + len(report.info.get("frames", {})) > 2:
+        raise ValueError(
+            f"{source}: videos of several sizes or lengths ({report.info['sizes']}, frames {report.info['frames']}); "
+            f"pass the model's input as the target (num_frames, height, width, fps) to resample them to one"
+        )
+    return report
+
+
+def _frame_loader(ds, source: str, root, pre: dict, allow_absolute_paths: bool) -> Callable[[int, str], np.ndarray]:
+    """``load(row, column)``: one video of ``ds`` decoded and brought to the target ``pre``."""
+    readers = {col: value_reader(ds, col) for col in ("video_a", "video_b")}
+    fps_readers = {col: value_reader(ds, f"fps_{col[-1]}") for col in readers if f"fps_{col[-1]}" in ds.column_names}
+
+    def load(i: int, col: str) -> np.ndarray:
+        value = readers[col](i)
+        frames = load_video_value(value, root, allow_absolute_paths)
+        if not pre:
+            return frames
+        column_fps = fps_readers[col](i) if col in fps_readers else None
+        src_fps = video_fps(value, root, allow_absolute_paths, column_fps)
+        try:
+            return resample_frames(
+                frames, src_fps, pre.get("num_frames"), pre.get("fps"), pre.get("height"), pre.get("width")
+            )
+        except ValueError as e:
+            raise ValueError(f"{source}: row {i} {col}: {e}") from None
+
+    return load
+
+
 def build_latent_cache(
     model,
     ds,
@@ -616,37 +648,11 @@ def build_latent_cache(
     if not text_encoder_loaded(model) and (missing := [p for p in wanted if prompt_hash(p) not in tstore]):
         raise ValueError(missing_prompts_message(missing, cache_dir, fill_command))
     root = dataset_root(root)
-    report = check_rows(
-        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, target=pre or None
-    )
-    if report.fatal and bad_rows == "error":
-        raise PreferenceDataError(source, [(p.row, p.message) for p in report.fatal])
-    if not pre and len(report.info.get("sizes", {})) + len(report.info.get("frames", {})) > 2:
-        raise ValueError(
-            f"{source}: videos of several sizes or lengths ({report.info['sizes']}, frames {report.info['frames']}); "
-            f"pass the model's input as the target (num_frames, height, width, fps) to resample them to one"
-        )
+    report = _checked_rows(ds, source, root, pre, bad_rows, allow_absolute_paths, min_frames)
     rows, keys, where, skipped = _usable_pairs(ds, report, vstore)
     if not rows:
         raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
-
-    readers = {col: value_reader(ds, col) for col in ("video_a", "video_b")}
-    fps_readers = {col: value_reader(ds, f"fps_{col[-1]}") for col in readers if f"fps_{col[-1]}" in ds.column_names}
-
-    def load(i: int, col: str) -> np.ndarray:
-        value = readers[col](i)
-        frames = load_video_value(value, root, allow_absolute_paths)
-        if not pre:
-            return frames
-        column_fps = fps_readers[col](i) if col in fps_readers else None
-        src_fps = video_fps(value, root, allow_absolute_paths, column_fps)
-        try:
-            return resample_frames(
-                frames, src_fps, pre.get("num_frames"), pre.get("fps"), pre.get("height"), pre.get("width")
-            )
-        except ValueError as e:
-            raise ValueError(f"{source}: row {i} {col}: {e}") from None
-
+    load = _frame_loader(ds, source, root, pre, allow_absolute_paths)
     p_enc = _encode_prompts(model, tstore, wanted, batch_size)
     hits = len({h for k in keys for h in k}) - len(where)
     n_enc = _encode_videos(model, vstore, ((h, lambda i=i, c=c: load(i, c)) for h, (i, c) in where.items()), batch_size)
@@ -669,7 +675,7 @@ def build_latent_cache(
 
 
 # --------------------------------------------------------------------------------------------
-# training without the text encoder
+# prompt states without the text encoder
 
 
 def cache_command(dataset: str, model: str, cache_dir: str, options: dict | None = None, device=None) -> str:
@@ -685,17 +691,11 @@ def cache_command(dataset: str, model: str, cache_dir: str, options: dict | None
     return shlex.join(parts)
 
 
-def prompt_coverage(source: str, options: dict, cache_dir, prompts: list[str], device) -> tuple[list[str], Path | None]:
-    """``(prompts missing, unconditional.safetensors or None)`` of the prompt namespace that a
-    diffusers pipeline at ``source`` loaded with ``options`` on ``device`` would use in
-    ``cache_dir``, found by :func:`text_identity` without loading the model (no such namespace:
-    every prompt is missing)."""
-    from align.models.diffusers import family_of, model_class, read_pipeline_class
-    from align.models.diffusers.loading import resolve_dtype
-
-    cls = model_class(options.get("family") or family_of(read_pipeline_class(source), source), source)
-    dtype = resolve_dtype(options.get("dtype", "auto"), torch.device(device))
-    want = _digest(text_identity(source, cls, dtype, options, cache_dir))
+def cached_prompt_states(identity: dict, cache_dir, prompts: list[str]) -> tuple[list[str], Path | None]:
+    """``(prompts missing, unconditional.safetensors or None)`` of the prompt namespace in
+    ``cache_dir`` whose text-encoder files match ``identity`` (:func:`text_identity`; no such
+    namespace: every prompt is missing). Nothing is loaded but the namespaces' shard headers."""
+    want = _digest(identity)
     fewest = list(prompts)
     for meta_file in sorted(Path(cache_dir).glob("prompt-*/fingerprint.json")):
         meta = json.loads(meta_file.read_text())
@@ -709,40 +709,3 @@ def prompt_coverage(source: str, options: dict, cache_dir, prompts: list[str], d
             return [], meta_file.parent / UNCOND_FILE
         fewest = min(fewest, missing, key=len)
     return fewest, None
-
-
-def text_encoder_options(cfg, device) -> dict:
-    """Extra ``load_model`` options for a run (``core.start``): for DPO with ``latent_cache_dir`` on
-    a diffusers pipeline whose cache holds the states of every prompt of ``cfg.dataset`` (and of
-    ``""``), ``{"load_text_encoder": False, "prompt_embeds": <unconditional.safetensors>}``: the
-    text encoder is not loaded. Otherwise ``{}``: it is loaded and the run fills the cache, except
-    with ``model_options.load_text_encoder: false``, where a missing prompt is a ValueError naming
-    it and the command that fills the cache (``load_text_encoder: true`` always loads it)."""
-    from align.models import is_diffusers_source
-
-    options = dict(cfg.model_options)
-    choice = options.pop("load_text_encoder", None)
-    table = options.pop("prompt_embeds", None)
-    if cfg.objective != "dpo" or not cfg.latent_cache_dir or choice is True or not is_diffusers_source(cfg.model):
-        return {}
-    from align.data.preference import load_preference_dataset
-
-    prompts = [*dict.fromkeys(str(p) for p in load_preference_dataset(cfg.dataset)["prompt"]), ""]
-    command = cache_command(cfg.dataset, cfg.model, cfg.latent_cache_dir, options, device)
-    try:
-        missing, uncond = prompt_coverage(cfg.model, options, cfg.latent_cache_dir, prompts, device)
-    except ValueError as e:
-        if choice is False:
-            raise
-        print(f"[vidalign] latent cache: loading the text encoder ({e})")
-        return {}
-    if not missing:
-        print(f"[vidalign] latent cache: all {len(prompts)} prompt states cached; the text encoder is not loaded")
-        return {"load_text_encoder": False, "prompt_embeds": table or str(uncond)}
-    if choice is False:
-        raise ValueError(missing_prompts_message(missing, cfg.latent_cache_dir, command))
-    print(
-        f"[vidalign] latent cache: {len(missing)} of {len(prompts)} prompt(s) not cached; the text encoder is "
-        f"loaded to encode them (to train without it, fill the cache first: `{command}`)"
-    )
-    return {}

@@ -1,59 +1,103 @@
-"""Build a preference dataset from a generator's own samples, judged by the oracle or by a
-reward model.
+"""Preference pairs, both ways: a dataset's rows as chosen/rejected videos (:func:`to_pairs`,
+what DPO trains on), and scored groups of samples as a preference dataset
+(:func:`pairs_from_groups`, what ``data pairs`` and the demo write).
 
-For each prompt the generator draws ``samples_per_prompt`` videos (different seeds); a judge
-scores them (any ``score(videos, prompts)``, e.g. ``align.judges.combined_score`` of the
-``--judge`` specs: RLAIF-style labelling; ``score=None`` is the synthetic world's oracle, which
-only the demo uses, imported only then);
-the best and the worst form a pair (best-of-n vs worst-of-n, as in on-policy preference
-pipelines). A pair whose scores differ by less than ``tie_margin`` (in the judge's units) is
-labelled a tie. The a/b order is randomised so that "a" carries no bias.
+``to_pairs`` validates every row (:func:`align.data.checks.validate_rows`); ``bad_rows``
+says whether a bad row raises or is skipped and counted, and ties are always skipped and
+counted (DPO cannot use them), never dropped silently.
+
+``pairs_from_groups``: for each prompt a group of ``k`` samples scored by a judge (any
+``score(videos, prompts)``, e.g. ``align.judges.combined_score`` of the ``--judge`` specs:
+RLAIF-style labelling); the best and the worst form a pair (best-of-n vs worst-of-n, as in
+on-policy preference pipelines), or every pair within the group. A pair whose scores differ by
+less than ``tie_margin`` (in the judge's units) is labelled a tie. The a/b order is randomised
+so that "a" carries no bias.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from align.data.video import to_uint8
-from align.sample import generate
+from align.data.checks import validate_rows
+from align.data.preference import PreferenceDataError
+
+# --------------------------------------------------------------------------------------------
+# a dataset's rows as chosen / rejected videos
 
 
-def sample_groups(
-    model,
-    prompts: list[str],
-    samples_per_prompt: int,
-    seed: int = 0,
-    num_steps: int = 20,
-    guidance_scale: float = 4.0,
-    progress: bool = True,
+@dataclass
+class Pairs:
+    """Chosen/rejected videos ready for DPO, with what was skipped and why."""
+
+    prompts: list[str]
+    chosen: np.ndarray  # uint8 (N, T, H, W, C)
+    rejected: np.ndarray
+    rows: list[int]  # source row of each pair
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def to_pairs(
+    ds,
+    source: str = "dataset",
+    root: str | Path | None = None,
+    bad_rows: str = "error",
     *,
-    score: Callable[[np.ndarray, Sequence[str]], np.ndarray],
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``k`` samples per prompt (consecutive rows form a group) and their scores:
-    ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``. ``score(videos,
-    prompts)`` (a judge's ``score``, ``align.judges``) returns one number per video."""
+    allow_absolute_paths: bool = False,
+    min_frames: int = 1,
+    target: dict | None = None,
+) -> Pairs:
+    """Validated chosen/rejected pairs. ``bad_rows``: ``error`` raises listing every bad row,
+    ``skip`` skips and counts them. Ties are always skipped and counted.
+
+    ``target`` (``num_frames``, ``height``, ``width``, ``fps``: the model's input) resamples
+    every video as it is decoded (timestamps at ``fps``, resize + centre crop), so videos of any
+    size, fps and length become one shape; a video too short for it is a bad row. Without a
+    target all usable videos must already share one shape (else a ``ValueError`` listing the
+    shapes, asking for a target)."""
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    if len(ds) == 0:
+        raise ValueError(f"{source}: the preference dataset is empty")
+    problems, decoded = validate_rows(
+        ds, source, root, allow_absolute_paths=allow_absolute_paths, min_frames=min_frames, target=target
+    )
+    if problems and bad_rows == "error":
+        raise PreferenceDataError(source, problems)
+    prompts, chosen, rejected, rows = [], [], [], []
+    skipped = {"bad_row": len({r for r, _ in problems}), "tie": 0}
+    all_prompts = ds["prompt"]
+    for i, (pref, vids) in enumerate(zip(ds["preference"], decoded)):
+        if vids is None:
+            continue
+        if pref == "tie":
+            skipped["tie"] += 1
+            continue
+        va, vb = vids
+        w, l = (va, vb) if pref == "a" else (vb, va)
+        prompts.append(str(all_prompts[i]))
+        chosen.append(w)
+        rejected.append(l)
+        rows.append(i)
     if not prompts:
-        raise ValueError("sample_groups: empty prompt list")
-    if samples_per_prompt < 2:
-        raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
-    k = samples_per_prompt
-    all_prompts = [p for p in prompts for _ in range(k)]
-    seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
-    videos = to_uint8(generate(model, all_prompts, seeds, num_steps, guidance_scale, progress=progress, desc="pairs"))
-    flat = np.asarray(score(videos, all_prompts), dtype=np.float64).reshape(-1)
-    if flat.shape != (len(all_prompts),):
-        raise ValueError(f"sample_groups: the judge returned {flat.size} scores for {len(all_prompts)} videos")
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size:
-        i = int(bad[0])
+        raise ValueError(f"{source}: no usable pairs (skipped: {skipped})")
+    shapes: dict[tuple, int] = {}
+    for r, v in zip(rows + rows, chosen + rejected):
+        shapes.setdefault(tuple(v.shape), r)
+    if len(shapes) > 1:
+        listed = ", ".join(f"{s} (first in row {r})" for s, r in list(shapes.items())[:5])
         raise ValueError(
-            f"sample_groups: the judge gave {bad.size} non-finite scores, first for video {i} "
-            f"(prompt {all_prompts[i]!r}, seed {seeds[i]})"
+            f"{source}: videos of {len(shapes)} shapes ({listed}); pass the model's input as the target "
+            f"(num_frames, height, width, fps) to resample them to one"
         )
-    return all_prompts, videos, flat.reshape(len(prompts), k)
+    return Pairs(prompts, np.stack(chosen), np.stack(rejected), rows, skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# scored groups of samples as a preference dataset
 
 
 def _dataset(rows: dict, shape):

@@ -1,4 +1,5 @@
-"""Video I/O helpers: tensor <-> uint8 conversion, GIF/MP4/WebM writing and reading, labelled grids.
+"""Video I/O helpers: GIF/MP4/WebM writing and reading, resampling, labelled grids (tensor <->
+uint8 conversion is :mod:`align.frames`).
 
 Conventions:
 
@@ -23,41 +24,6 @@ from align.atomic import atomic_write
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # read as one-frame videos (T = 1)
-
-
-# --------------------------------------------------------------------------------------------
-# tensors <-> uint8 frames
-
-
-def to_uint8(videos: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float videos in [-1, 1] as uint8 frames, channels last.
-
-    ``(B, C, T, H, W)`` becomes ``(B, T, H, W, C)``; ``(C, T, H, W)`` becomes ``(T, H, W, C)``.
-    Values outside [-1, 1] are clamped. Raises ``ValueError`` on a wrong rank or on NaNs (a NaN
-    video is a bug upstream, e.g. a diverged model, and must not silently turn into grey frames).
-    """
-    x = torch.as_tensor(videos).detach()
-    if x.ndim not in (4, 5):
-        raise ValueError(f"expected videos (B, C, T, H, W) or (C, T, H, W), got shape {tuple(x.shape)}")
-    x = x.float()
-    n_nan = int(torch.isnan(x).sum())
-    if n_nan:
-        raise ValueError(f"videos contain {n_nan} NaN value(s) out of {x.numel()}")
-    x = x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
-    return x.movedim(-4, -1).cpu().numpy()  # channels (dim -4) last
-
-
-def from_uint8(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Uint8 frames as a float32 tensor in [-1, 1], channels first (the inverse of :func:`to_uint8`).
-
-    ``(T, H, W, C)`` becomes ``(C, T, H, W)``; ``(B, T, H, W, C)`` becomes ``(B, C, T, H, W)``.
-    """
-    x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else torch.as_tensor(frames)
-    if x.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 frames, got {x.dtype}")
-    if x.ndim not in (4, 5):
-        raise ValueError(f"expected frames (T, H, W, C) or (B, T, H, W, C), got shape {tuple(x.shape)}")
-    return x.float().div(127.5).sub(1.0).movedim(-1, -4).contiguous()
 
 
 # --------------------------------------------------------------------------------------------

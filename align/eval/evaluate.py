@@ -14,18 +14,20 @@ A/B task for annotators (``align.eval.human.write_ab_task``). Outputs: ``report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from align.eval.winrate import judge_agreement, suspect_judges, win_rate
+from align.generation import score_samples
+from align.sample import SamplingOptions
 
 
 @dataclass
 class EvalConfig:
-    """What ``vidalign eval`` compares and how it samples (the CLI's options)."""
+    """What ``vidalign eval`` compares and how it samples: ``sampling.seeds_per_prompt`` seeds
+    per prompt (``seed, seed + 1, ...`` over the expanded list), the same for both models."""
 
     model: str
     lora: str
@@ -33,18 +35,8 @@ class EvalConfig:
     out: str
     judges: list[str] = field(default_factory=list)  # judge specs (align.judges); "human" writes an A/B task
     baseline_lora: str | None = None  # None: the base model (the aligned model's adapters off)
-    seeds_per_prompt: int = 5
-    seed: int = 0
-    num_steps: int = 20
-    guidance_scale: float = 4.0
-    batch_size: int | None = None  # None: 1 for diffusers models, 16 for TinySora
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    sampler: str = "pipeline"
-    device: str | None = None
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(seeds_per_prompt=5))
     tie_margin: float = 0.0  # |score gap| at or below which a comparison is a tie, in each judge's units
-    fps: int = 8
     resume: bool = True  # reuse samples already under OUT/samples
     progress: bool = True
 
@@ -59,21 +51,6 @@ def reward_winrate(
     out = win_rate(new.tolist(), old.tolist(), tie_margin=tie_margin, seed=seed)
     out["mean_score"] = {"base": float(old.mean()), "aligned": float(new.mean())}
     return out
-
-
-def score_samples(judges: Sequence, out_dir: str | Path, rows: list[dict], chunk: int = 16) -> dict[str, np.ndarray]:
-    """Every judge's scores of the videos of ``rows`` under ``out_dir``, decoding ``chunk``
-    videos at a time (real-size videos do not all fit in memory)."""
-    from align.generation import read_samples
-    from align.judges import judge_scores
-
-    scores: dict[str, list[np.ndarray]] = {j.name: [] for j in judges}
-    for i in range(0, len(rows), chunk):
-        videos, part = read_samples(out_dir, rows[i : i + chunk])
-        prompts = [r["prompt"] for r in part]
-        for j in judges:
-            scores[j.name].append(judge_scores(j, videos, prompts))
-    return {k: np.concatenate(v) for k, v in scores.items()}
 
 
 def judge_winrates(
@@ -114,28 +91,25 @@ def sample_pairs(cfg: EvalConfig, prompts: list[str], seeds: list[int]) -> tuple
     """Sample base and aligned into ``OUT/samples/{base,aligned}``; return both dirs and index rows."""
     import gc
 
-    from align.generation import default_batch_size, load_generator, sample_to_disk
+    from align.generation import load_generator, sample_to_disk
     from align.models.lora import adapters_disabled
 
-    out = Path(cfg.out) / "samples"
+    out, device = Path(cfg.out) / "samples", cfg.sampling.device
 
     def sample(model, name: str, lora):
-        bs = cfg.batch_size or default_batch_size(model)
         return sample_to_disk(
-            model, prompts, seeds, out / name, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-            batch_size=bs, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width, sampler=cfg.sampler,
-            model_name=str(cfg.model), lora=lora, resume=cfg.resume, fps=cfg.fps, progress=cfg.progress,
-            desc=f"eval {name}",
+            model, prompts, seeds, out / name, cfg.sampling, model_name=str(cfg.model), lora=lora,
+            resume=cfg.resume, progress=cfg.progress, desc=f"eval {name}",
         )  # fmt: skip
 
     if cfg.baseline_lora:
-        model = load_generator(cfg.model, cfg.baseline_lora, cfg.device)
+        model = load_generator(cfg.model, cfg.baseline_lora, device)
         base_rows = sample(model, "base", str(cfg.baseline_lora))
         del model
         gc.collect()
-        model = load_generator(cfg.model, cfg.lora, cfg.device)
+        model = load_generator(cfg.model, cfg.lora, device)
     else:
-        model = load_generator(cfg.model, cfg.lora, cfg.device)
+        model = load_generator(cfg.model, cfg.lora, device)
         with adapters_disabled(model.denoiser):
             base_rows = sample(model, "base", None)
     aligned_rows = sample(model, "aligned", str(cfg.lora))
@@ -157,14 +131,11 @@ def run_eval(cfg: EvalConfig) -> dict:
             "eval needs at least one judge: --judge reward:DIR, clip:MODEL[@WEIGHTS], http:URL or human "
             "(oracle: the demo's synthetic world only)"
         )
-    if cfg.seeds_per_prompt < 1:
-        raise ValueError(f"--seeds-per-prompt must be >= 1, got {cfg.seeds_per_prompt}")
-    judges = load_judges(specs, device=cfg.device)
+    judges = load_judges(specs, device=cfg.sampling.device)
     check_prompts(judges, cfg.prompts)
     if human:
         from align.eval.human import write_ab_task  # noqa: F401  (fails here, before sampling, if missing)
-    prompts = [p for p in cfg.prompts for _ in range(cfg.seeds_per_prompt)]
-    seeds = [cfg.seed + i for i in range(len(prompts))]
+    prompts, seeds = cfg.sampling.expand(cfg.prompts)
     base_dir, base_rows, aligned_dir, aligned_rows = sample_pairs(cfg, prompts, seeds)
     out = Path(cfg.out)
     report: dict = {
@@ -173,9 +144,13 @@ def run_eval(cfg: EvalConfig) -> dict:
         "lora": str(cfg.lora),
         "baseline": str(cfg.baseline_lora) if cfg.baseline_lora else "base (LoRA adapters off)",
         "prompts": len(cfg.prompts),
-        "seeds_per_prompt": cfg.seeds_per_prompt,
+        "seeds_per_prompt": cfg.sampling.seeds_per_prompt,
         "comparisons": len(prompts),
-        "sampling": {"steps": cfg.num_steps, "guidance": cfg.guidance_scale, "sampler": base_rows[0]["sampler"]},
+        "sampling": {
+            "steps": cfg.sampling.num_steps,
+            "guidance": cfg.sampling.guidance_scale,
+            "sampler": base_rows[0]["sampler"],
+        },
         "video_size": "x".join(str(x) for x in base_rows[0]["size"]),
         "tie_margin": cfg.tie_margin,
         "artifacts": {},
@@ -185,7 +160,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             score_samples(judges, base_dir, base_rows),
             score_samples(judges, aligned_dir, aligned_rows),
             cfg.tie_margin,
-            cfg.seed,
+            cfg.sampling.seed,
         )
         attrs = _oracle_attributes(judges, base_dir, aligned_dir, base_rows, aligned_rows)
         if attrs:
@@ -193,7 +168,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         report |= res
         plot_winrates({f"aligned vs base ({k})": wr for k, wr in res["winrate"].items()}, out / "winrates.png")
         report["artifacts"]["winrates"] = "winrates.png"
-    gif, mp4 = write_side_by_side(base_dir, base_rows, aligned_dir, aligned_rows, out / "side_by_side", fps=cfg.fps)
+    gif, mp4 = write_side_by_side(
+        base_dir, base_rows, aligned_dir, aligned_rows, out / "side_by_side", fps=cfg.sampling.fps
+    )
     report["artifacts"] |= {"side by side (gif)": gif.name, "side by side (mp4)": mp4.name}
     if human:
         from align.eval.human import write_ab_task
@@ -205,7 +182,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             seeds,
             out / "human",
             names=("base", "aligned"),
-            seed=cfg.seed,
+            seed=cfg.sampling.seed,
         )
         report["human_task"] = str(task)
     write_report(report, out)

@@ -28,8 +28,6 @@ eval``'s judge reports (:mod:`align.eval.winrate`, :mod:`align.eval.report`):
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import os
@@ -42,7 +40,7 @@ import numpy as np
 from align.annotate.export import majority_vote
 from align.annotate.stats import agreement_stats, json_safe
 from align.annotate.storage import ASPECTS, LabelStore
-from align.atomic import atomic_write_text
+from align.atomic import atomic_write, atomic_write_text, file_sha256
 from align.eval.winrate import bootstrap_ci, win_rate_from_outcomes
 
 KEY_FILE = "ab_key.json"
@@ -119,23 +117,18 @@ def write_ab_task(
 
 def _place_blind(src: Path, out_dir: Path) -> str:
     """Hard-link (or copy) ``src`` to ``videos/<content hash><suffix>``; return that relative name."""
-    h = hashlib.sha256()
-    with open(src, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    rel = f"{VIDEO_DIR}/{h.hexdigest()[:20]}{src.suffix.lower()}"
+    rel = f"{VIDEO_DIR}/{file_sha256(src)[:20]}{src.suffix.lower()}"
     target = out_dir / rel
     if not target.is_file():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            try:
-                os.link(src, tmp)
-            except OSError:  # another filesystem, or links not allowed: copy the bytes
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(target, lambda tmp: _link_or_copy(src, tmp))
     return rel
+
+
+def _link_or_copy(src: Path, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed: copy the bytes
+        shutil.copyfile(src, dst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,24 +300,16 @@ def _annotators(votes: list[dict], rates: dict[str, dict], store: LabelStore, se
 # the command
 
 
-def main_eval_human(argv: list[str]) -> int:
-    """``vidalign eval human --db DB [--task DIR] [--out DIR] [--seed N]`` (``argv``: the options
-    after ``eval human``): print a one-line summary and write the report (default ``TASK/report``)."""
-    p = argparse.ArgumentParser(
-        prog="vidalign eval human", description="the human win rate of a blinded A/B task from its labels"
-    )
-    p.add_argument("--db", required=True, help="the annotation database (`vidalign annotate serve ... --db`)")
-    p.add_argument("--task", default=None, help="the A/B task folder (default: the one the db was served)")
-    p.add_argument("--out", default=None, help="report folder (default: TASK/report)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    args = p.parse_args(argv)
-    db = Path(args.db)
-    store = LabelStore(db, create=False)
-    task = _task_dir(store, Path(args.task) if args.task else None)
-    out = Path(args.out) if args.out else task / "report"
-    r = human_report(db, task, seed=args.seed, out_dir=out)
-    print(summary_line(r) + f"; report in {out / 'report.md'}")
-    return 0
+def run_human_eval(
+    db: str | Path, task_dir: str | Path | None = None, out_dir: str | Path | None = None, seed: int = 0
+) -> tuple[dict, Path]:
+    """``vidalign eval human``: the :func:`human_report` of the labels in ``db`` for the A/B task
+    in ``task_dir`` (default: the one ``db`` was served), written to ``out_dir`` (default
+    ``TASK/report``); returns ``(report, out_dir)``."""
+    db = Path(db)
+    task = _task_dir(LabelStore(db, create=False), Path(task_dir) if task_dir else None)
+    out = Path(out_dir) if out_dir else task / "report"
+    return human_report(db, task, seed=seed, out_dir=out), out
 
 
 def summary_line(report: dict) -> str:

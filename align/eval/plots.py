@@ -6,19 +6,21 @@ touches the global backend or leaks open figures; saving to PNG renders with Agg
 - :func:`plot_training_curves`: loss / implicit accuracy / reward margin against step.
 - :func:`plot_winrates`: win rates with 95% confidence intervals, one bar per comparison.
 - :func:`plot_score_histograms`: overlaid score distributions, e.g. base vs aligned.
+- :func:`plot_summary`: a preference dataset's prompt and video lengths and file sizes
+  (``vidalign data stats``; the numbers come from :func:`align.data.checks.summarize`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from align.atomic import atomic_write
 
 
 def plot_training_curves(
@@ -172,15 +174,33 @@ def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[start]) / (idx - start)
 
 
-def _save(fig: Figure, out_png: str | Path) -> Path:
+def plot_summary(summary: dict, path: str | Path, title: str = "") -> Path:
+    """Histograms of prompt length, video length (frames, seconds) and file size, written as a PNG."""
+    panels = [
+        ("prompt_words", "prompt length (words)"),
+        ("video_frames", "video length (frames)"),
+        ("video_seconds", "video length (seconds)"),
+        ("video_bytes", "video size (KiB)"),
+    ]
+    fig = Figure(figsize=(16, 3.4))
+    axes = fig.subplots(1, 4)
+    for ax, (key, label) in zip(axes, panels):
+        values = np.asarray(summary[key], dtype=float)
+        if key == "video_bytes":
+            values = values / 1024
+        if len(values):
+            ax.hist(values, bins=min(30, max(1, len(np.unique(values)))), color="#4477aa")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(label)
+        ax.set_ylabel("count")
+    c = summary["counts"]
+    counts = f"a={c['a']} b={c['b']} tie={c['tie']} (tie share {summary['tie_share']:.2f})"
+    fig.suptitle(f"{title}  rows={summary['rows']}  {counts}")
+    fig.tight_layout()
+    return _save(fig, path, dpi=80)
+
+
+def _save(fig: Figure, out_png: str | Path, dpi: int = 110) -> Path:
     """Save ``fig`` as PNG atomically (temp file in the same folder, then rename)."""
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

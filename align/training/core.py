@@ -36,14 +36,14 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from align.atomic import replace_directory
 from align.config import REQUIRED, save_config
-from align.data.latent_cache import text_encoder_options
 from align.models import load_model
 from align.models.lora import attach_lora, load_lora, lora_parameters, save_lora
 
@@ -101,20 +101,28 @@ class TrainConfig:
             "processes x gradient_accumulation_steps. 0 = train_batch_size x processes x accumulation"
         },
     )
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    gradient_accumulation_steps: int = field(
+        default=0,
+        metadata={
+            "help": "micro-steps per optimizer step; 0 = unset, derived: 1 for offline objectives, from the round's "
+            "layout for online ones (GRPO: the trained steps of one micro-batch of rollouts; online RWR: 1)"
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "for denoisers that support it (diffusers transformers)"}
     )
     max_steps: int = field(default=200, metadata={"help": "optimizer steps of the run"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = no clipping"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "no | fp16 | bf16"})
     seed: int = field(
         default=0, metadata={"help": "seed of every random choice of the run (data order, noise, timesteps, rollouts)"}
     )
     log_every: int = field(default=1, metadata={"help": "write metrics every N optimizer steps"})
     checkpointing_steps: int = field(default=100, metadata={"help": "0 = only the final LoRA"})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (the newest)"})
-    bad_rows: str = field(default="error", metadata={"help": "error | skip (skipped rows are counted and logged)"})
+    bad_rows: Literal["error", "skip"] = field(
+        default="error", metadata={"help": "error | skip (skipped rows are counted and logged)"}
+    )
     latent_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -132,11 +140,11 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = ("learning_rate", "lora_rank", "train_batch_size", "gradient_accumulation_steps", "max_steps")
-        for key in positive:
+        for key in ("learning_rate", "lora_rank", "train_batch_size", "max_steps"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"recipe key `{key}` must be > 0, got {getattr(self, key)}")
-        for key in ("effective_batch_size", "lr_warmup_steps", "max_grad_norm", "checkpointing_steps"):
+        nonnegative = ("effective_batch_size", "gradient_accumulation_steps", "lr_warmup_steps", "max_grad_norm")
+        for key in (*nonnegative, "checkpointing_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"recipe key `{key}` must be >= 0, got {getattr(self, key)}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -150,6 +158,17 @@ class TrainConfig:
         for name in self.report_to:
             if name not in (*TRACKERS, "none", ""):
                 raise ValueError(f"report_to: unknown tracker {name!r}; use tensorboard, wandb or none")
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-steps per optimizer step as the run uses them: ``gradient_accumulation_steps``,
+        or when the recipe leaves it unset (0) the objective's :meth:`derived_accumulation_steps`."""
+        return self.gradient_accumulation_steps or self.derived_accumulation_steps()
+
+    def derived_accumulation_steps(self) -> int:
+        """``gradient_accumulation_steps`` when unset: 1 here (offline objectives); an online
+        objective's config derives it from the layout of its rounds."""
+        return 1
 
 
 @dataclass
@@ -206,7 +225,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path | None = None):
             else:
                 trackers.append(name)
     return Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=cfg.accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         cpu=multi_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true",
         kwargs_handlers=handlers,
@@ -220,11 +239,11 @@ def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
     it and must divide evenly by processes x accumulation steps; otherwise ``train_batch_size``."""
     if cfg.effective_batch_size <= 0:
         return cfg.train_batch_size
-    div = num_processes * cfg.gradient_accumulation_steps
+    div = num_processes * cfg.accumulation_steps
     if cfg.effective_batch_size % div:
         raise ValueError(
             f"effective_batch_size {cfg.effective_batch_size} is not divisible by {num_processes} process(es) x "
-            f"{cfg.gradient_accumulation_steps} gradient_accumulation_steps = {div}; choose a multiple of {div}"
+            f"{cfg.accumulation_steps} gradient_accumulation_steps = {div}; choose a multiple of {div}"
         )
     return cfg.effective_batch_size // div
 
@@ -354,9 +373,7 @@ def save_checkpoint(run: Run, limit: int, state: dict, extra: dict[str, Any] | N
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         acc.wait_for_everyone()
         if run.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_directory(tmp, final)
             ckpts = checkpoints(run_dir)
             for old in ckpts[: max(0, len(ckpts) - limit)]:
                 shutil.rmtree(old)
@@ -439,12 +456,18 @@ def optimizer_state_bytes(optimizer) -> int:
 # ---------------------------------------------------------------- setup
 
 
-def start(cfg: TrainConfig, noise_per_process: bool = False) -> Run:
+def start(
+    cfg: TrainConfig,
+    noise_per_process: bool = False,
+    load_options: Callable[[torch.device], dict] | None = None,
+) -> Run:
     """The accelerator, the run directory (with ``config.yaml``), the checkpoint to resume from
     (checked against the recipe), the seeded noise generator and the frozen model.
 
     ``noise_per_process``: each process draws its own noise (online objectives, whose batches are
-    per process); otherwise one stream shared by all processes, each taking its slice."""
+    per process); otherwise one stream shared by all processes, each taking its slice.
+    ``load_options(device)``: ``load_model`` options the objective adds to the recipe's
+    ``model_options`` once the device is known (DPO: whether the text encoder is loaded)."""
     run_dir = Path(cfg.output_dir) / cfg.name
     accelerator = make_accelerator(cfg, run_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -462,8 +485,7 @@ def start(cfg: TrainConfig, noise_per_process: bool = False) -> Run:
         if stage is not None
         else nullcontext()
     )
-    # with latent_cache_dir, a diffusers model whose prompt states are all cached loads without its text encoder
-    options = {**cfg.model_options, **text_encoder_options(cfg, accelerator.device)}
+    options = {**cfg.model_options, **(load_options(accelerator.device) if load_options else {})}
     with no_zero_init:  # frozen parts are built whole, outside ZeRO-3 partitioning
         model = load_model(cfg.model, device=accelerator.device, **options)
     model.requires_grad_(False)
@@ -476,7 +498,7 @@ def _configure_deepspeed(run: Run, cfg: TrainConfig) -> None:
     """Fill the DeepSpeed config's ``auto`` batch / clipping values from the recipe (there is no
     DataLoader for accelerate to read them from) and refuse values that contradict it."""
     ds = run.accelerator.state.deepspeed_plugin.deepspeed_config
-    gas, world, micro = cfg.gradient_accumulation_steps, run.world, run.micro
+    gas, world, micro = cfg.accumulation_steps, run.world, run.micro
     want = {
         "train_micro_batch_size_per_gpu": micro,
         "train_batch_size": micro * gas * world,
@@ -562,6 +584,55 @@ def _record(run: Run, keys: tuple[str, ...], sums: dict, n_micro: int, extra: di
     return rec
 
 
+def _micro_step(cfg: TrainConfig, run: Run, step_fn: Callable[[Any], dict], batch) -> tuple[dict, Any]:
+    """One micro-batch under accelerate's accumulation: forward and backward; on the last
+    micro-step of an update the gradient is clipped and the optimizer steps. Returns the loss
+    dict and the gradient norm (None unless clipped on this micro-step)."""
+    acc = run.accelerator
+    with acc.accumulate(run.denoiser):
+        out = step_fn(batch)
+        acc.backward(out["loss"])
+        grad_norm = None
+        if acc.sync_gradients and cfg.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(run.denoiser.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.micro_step += 1
+    return out, grad_norm
+
+
+def _log_update(cfg: TrainConfig, run: Run, rec: dict, keys: tuple[str, ...], info: dict, metrics_f, bar) -> None:
+    """After an update: the optimizer state's size per process (once), the record in
+    metrics.jsonl and the trackers (every ``log_every`` steps and at the last), the progress bar."""
+    acc = run.accelerator
+    if "optimizer_state_bytes_per_rank" not in info:
+        per_rank = acc.gather(torch.tensor([optimizer_state_bytes(run.optimizer)], device=run.device))
+        info["optimizer_state_bytes_per_rank"] = [int(b) for b in per_rank.tolist()]
+    if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+        if run.is_main:
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+        acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=run.step)
+    bar.update(1)
+    post = {k: f"{rec[k]:.4f}" for k in keys[:2]}
+    bar.set_postfix({**post, "s/step": f"{rec['step_time_s']:.3f}"})
+
+
+def _checkpoint_or_stop(
+    cfg: TrainConfig, run: Run, stop: threading.Event, state: dict, checkpoint_extra: Callable[[], dict] | None
+) -> None:
+    """A checkpoint every ``checkpointing_steps``, and when any process got SIGTERM: then exit."""
+    stopping = _agree(run, stop.is_set())
+    if stopping or (cfg.checkpointing_steps > 0 and run.step % cfg.checkpointing_steps == 0):
+        more = checkpoint_extra() if checkpoint_extra else None
+        save_checkpoint(run, cfg.checkpoints_total_limit, {**state, "micro_step": run.micro_step}, more)
+    if stopping:
+        raise SystemExit(
+            f"[vidalign] SIGTERM: stopped at step {run.step}, checkpoint written to "
+            f"{run.run_dir / f'checkpoint-{run.step}'}; continue with --resume latest"
+        )
+
+
 def loop(
     cfg: TrainConfig,
     run: Run,
@@ -576,12 +647,13 @@ def loop(
     ``batches`` instead of a batch is logged with the following steps (e.g. an online round's
     reward statistics). Writes metrics.jsonl, trackers, checkpoints, the final LoRA and
     ``summary.json``; returns the run directory."""
-    acc = run.accelerator
+    acc, gas = run.accelerator, cfg.accumulation_steps
     info.update(
         num_processes=run.world,
         zero_stage=run.stage,
         micro_batch_size=run.micro,
-        effective_batch_size=run.micro * run.world * cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=gas,
+        effective_batch_size=run.micro * run.world * gas,
     )
     if run.is_main:
         resuming = f"; resuming from {run.ckpt} (step {run.step})" if run.ckpt else ""
@@ -603,15 +675,7 @@ def loop(
             if isinstance(batch, dict):
                 extra = batch
                 continue
-            with acc.accumulate(run.denoiser):
-                out = step_fn(batch)
-                acc.backward(out["loss"])
-                grad_norm = None
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(run.denoiser.parameters(), cfg.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            run.micro_step += 1
+            out, grad_norm = _micro_step(cfg, run, step_fn, batch)
             for k in keys:
                 sums[k] = sums.get(k, 0.0) + float(out[k].detach())
             n_micro += 1
@@ -623,26 +687,8 @@ def loop(
             rec["step_time_s"] = time.time() - t_step
             step_times.append(rec["step_time_s"])
             sums, n_micro = {}, 0
-            if "optimizer_state_bytes_per_rank" not in info:
-                per_rank = acc.gather(torch.tensor([optimizer_state_bytes(run.optimizer)], device=run.device))
-                info["optimizer_state_bytes_per_rank"] = [int(b) for b in per_rank.tolist()]
-            if run.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.max_steps):
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-                acc.log({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))}, step=run.step)
-            bar.update(1)
-            post = {k: f"{rec[k]:.4f}" for k in keys[:2]}
-            bar.set_postfix({**post, "s/step": f"{rec['step_time_s']:.3f}"})
-            stopping = _agree(run, stop.is_set())
-            if stopping or (cfg.checkpointing_steps > 0 and run.step % cfg.checkpointing_steps == 0):
-                more = checkpoint_extra() if checkpoint_extra else None
-                save_checkpoint(run, cfg.checkpoints_total_limit, {**state, "micro_step": run.micro_step}, more)
-            if stopping:
-                raise SystemExit(
-                    f"[vidalign] SIGTERM: stopped at step {run.step}, checkpoint written to "
-                    f"{run.run_dir / f'checkpoint-{run.step}'}; continue with --resume latest"
-                )
+            _log_update(cfg, run, rec, keys, info, metrics_f, bar)
+            _checkpoint_or_stop(cfg, run, stop, state, checkpoint_extra)
             t_step = time.time()
     finally:
         if old_handler is not None:

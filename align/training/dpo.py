@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import TensorDataset
 
 from align.data.latent_cache import build_latent_cache, cache_command
-from align.data.preference import load_preference_dataset, to_pairs
-from align.data.video import from_uint8
+from align.data.pairs import to_pairs
+from align.data.preference import load_preference_dataset
+from align.frames import from_uint8
 from align.models.lora import adapters_disabled
 from align.objectives import diffusion_dpo_loss, per_sample_mse
 from align.training import core
+from align.training.text_encoder import text_encoder_options
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 KEYS = ("loss", "implicit_acc", "reward_margin", "model_diff", "ref_diff")
@@ -34,8 +37,8 @@ class DPOConfig(core.TrainConfig):
     """DPO alignment on a preference dataset (``prompt, video_a, video_b, preference``)."""
 
     name: str = field(default="dpo", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
-    objective: str = field(default="dpo", metadata={"help": "dpo (picks the training module)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
+    objective: Literal["dpo"] = field(default="dpo", metadata={"help": "dpo (picks the training module)"})
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = field(default="sigmoid", metadata={"help": "sigmoid | hinge | ipo"})
     beta: float = field(
         default=500.0, metadata={"help": "the KL strength; Diffusion-DPO's convention (see docs/training.md)"}
     )
@@ -66,8 +69,9 @@ def encode_pairs(model, pairs, batch_size: int = 64) -> TensorDataset:
     return TensorDataset(torch.cat(lw), torch.cat(ll), torch.cat(txt))
 
 
-def load_dpo_data(cfg: DPOConfig, model) -> tuple[object, dict]:
-    """The DPO pairs as latents ``(chosen, rejected, prompt states)`` and what to report.
+def load_dpo_data(cfg: DPOConfig, model, ds) -> tuple[object, dict]:
+    """The DPO pairs of ``ds`` (the loaded ``cfg.dataset``) as latents ``(chosen, rejected,
+    prompt states)`` and what to report.
 
     Both paths validate every row with the same checks (``check_rows``) and apply
     ``cfg.bad_rows`` the same way: ``error`` raises the full report, ``skip`` skips and counts
@@ -79,7 +83,6 @@ def load_dpo_data(cfg: DPOConfig, model) -> tuple[object, dict]:
     there. Without it every video is decoded into memory (``to_pairs``) and encoded once.
     Either way videos of any size, fps and length are resampled to ``model.video_input``.
     """
-    ds = load_preference_dataset(cfg.dataset)
     target = model.video_input  # every video resampled to the model's frames, fps and size
     if cfg.latent_cache_dir:
         data = build_latent_cache(
@@ -128,9 +131,11 @@ def dpo_step_losses(
 
 def train(cfg: DPOConfig) -> Path:
     """Run DPO as configured; returns the run directory. With ``resume`` set, continues from a
-    checkpoint of the same recipe."""
-    run = core.start(cfg)
-    data, info = load_dpo_data(cfg, run.model)
+    checkpoint of the same recipe. The dataset is read once: for the text-encoder decision
+    (``text_encoder_options``) and for the pairs."""
+    ds = load_preference_dataset(cfg.dataset)
+    run = core.start(cfg, load_options=lambda device: text_encoder_options(cfg, device, ds))
+    data, info = load_dpo_data(cfg, run.model, ds)
     core.prepare(cfg, run)
     shard = (run.rank, run.world)
 

@@ -14,10 +14,17 @@ with the clipped likelihood ratio of the step under the current policy against t
 policy, plus ``kl_weight`` times the KL of the step to the reference (the adapters off)
 (``align.objectives.grpo_loss`` / ``gaussian_kl``).
 
+Rounds are :mod:`align.training.rollouts`' online rounds: prompts drawn, this process's share
+of the rollouts sampled, the judges' scores gathered and combined by the one rule
+(:func:`align.judges.combine_judges`); GRPO then normalises the combined score within the group.
+
 Micro-steps and updates. A micro-step is ``micro`` rollouts of this process, each at one of its
 trained steps; the ``K`` trained steps of a micro-batch are consecutive micro-steps, so
 ``gradient_accumulation_steps = K`` updates once per micro-batch of rollouts with all their
 trained steps (Flow-GRPO's layout), and ``effective_batch_size`` counts (rollout, step) pairs.
+A recipe leaves ``gradient_accumulation_steps`` unset and it is derived as
+``rollout_batches_per_update x K`` (default 1: one micro-batch per update); a recipe that sets it
+by hand must end every round on an update (:func:`check_layout`).
 
 One process or N: the round's ``N`` rollouts are laid out in rows of ``micro x world``
 (``effective_batch_size`` fixes that width whatever the process count): rollout ``i`` sits in
@@ -45,15 +52,18 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from align.models.lora import adapters_disabled
 from align.objectives import gaussian_kl, group_advantages, grpo_loss
-from align.sample import policy_step, sample_with_logprobs
-from align.training import core
+from align.sample import SamplingOptions, policy_step, sample_with_logprobs
+from align.training import core, rollouts
+from align.training.rollouts import local_columns
 
 KEYS = ("loss", "policy_loss", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max", "ratio_min", "kl")
 
@@ -63,7 +73,7 @@ class GRPOConfig(core.TrainConfig):
     """GRPO on rollouts of the current policy, scored by judges (see the module docstring)."""
 
     name: str = field(default="grpo", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
-    objective: str = field(default="grpo", metadata={"help": "grpo (picks the training module)"})
+    objective: Literal["grpo"] = field(default="grpo", metadata={"help": "grpo (picks the training module)"})
     prompts_file: str = field(default="", metadata={"help": "required: one prompt per line"})
     judges: list = field(default_factory=list, metadata={"help": "the training reward: judge specs (align/judges.py)"})
     judge_weights: list = field(default_factory=list, metadata={"help": "one per judge; [] = equal"})
@@ -97,6 +107,13 @@ class GRPOConfig(core.TrainConfig):
         default=1.0, metadata={"help": "share of each rollout's steps trained per pass"}
     )
     rollout_batch_size: int = field(default=8, metadata={"help": "rollouts sampled at once per process"})
+    rollout_batches_per_update: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches of rollouts (each with all its trained steps) per optimizer update; "
+            "gradient_accumulation_steps is then derived as this x trained steps (leave that unset)"
+        },
+    )
     hacking_patience: int = field(
         default=3, metadata={"help": "rounds of rising train reward and falling held-out score before a warning"}
     )
@@ -130,7 +147,13 @@ class GRPOConfig(core.TrainConfig):
             raise ValueError(
                 f"recipe key `group_size` must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        for key in ("prompts_per_round", "inner_epochs", "sample_steps", "rollout_batch_size", "hacking_patience"):
+        if self.gradient_accumulation_steps and self.rollout_batches_per_update != 1:
+            raise ValueError(
+                "recipe keys `gradient_accumulation_steps` and `rollout_batches_per_update` both set: set only "
+                "`rollout_batches_per_update` (gradient_accumulation_steps is derived from it)"
+            )
+        keys = ("prompts_per_round", "inner_epochs", "sample_steps", "rollout_batch_size", "hacking_patience")
+        for key in (*keys, "rollout_batches_per_update"):
             if getattr(self, key) < 1:
                 raise ValueError(f"recipe key `{key}` must be >= 1, got {getattr(self, key)}")
         for key in ("sde_noise", "eta", "clip_range"):
@@ -165,6 +188,12 @@ class GRPOConfig(core.TrainConfig):
         """Denoising steps trained per rollout and pass: ``train_timestep_fraction`` of ``sample_steps``, >= 1."""
         return max(1, round(self.train_timestep_fraction * self.sample_steps))
 
+    def derived_accumulation_steps(self) -> int:
+        """Unset ``gradient_accumulation_steps``: the ``trained_steps`` of
+        ``rollout_batches_per_update`` micro-batches of rollouts, i.e. one update per that many
+        micro-batches with all their trained steps (Flow-GRPO's layout)."""
+        return self.trained_steps * self.rollout_batches_per_update
+
 
 # ---------------------------------------------------------------- pure parts
 
@@ -192,16 +221,8 @@ def round_prompts(prompts: list[str], cfg: GRPOConfig, r: int) -> list[str]:
     """The ``prompts_per_round`` prompts of round ``r`` (seeded permutations of the file, repeated
     when it is shorter), each ``group_size`` times: rollout ``i`` is of prompt group ``i // G``."""
     g = torch.Generator().manual_seed(_seed(cfg.seed, 0, r))
-    order: list[int] = []
-    while len(order) < cfg.prompts_per_round:
-        order += torch.randperm(len(prompts), generator=g).tolist()
-    return [prompts[i] for i in order[: cfg.prompts_per_round] for _ in range(cfg.group_size)]
-
-
-def local_columns(n: int, width: int, micro: int, rank: int) -> list[int]:
-    """Rollout indices of process ``rank``: those in columns ``[rank micro, (rank + 1) micro)`` of
-    ``n`` rollouts laid out in rows of ``width``."""
-    return [i for i in range(n) if (i % width) // micro == rank]
+    order = rollouts.draw_prompts(len(prompts), cfg.prompts_per_round, g)
+    return [prompts[i] for i in order for _ in range(cfg.group_size)]
 
 
 def epoch_batches(cfg: GRPOConfig, r: int, e: int, n: int, width: int, micro: int, rank: int) -> list[list[int]]:
@@ -222,42 +243,36 @@ def trained_step_indices(cfg: GRPOConfig, r: int, e: int, i: int) -> list[int]:
 
 
 def advantages(cfg: GRPOConfig, scores: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
-    """Advantages ``(N,)`` of a round from the training judges' scores ``(J, N)``: one judge's raw
-    scores, or the weighted sum of the judges' scores z-scored within the group; then
-    :func:`align.objectives.group_advantages`, clipped at ``adv_clip_max``."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    if s.shape[0] == 1:
-        combined = s[0]
-    else:
-        w = torch.as_tensor(cfg.judge_weights or [1.0] * s.shape[0], dtype=torch.float64)
-        z = torch.stack([group_advantages(sj, groups).double() for sj in s])
-        combined = (w[:, None] * z).sum(0) / w.sum()
-    adv = group_advantages(combined.float(), groups, global_std=cfg.adv_global_std)
+    """Advantages ``(N,)`` of a round from the training judges' scores ``(J, N)``: the one
+    combining rule (:func:`align.judges.combine_judges`: one judge's raw scores, or the weighted
+    mean of the judges' z-scores within the group), then
+    :func:`align.objectives.group_advantages` (eps 1e-4), clipped at ``adv_clip_max``."""
+    from align.judges import combine_judges
+
+    combined = combine_judges(scores, cfg.judge_weights or None, groups.numpy())
+    adv = group_advantages(torch.as_tensor(combined).float(), groups, global_std=cfg.adv_global_std)
     return adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max) if cfg.adv_clip_max > 0 else adv
 
 
 # ---------------------------------------------------------------- rounds
 
 
-@torch.no_grad()
-def _rollouts(cfg: GRPOConfig, run: core.Run, prompts: list[str], seeds: list[int]) -> dict:
-    """Rollouts of this process's prompts in chunks of ``rollout_batch_size``, concatenated."""
-    model = run.model
-    model.denoiser.eval()
+def _rollouts(opts: SamplingOptions, cfg: GRPOConfig, model, prompts: list[str], seeds: list[int]) -> dict:
+    """GRPO's sampler of an online round: stochastic rollouts recording every step, in chunks of
+    ``opts.batch_size`` (``rollout_batch_size``), concatenated; ``videos`` are their clean ends."""
     parts = []
-    for a in range(0, len(prompts), cfg.rollout_batch_size):
+    for a in range(0, len(prompts), opts.batch_size):
         parts.append(
             sample_with_logprobs(
                 model,
-                prompts[a : a + cfg.rollout_batch_size],
-                seeds[a : a + cfg.rollout_batch_size],
-                cfg.sample_steps,
-                cfg.guidance_scale,
+                prompts[a : a + opts.batch_size],
+                seeds[a : a + opts.batch_size],
+                opts.num_steps,
+                opts.guidance_scale,
                 cfg.sde_noise,
                 cfg.eta,
             )
         )
-    model.denoiser.train()
     out = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "log_probs", "cond")}
     out["videos"] = np.concatenate([p["videos"] for p in parts])
     out["uncond"] = parts[0]["uncond"][:1] if parts[0]["uncond"] is not None else None
@@ -265,84 +280,73 @@ def _rollouts(cfg: GRPOConfig, run: core.Run, prompts: list[str], seeds: list[in
     return out
 
 
-def _gather_scores(run: core.Run, local: list[int], scores: np.ndarray, n: int) -> np.ndarray:
-    """Every process's ``(J, n_local)`` scores, gathered into ``(J, n)`` in rollout order."""
-    t = torch.cat([torch.tensor(local, dtype=torch.float64)[None], torch.as_tensor(scores, dtype=torch.float64)])
-    allt = run.accelerator.gather(t.T.contiguous().to(run.device)).cpu().numpy()
-    full = np.zeros((scores.shape[0], n))
-    full[:, allt[:, 0].astype(int)] = allt[:, 1:].T
-    return full
-
-
-def _score(judges, videos: np.ndarray, prompts: list[str]) -> np.ndarray:
-    from align.judges import judge_scores
-
-    return np.stack([judge_scores(j, videos, prompts) for j in judges]) if judges else np.zeros((0, len(prompts)))
-
-
-def _round_stats(cfg: GRPOConfig, r: int, train_s: np.ndarray, eval_s: np.ndarray, judges, eval_judges, history: dict):
-    """The round's metrics: the (weighted) mean training score, the held-out mean, per-judge
-    means, and the reward-hacking streak over the run's history (updated here)."""
-    w = np.asarray(cfg.judge_weights or [1.0] * len(judges), dtype=np.float64)
-    stats = {"round": r, "reward_mean": float((w * train_s.mean(1)).sum() / w.sum())}
-    if len(judges) == 1:
-        stats["reward_std"] = float(train_s[0].std())
-    else:
-        stats.update({f"reward/{j.name}": float(m) for j, m in zip(judges, train_s.mean(1))})
+def _round_stats(cfg: GRPOConfig, rnd: rollouts.Round, spec: rollouts.Rollouts, history: dict) -> dict:
+    """The round's metrics (:func:`align.training.rollouts.reward_stats`) and the reward-hacking
+    streak over the run's history (updated here)."""
+    stats = rollouts.reward_stats(rnd, spec)
     history["train"].append(stats["reward_mean"])
-    if eval_judges:
-        stats["heldout_mean"] = float(eval_s.mean(1).mean())
-        if len(eval_judges) > 1:
-            stats.update({f"heldout/{j.name}": float(m) for j, m in zip(eval_judges, eval_s.mean(1))})
+    if spec.eval_judges:
         history["heldout"].append(stats["heldout_mean"])
         stats["hacking_streak"] = hacking_streak(history["train"], history["heldout"])
         stats["hacking_warning"] = stats["hacking_streak"] >= cfg.hacking_patience
     return stats
 
 
+def _micro_batches(cfg: GRPOConfig, run: core.Run, rnd: rollouts.Round, adv: torch.Tensor, width: int, skip: int):
+    """The round's micro-batches ``(x, x_next, t, t_next, cond, old_log_prob, advantage)``: every
+    pass's batches of rollouts, each at its ``K`` trained steps; the first ``skip`` are skipped
+    (a run resumed inside the round)."""
+    roll, n, micro, K = rnd.samples, len(rnd.prompts), run.micro, cfg.trained_steps
+    pos = {g: k for k, g in enumerate(rnd.local)}
+    lat, lp, ts, tn = roll["latents"], roll["log_probs"], roll["timesteps"], roll["next_timesteps"]
+    for e in range(cfg.inner_epochs):
+        for batch in epoch_batches(cfg, rnd.index, e, n, width, micro, run.rank):
+            rows = torch.tensor([pos[i] for i in batch])
+            steps = torch.tensor([trained_step_indices(cfg, rnd.index, e, i) for i in batch])  # (micro, K)
+            for j in range(K):
+                if skip:
+                    skip -= 1
+                    continue
+                s = steps[:, j]
+                x, x_next = lat[rows, s].to(run.device), lat[rows, s + 1].to(run.device)
+                yield (x, x_next, ts[s], tn[s], roll["cond"][rows], lp[rows, s], adv[batch])
+
+
 def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eval_judges, history: dict, info: dict):
     """Rounds from the checkpointed position: each yields its statistics (a dict, logged with
-    the round's steps), then its micro-batches ``(x, x_next, t, t_next, cond, old_log_prob,
-    advantage)``. ``info["round_times"]`` gets each round's rollout / reward / train seconds."""
-    n, micro, world, K = cfg.rollouts_per_round, run.micro, run.world, cfg.trained_steps
-    width = micro * world
-    per_round = cfg.inner_epochs * (n // width) * K
-    local = local_columns(n, width, micro, run.rank)
-    pos = {g: k for k, g in enumerate(local)}
+    the round's steps), then its micro-batches (:func:`_micro_batches`).
+    ``info["round_times"]`` gets each round's rollout / reward / train seconds."""
+    n, width = cfg.rollouts_per_round, run.micro * run.world
+    per_round = cfg.inner_epochs * (n // width) * cfg.trained_steps
+    opts = rollouts.sampling_options(cfg, batch_size=cfg.rollout_batch_size)
+    spec = rollouts.Rollouts(
+        sample=partial(_rollouts, opts, cfg, run.model),
+        judges=judges,
+        local=local_columns(n, width, run.micro, run.rank),
+        group_size=cfg.group_size,
+        weights=cfg.judge_weights or None,
+        eval_judges=eval_judges,
+    )
     groups = torch.tensor([i // cfg.group_size for i in range(n)])
     r, skip = divmod(run.micro_step, per_round)
     times = info.setdefault("round_times", [])
     while True:
-        t0 = time.perf_counter()
-        ps = round_prompts(prompts, cfg, r)
-        mine = [ps[i] for i in local]
-        roll = _rollouts(cfg, run, mine, [_seed(cfg.seed, 3, r, i) for i in local])
-        t1 = time.perf_counter()
-        scores = _gather_scores(run, local, _score(judges, roll["videos"], mine), n)
-        held = _gather_scores(run, local, _score(eval_judges, roll["videos"], mine), n) if eval_judges else None
-        adv = advantages(cfg, scores, groups).to(run.device)
-        stats = _round_stats(cfg, r, scores, held, judges, eval_judges, history)
-        t2 = time.perf_counter()
-        stats.update(rollout_s=t1 - t0, reward_s=t2 - t1)
+        seeds = [_seed(cfg.seed, 3, r, i) for i in range(n)]
+        rnd = rollouts.play_round(run, spec, r, round_prompts(prompts, cfg, r), seeds)
+        adv = advantages(cfg, rnd.scores, groups).to(run.device)
+        stats = _round_stats(cfg, rnd, spec, history)
+        stats.update(rollout_s=rnd.rollout_s, reward_s=rnd.reward_s)
         if stats.get("hacking_warning") and run.is_main:
             print(
                 f"[vidalign] grpo WARNING round {r}: possible reward hacking -- the training reward rose and the "
                 f"held-out score ({', '.join(cfg.eval_judges)}) fell for {stats['hacking_streak']} rounds in a row"
             )
+        t2 = time.perf_counter()
         yield stats
-        lat, lp, ts, tn = roll["latents"], roll["log_probs"], roll["timesteps"], roll["next_timesteps"]
-        for e in range(cfg.inner_epochs):
-            for batch in epoch_batches(cfg, r, e, n, width, micro, run.rank):
-                rows = torch.tensor([pos[i] for i in batch])
-                steps = torch.tensor([trained_step_indices(cfg, r, e, i) for i in batch])  # (micro, K)
-                for j in range(K):
-                    if skip:
-                        skip -= 1
-                        continue
-                    s = steps[:, j]
-                    x, x_next = lat[rows, s].to(run.device), lat[rows, s + 1].to(run.device)
-                    yield (x, x_next, ts[s], tn[s], roll["cond"][rows], lp[rows, s], adv[batch])
-        times.append({"round": r, "rollout_s": t1 - t0, "reward_s": t2 - t1, "train_s": time.perf_counter() - t2})
+        yield from _micro_batches(cfg, run, rnd, adv, width, skip)
+        skip = 0
+        train_s = time.perf_counter() - t2
+        times.append({"round": r, "rollout_s": rnd.rollout_s, "reward_s": rnd.reward_s, "train_s": train_s})
         r += 1
 
 
@@ -364,21 +368,23 @@ def grpo_step_losses(cfg: GRPOConfig, run: core.Run, batch, uncond) -> dict:
 
 def check_layout(cfg: GRPOConfig, micro: int, world: int) -> int:
     """Optimizer steps per round; a layout whose rounds do not split into whole micro-batches,
-    whole updates and (with ``checkpointing_steps``) whole checkpoint intervals is an error."""
+    whole updates and (with ``checkpointing_steps``) whole checkpoint intervals is an error. The
+    derived ``gradient_accumulation_steps`` (unset: ``trained_steps``) always ends rounds on updates."""
     n, width = cfg.rollouts_per_round, micro * world
     if n % width:
         raise ValueError(
             f"grpo: a round's {n} rollouts (prompts_per_round {cfg.prompts_per_round} x group_size {cfg.group_size}) "
             f"do not split into micro-batches of {micro} rollouts x {world} process(es); make it a multiple of {width}"
         )
-    per_round = cfg.inner_epochs * (n // width) * cfg.trained_steps
-    if per_round % cfg.gradient_accumulation_steps:
+    per_round, gas = cfg.inner_epochs * (n // width) * cfg.trained_steps, cfg.accumulation_steps
+    if per_round % gas:
         raise ValueError(
             f"grpo: a round has {per_round} micro-steps (inner_epochs x {n // width} micro-batches x "
             f"{cfg.trained_steps} trained steps), not a multiple of gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps}: rounds must end on an update"
+            f"{gas}: rounds must end on an update (leave it unset and choose `rollout_batches_per_update` "
+            f"dividing {n // width * cfg.inner_epochs})"
         )
-    steps = per_round // cfg.gradient_accumulation_steps
+    steps = per_round // gas
     if cfg.checkpointing_steps and cfg.checkpointing_steps % steps:
         raise ValueError(
             f"grpo: checkpointing_steps {cfg.checkpointing_steps} is not a multiple of the {steps} optimizer steps "
@@ -389,8 +395,8 @@ def check_layout(cfg: GRPOConfig, micro: int, world: int) -> int:
 
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run directory (see the module docstring)."""
+    from align.data.prompts import read_prompts
     from align.judges import check_prompts, load_judges
-    from align.training.rwr import read_prompts
 
     prompts = read_prompts(cfg.prompts_file)
     run = core.start(cfg)
@@ -404,19 +410,14 @@ def train(cfg: GRPOConfig) -> Path:
             uncond = run.model.encode_prompts([""])
     core.prepare(cfg, run)
     history = {"train": [], "heldout": []}
-    per_round = steps_per_round * cfg.gradient_accumulation_steps
+    per_round = steps_per_round * cfg.accumulation_steps
     if run.ckpt is not None:
         r = run.micro_step // per_round
         saved = run.ckpt / "grpo_history.pt"
         if saved.is_file():
             h = torch.load(saved, weights_only=True)
             history = {"train": list(h["train"])[:r], "heldout": list(h["heldout"])[:r]}
-        if run.micro_step % per_round and run.is_main:
-            print(
-                f"[vidalign] grpo: {run.ckpt} is mid-round (micro-step {run.micro_step}, {per_round} per round): "
-                "the round's rollouts are drawn again from the restored policy, so the run will not match an "
-                "uninterrupted one exactly (checkpoints on round boundaries resume exactly)"
-            )
+        rollouts.mid_round_note(run, per_round, "grpo")
     info = {
         "online": True,
         "prompts": len(prompts),

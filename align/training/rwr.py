@@ -19,23 +19,29 @@ Three departures from plain RWR, each a recipe key (off = plain RWR):
 Online (``online: true``), training runs in rounds: sample the current policy on
 ``online_prompts_per_round`` prompts x ``online_samples_per_prompt`` seeds, score them with the
 judges (``judges``: ``reward:DIR``, ``clip:MODEL``, ``http:URL``; ``reward_model: DIR`` is
-short for ``judges: [reward:DIR]``), and train on that buffer for ``online_steps_per_round``
-micro-batches.
+short for ``judges: [reward:DIR]``), combine them into one reward per sample (one judge: its
+raw score; several: the mean of their z-scores within the prompt group,
+:func:`align.judges.combine_judges`), and train on that buffer for ``online_steps_per_round``
+micro-batches. The round is :mod:`align.training.rollouts`' (each process samples and encodes
+its share of the round, the buffer is gathered); every process then trains on the same
+micro-batches of the buffer with its own noise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from align.data.video import from_uint8
+from align.frames import from_uint8
 from align.models.lora import adapters_disabled
 from align.objectives import per_sample_mse, rwr_loss, rwr_weights
-from align.sample import guided_prediction
-from align.training import core
+from align.sample import SamplingOptions, guided_prediction
+from align.training import core, rollouts
 
 KEYS = ("loss", "weighted_err", "mean_err", "ess")
 
@@ -45,7 +51,7 @@ class RWRConfig(core.TrainConfig):
     """Reward-weighted regression, offline (``dataset``: scored samples) or online (``online``)."""
 
     name: str = field(default="rwr", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
-    objective: str = field(default="rwr", metadata={"help": "rwr (picks the training module)"})
+    objective: Literal["rwr"] = field(default="rwr", metadata={"help": "rwr (picks the training module)"})
     rwr_temperature: float = field(
         default=1.0, metadata={"help": "weights = softmax(reward / T) within a prompt group ..."}
     )
@@ -107,18 +113,26 @@ class RWRConfig(core.TrainConfig):
         return ([f"reward:{self.reward_model}"] if self.reward_model else []) + list(self.judges)
 
 
+def _weights(cfg: RWRConfig, rewards, groups) -> torch.Tensor:
+    """RWR weights: softmax of reward / temperature within each group, clipped."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    return rwr_weights(r, torch.as_tensor(groups), cfg.rwr_temperature, cfg.rwr_max_weight)
+
+
 @torch.no_grad()
-def encode_scored(model, prompts: list[str], videos, rewards, groups, cfg: RWRConfig, batch_size: int = 64):
-    """Latents, prompt states and RWR weights (softmax of reward / temperature within each
-    group, clipped) of scored samples, as a TensorDataset ``(latents, cond, weight)``."""
-    w = rwr_weights(
-        torch.as_tensor(rewards, dtype=torch.float32), torch.as_tensor(groups), cfg.rwr_temperature, cfg.rwr_max_weight
-    )
+def _encode(model, prompts: list[str], videos, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latents and prompt states of uint8 videos and their prompts, on the CPU."""
     lat, txt = [], []
     for i in range(0, len(prompts), batch_size):
         lat.append(model.encode_video(from_uint8(videos[i : i + batch_size]).to(model.device)).cpu())
         txt.append(model.encode_prompts(prompts[i : i + batch_size]).cpu())
-    return TensorDataset(torch.cat(lat), torch.cat(txt), w)
+    return torch.cat(lat), torch.cat(txt)
+
+
+def encode_scored(model, prompts: list[str], videos, rewards, groups, cfg: RWRConfig, batch_size: int = 64):
+    """Latents, prompt states and RWR weights (softmax of reward / temperature within each
+    group, clipped) of scored samples, as a TensorDataset ``(latents, cond, weight)``."""
+    return TensorDataset(*_encode(model, prompts, videos, batch_size), _weights(cfg, rewards, groups))
 
 
 def rwr_step_losses(
@@ -164,21 +178,26 @@ def rwr_step_losses(
     return out
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a file, one per line; an empty line is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path}: no such file")
-    lines = path.read_text().rstrip("\n").split("\n")
-    bad = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
-    if bad:
-        raise ValueError(f"prompts file {path}: line {bad[0]} is empty")
-    return [ln.strip() for ln in lines]
+def _sample(opts: SamplingOptions, model, prompts: list[str], seeds: list[int]) -> dict:
+    """Online RWR's sampler of a round: the deterministic sampler's videos (``generate``)."""
+    from align.frames import to_uint8
+    from align.sample import generate
+
+    return {"videos": to_uint8(generate(model, prompts, seeds, opts.num_steps, opts.guidance_scale, opts.batch_size))}
 
 
-def online_batches(cfg: RWRConfig, run: core.Run, prompts: list[str], score):
-    """Online RWR in rounds: sample the *current* policy on ``online_prompts_per_round`` prompts
-    x ``online_samples_per_prompt`` seeds, ``score(videos, prompts, groups)``, and yield that
+def _round_data(cfg: RWRConfig, run: core.Run, rnd: rollouts.Round) -> TensorDataset:
+    """The round's buffer ``(latents, cond, weight)`` on every process: this process encodes the
+    videos it sampled, the encodings are gathered, the weights come from the combined rewards."""
+    lat, txt = _encode(run.model, [rnd.prompts[i] for i in rnd.local], rnd.samples["videos"])
+    lat, txt = (rollouts.gather_rows(run, rnd.local, x, len(rnd.prompts)) for x in (lat, txt))
+    return TensorDataset(lat, txt, _weights(cfg, rnd.reward, rnd.groups))
+
+
+def online_batches(cfg: RWRConfig, run: core.Run, prompts: list[str], judges: list):
+    """Online RWR in rounds (:mod:`align.training.rollouts`): sample the *current* policy on
+    ``online_prompts_per_round`` prompts x ``online_samples_per_prompt`` seeds (this process its
+    share), score with the judges, combine them into one reward per sample, and yield that
     round's reward statistics (a dict) followed by ``online_steps_per_round`` micro-batches.
 
     Round r draws its prompts and batch order from its own generator (seeded by the recipe's
@@ -186,42 +205,37 @@ def online_batches(cfg: RWRConfig, run: core.Run, prompts: list[str], score):
     ``micro_step // online_steps_per_round`` without replaying earlier rounds. At a round
     boundary that is exact; mid-round, the round's buffer is sampled again from the restored
     policy (the buffer itself is not checkpointed) and only the round's remaining steps run."""
-    from align.data.video import to_uint8
-    from align.sample import generate
-
-    model, spr, k = run.model, cfg.online_steps_per_round, cfg.online_samples_per_prompt
-    r, n = divmod(run.micro_step, spr)
+    spr, k = cfg.online_steps_per_round, cfg.online_samples_per_prompt
+    n = cfg.online_prompts_per_round * k
+    opts = rollouts.sampling_options(cfg, batch_size=128)
+    spec = rollouts.Rollouts(partial(_sample, opts, run.model), judges, rollouts.share(n, run.world, run.rank), k)
+    r, done = divmod(run.micro_step, spr)
     while True:
         rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + r)
-        pick = torch.randperm(len(prompts), generator=rng)[: cfg.online_prompts_per_round].tolist()
+        pick = rollouts.draw_prompts(len(prompts), cfg.online_prompts_per_round, rng)
         ps = [prompts[i] for i in pick for _ in range(k)]
-        seeds = [cfg.seed * 1_000_003 + 10_000 * r + i for i in range(len(ps))]
-        model.denoiser.eval()
-        videos = to_uint8(generate(model, ps, seeds, cfg.sample_steps, cfg.guidance_scale))
-        model.denoiser.train()
-        groups = [i // k for i in range(len(ps))]
-        rewards = score(videos, ps, groups)
-        data = encode_scored(model, ps, videos, rewards, groups, cfg)
-        loader = DataLoader(data, batch_size=run.micro, shuffle=True, generator=rng)
-        yield {"round": r, "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
-        while n < spr:
+        seeds = [cfg.seed * 1_000_003 + 10_000 * r + i for i in range(n)]
+        rnd = rollouts.play_round(run, spec, r, ps, seeds)
+        loader = DataLoader(_round_data(cfg, run, rnd), batch_size=run.micro, shuffle=True, generator=rng)
+        yield rollouts.reward_stats(rnd, spec)
+        while done < spr:
             for batch in loader:
                 yield tuple(x.to(run.device) for x in batch)
-                n += 1
-                if n >= spr:
+                done += 1
+                if done >= spr:
                     break
-        r, n = r + 1, 0
+        r, done = r + 1, 0
 
 
-def _scorer(cfg: RWRConfig, device):
-    """``score(videos, prompts, groups)`` of the recipe's judges: one judge's own scores, or the
-    mean of several judges' scores z-scored within each prompt group."""
-    from align.judges import combined_score, load_judges
-
-    judges = load_judges(cfg.judge_specs, device=device)
-    if len(judges) == 1:
-        return lambda videos, prompts, groups: judges[0].score(videos, prompts)
-    return lambda videos, prompts, groups: combined_score(judges, videos, prompts, groups=groups)
+def check_online_layout(cfg: RWRConfig) -> None:
+    """Online rounds must end on an update: ``online_steps_per_round`` a multiple of
+    ``gradient_accumulation_steps`` (unset: 1, an update per micro-batch)."""
+    gas = cfg.accumulation_steps
+    if cfg.online_steps_per_round % gas:
+        raise ValueError(
+            f"online RWR: a round has {cfg.online_steps_per_round} micro-steps (online_steps_per_round), not a "
+            f"multiple of gradient_accumulation_steps {gas}: rounds must end on an update (leave it unset for 1)"
+        )
 
 
 def _offline_data(cfg: RWRConfig, model) -> tuple[TensorDataset, dict]:
@@ -235,9 +249,14 @@ def _offline_data(cfg: RWRConfig, model) -> tuple[TensorDataset, dict]:
 
 def train(cfg: RWRConfig) -> Path:
     """Run RWR as configured (offline on ``dataset``, or online); returns the run directory."""
-    if cfg.online:  # prompts and judges are checked before the model loads
+    if cfg.online:  # prompts, judges and the round's layout are checked before the model loads
+        from align.data.prompts import read_prompts
+        from align.judges import check_prompts, load_judges
+
+        check_online_layout(cfg)
         prompts = read_prompts(cfg.prompts_file)
-        score = _scorer(cfg, device=None)
+        judges = load_judges(cfg.judge_specs, device=None)
+        check_prompts(judges, prompts)
     run = core.start(cfg, noise_per_process=cfg.online)
     if cfg.online:
         data, info = None, {"online": True, "prompts": len(prompts), "judges": cfg.judge_specs}
@@ -249,14 +268,8 @@ def train(cfg: RWRConfig) -> Path:
             uncond = run.model.encode_prompts([""])
     core.prepare(cfg, run)
     if cfg.online:
-        if run.ckpt is not None and run.micro_step % cfg.online_steps_per_round and run.is_main:
-            print(
-                f"[vidalign] online RWR: {run.ckpt} is mid-round (micro-step {run.micro_step}, "
-                f"{cfg.online_steps_per_round} per round): this round's samples are drawn again "
-                "from the restored policy, so the run will not match an uninterrupted one exactly "
-                "(checkpoints on round boundaries resume exactly)"
-            )
-        batches, shard = online_batches(cfg, run, prompts, score), (0, 1)
+        rollouts.mid_round_note(run, cfg.online_steps_per_round, "online RWR")
+        batches, shard = online_batches(cfg, run, prompts, judges), (0, 1)
     else:
         batches, shard = core.shard_batches(data, run, cfg.seed), (run.rank, run.world)
     keys = KEYS + (("kl",) if cfg.rwr_kl_weight > 0 else ())

@@ -38,6 +38,7 @@ async function api(method, path, body) {
   if (!res.ok) {
     const err = new Error(data && data.error ? data.error : res.statusText);
     err.status = res.status;
+    err.reason = data && data.reason ? data.reason : null;  // e.g. "pair_complete", "duplicate"
     throw err;
   }
   return data;
@@ -137,8 +138,10 @@ async function submit(choice) {
     status(choice === "skip" ? "Skipped." : "Saved.");
     await loadNext();
   } catch (e) {
-    if (e.status === 409) {  // already labelled (e.g. in another tab): move on
-      status(e.message);
+    if (e.status === 409) {  // already labelled (e.g. in another tab), or the pair filled up: move on
+      status(e.reason === "pair_complete" ?
+        "Not recorded: other annotators gave this pair all the labels it needs while you were " +
+        "looking at it. Here is the next pair." : e.message);
       await loadNext();
     } else {
       status(`Not saved: ${e.message}`, true);

@@ -64,88 +64,33 @@ timesteps restricted to its range; the LoRA of the low-noise expert is loaded wi
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import torch
-
 from align.models.diffusers.animatediff import AnimateDiffDenoiser, AnimateDiffVideoModel
-from align.models.diffusers.base import DiffusersVideoModel, resample_video
+from align.models.diffusers.base import (
+    MODEL_CLASSES,
+    DiffusersVideoModel,
+    load_diffusers_model,
+    load_prompt_embeds,
+    model_class,
+    resample_video,
+    save_prompt_embeds,
+)
 from align.models.diffusers.cogvideox import CogVideoXDenoiser, CogVideoXVideoModel
 from align.models.diffusers.hunyuan import HunyuanDenoiser, HunyuanVideoModel
 from align.models.diffusers.loading import (
+    FAMILIES,
     PIPELINE_FAMILIES,
     family_of,
-    load_prompt_embeds,
     looks_like_hub_id,
     read_pipeline_class,
-    resolve_dtype,
-    save_prompt_embeds,
 )
 from align.models.diffusers.ltx import LTXDenoiser, LTXVideoModel
 from align.models.diffusers.wan import TimestepRangeSchedule, WanDenoiser, WanVideoModel
 
-# vidalign family -> its adapter class
-MODEL_CLASSES: dict[str, type[DiffusersVideoModel]] = {
-    "wan": WanVideoModel,
-    "cogvideox": CogVideoXVideoModel,
-    "ltx": LTXVideoModel,
-    "animatediff": AnimateDiffVideoModel,
-    "hunyuan": HunyuanVideoModel,
-}
-FAMILIES = tuple(MODEL_CLASSES)
+# every family's adapter is defined (imported above) and registered in MODEL_CLASSES
+assert set(MODEL_CLASSES) == set(FAMILIES), (sorted(MODEL_CLASSES), FAMILIES)
 
 # LoRA on the attention projections (self- and cross-attention; AnimateDiff: spatial and motion).
-DEFAULT_LORA_TARGETS = {family: list(cls.default_lora_targets) for family, cls in MODEL_CLASSES.items()}
-
-
-def model_class(family: str, source: str | None = None) -> type[DiffusersVideoModel]:
-    """The adapter class of ``family``; a clear error (naming the model ``source``) for any other name."""
-    if family not in MODEL_CLASSES:
-        where = f"model {source}: " if source else ""
-        raise ValueError(f"{where}unsupported model family {family!r}; supported: {', '.join(FAMILIES)}")
-    return MODEL_CLASSES[family]
-
-
-def load_diffusers_model(
-    path_or_hub_id: str | Path,
-    device: str | torch.device = "cpu",
-    *,
-    dtype: str | torch.dtype = "auto",
-    family: str | None = None,
-    motion_adapter: str | None = None,
-    load_text_encoder: bool = True,
-    revision: str | None = None,
-    variant: str | None = None,
-    **options: Any,
-) -> DiffusersVideoModel:
-    """Load a pipeline by Hub id or local path, freeze it, put it on ``device`` and wrap it in
-    its family's adapter (what ``align.models.load_model`` calls).
-
-    ``dtype``: ``"auto"`` (bfloat16 on CUDA, else float32) or a dtype; the VAE stays in
-    float32 (it runs once per video, and video VAEs are fragile in half precision).
-    ``family`` overrides the one read from ``model_index.json``. ``motion_adapter``: a
-    MotionAdapter id or path, required when the model is a Stable Diffusion image
-    pipeline (AnimateDiff). ``load_text_encoder=False`` (with ``prompt_embeds=FILE``) skips
-    the text encoder(s). Other ``options`` go to the constructor (``num_frames``,
-    ``height``, ``width``, ``max_sequence_length``, ``timestep_sampling``, ``frame_rate``,
-    ``embedded_guidance``, ``wan_expert``, ``prompt_embeds``, ``gradient_checkpointing``).
-    """
-    source = str(path_or_hub_id)
-    device = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    pipe_class = read_pipeline_class(source)
-    cls = model_class(family or family_of(pipe_class, source), source)
-    if not load_text_encoder and options.get("prompt_embeds") is None:
-        raise ValueError(f"model {source}: load_text_encoder=False needs prompt_embeds=FILE (save_prompt_embeds)")
-    kw: dict[str, Any] = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
-    if not load_text_encoder:
-        kw.update(dict.fromkeys(cls.text_components))
-    pipe = cls.load_pipeline(source, pipe_class, kw, motion_adapter)
-    if pipe.vae.dtype != torch.float32:
-        pipe.vae.to(torch.float32)
-    pipe.to(device)
-    return cls(pipe, **options).requires_grad_(False).eval()
+DEFAULT_LORA_TARGETS = {family: list(MODEL_CLASSES[family].default_lora_targets) for family in FAMILIES}
 
 
 __all__ = [

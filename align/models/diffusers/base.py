@@ -36,15 +36,23 @@ none of them was tuned here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from align.models.diffusers.loading import load_prompt_embeds, pipeline_load_errors
+from align.atomic import atomic_write
+from align.models.diffusers.loading import FAMILIES, family_of, pipeline_load_errors, read_pipeline_class, resolve_dtype
 from align.schedules import NoiseSchedule
+
+# vidalign family -> its adapter class. Each family's subclass adds itself when it is defined
+# (``DiffusersVideoModel.__init_subclass__``), so loading needs no import of the family modules
+# (they import this one); ``align.models.diffusers`` imports them all.
+MODEL_CLASSES: dict[str, type[DiffusersVideoModel]] = {}
 
 # ---------------------------------------------------------------------------------------
 # Helpers shared by several families
@@ -136,6 +144,12 @@ class DiffusersVideoModel:
     supports_gradient_checkpointing: ClassVar[bool] = True
     has_pipeline_sampler: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A family's subclass registers itself in ``MODEL_CLASSES`` under its ``family``."""
+        super().__init_subclass__(**kwargs)
+        if cls.family:
+            MODEL_CLASSES[cls.family] = cls
+
     def __init__(
         self,
         pipe: Any,
@@ -184,10 +198,7 @@ class DiffusersVideoModel:
         variant: str | None = None,
         **options: Any,
     ) -> DiffusersVideoModel:
-        """``align.models.diffusers.load_diffusers_model`` (see there); on a family's class the
-        family defaults to that class's."""
-        from align.models.diffusers import load_diffusers_model
-
+        """:func:`load_diffusers_model`; on a family's class the family defaults to that class's."""
         return load_diffusers_model(
             path_or_hub_id, device, dtype=dtype, family=family or cls.family or None, motion_adapter=motion_adapter,
             load_text_encoder=load_text_encoder, revision=revision, variant=variant, **options,
@@ -473,3 +484,89 @@ class DiffusersVideoModel:
         for m in self.components().values():
             m.requires_grad_(flag)
         return self
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a pipeline into its family's adapter
+# ---------------------------------------------------------------------------------------
+
+
+def model_class(family: str, source: str | None = None) -> type[DiffusersVideoModel]:
+    """The adapter class of ``family``; a clear error (naming the model ``source``) for any other name."""
+    if family not in MODEL_CLASSES:
+        where = f"model {source}: " if source else ""
+        raise ValueError(f"{where}unsupported model family {family!r}; supported: {', '.join(FAMILIES)}")
+    return MODEL_CLASSES[family]
+
+
+def load_diffusers_model(
+    path_or_hub_id: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    dtype: str | torch.dtype = "auto",
+    family: str | None = None,
+    motion_adapter: str | None = None,
+    load_text_encoder: bool = True,
+    revision: str | None = None,
+    variant: str | None = None,
+    **options: Any,
+) -> DiffusersVideoModel:
+    """Load a pipeline by Hub id or local path, freeze it, put it on ``device`` and wrap it in
+    its family's adapter (what ``align.models.load_model`` calls).
+
+    ``dtype``: ``"auto"`` (bfloat16 on CUDA, else float32) or a dtype; the VAE stays in
+    float32 (it runs once per video, and video VAEs are fragile in half precision).
+    ``family`` overrides the one read from ``model_index.json``. ``motion_adapter``: a
+    MotionAdapter id or path, required when the model is a Stable Diffusion image
+    pipeline (AnimateDiff). ``load_text_encoder=False`` (with ``prompt_embeds=FILE``) skips
+    the text encoder(s). Other ``options`` go to the constructor (``num_frames``,
+    ``height``, ``width``, ``max_sequence_length``, ``timestep_sampling``, ``frame_rate``,
+    ``embedded_guidance``, ``wan_expert``, ``prompt_embeds``, ``gradient_checkpointing``).
+    """
+    source = str(path_or_hub_id)
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    pipe_class = read_pipeline_class(source)
+    cls = model_class(family or family_of(pipe_class, source), source)
+    if not load_text_encoder and options.get("prompt_embeds") is None:
+        raise ValueError(f"model {source}: load_text_encoder=False needs prompt_embeds=FILE (save_prompt_embeds)")
+    kw: dict[str, Any] = {"torch_dtype": torch_dtype, "revision": revision, "variant": variant}
+    if not load_text_encoder:
+        kw.update(dict.fromkeys(cls.text_components))
+    pipe = cls.load_pipeline(source, pipe_class, kw, motion_adapter)
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    pipe.to(device)
+    return cls(pipe, **options).requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt-embedding tables: train without loading the text encoder
+# ---------------------------------------------------------------------------------------
+
+
+def save_prompt_embeds(model: DiffusersVideoModel, prompts: list[str], path: str | Path, batch_size: int = 8) -> Path:
+    """Encode ``prompts`` (plus ``""``, the unconditional prompt) once and write them to a
+    safetensors file, so that training can run without loading the text encoder."""
+    prompts = list(dict.fromkeys([*prompts, ""]))
+    with torch.no_grad():
+        embeds = torch.cat(
+            [model.encode_prompts(prompts[i : i + batch_size]).cpu() for i in range(0, len(prompts), batch_size)]
+        )
+    meta = {"prompts": json.dumps(prompts), "family": model.family}
+    return atomic_write(path, lambda tmp: save_file({"cond": embeds.contiguous()}, tmp, metadata=meta))
+
+
+def load_prompt_embeds(path: str | Path) -> tuple[dict[str, int], torch.Tensor, str]:
+    """``(prompt -> row, table, family)`` from a file written by ``save_prompt_embeds``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt embeddings {path}: no such file (write one with save_prompt_embeds)")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "prompts" not in meta:
+        raise ValueError(f"prompt embeddings {path}: no 'prompts' metadata; not written by save_prompt_embeds")
+    prompts = json.loads(meta["prompts"])
+    return {p: i for i, p in enumerate(prompts)}, load_file(str(path))["cond"], meta.get("family", "")

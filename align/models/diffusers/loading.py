@@ -1,5 +1,7 @@
-"""Finding a diffusers pipeline (local directory or Hub id), its family and dtype, and
-prompt-embedding tables (``save_prompt_embeds``: train without loading the text encoder)."""
+"""Finding a diffusers pipeline (local directory or Hub id), its family and dtype.
+
+Nothing here knows the adapter classes (``base.py`` and the family modules), so every module
+of the package can import it."""
 
 from __future__ import annotations
 
@@ -8,13 +10,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
-
-if TYPE_CHECKING:
-    from align.models.diffusers.base import DiffusersVideoModel
 
 # diffusers pipeline class (``_class_name`` in model_index.json) -> vidalign family
 PIPELINE_FAMILIES = {
@@ -25,6 +22,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "animatediff",  # an image model; needs motion_adapter=<id or path>
     "HunyuanVideoPipeline": "hunyuan",
 }
+FAMILIES = ("wan", "cogvideox", "ltx", "animatediff", "hunyuan")  # the vidalign families, in the order they are listed
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -91,35 +89,3 @@ def pipeline_load_errors(source: str, family: str) -> Iterator[None]:
         yield
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"model {source}: could not load the {family} pipeline ({e})") from e
-
-
-def save_prompt_embeds(model: DiffusersVideoModel, prompts: list[str], path: str | Path, batch_size: int = 8) -> Path:
-    """Encode ``prompts`` (plus ``""``, the unconditional prompt) once and write them to a
-    safetensors file, so that training can run without loading the text encoder."""
-    prompts = list(dict.fromkeys([*prompts, ""]))
-    with torch.no_grad():
-        embeds = torch.cat(
-            [model.encode_prompts(prompts[i : i + batch_size]).cpu() for i in range(0, len(prompts), batch_size)]
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"prompts": json.dumps(prompts), "family": model.family}
-    save_file({"cond": embeds.contiguous()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def load_prompt_embeds(path: str | Path) -> tuple[dict[str, int], torch.Tensor, str]:
-    """``(prompt -> row, table, family)`` from a file written by ``save_prompt_embeds``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt embeddings {path}: no such file (write one with save_prompt_embeds)")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "prompts" not in meta:
-        raise ValueError(f"prompt embeddings {path}: no 'prompts' metadata; not written by save_prompt_embeds")
-    prompts = json.loads(meta["prompts"])
-    return {p: i for i, p in enumerate(prompts)}, load_file(str(path))["cond"], meta.get("family", "")

@@ -1,13 +1,13 @@
-"""The embedded demo: the whole alignment loop, small, on a CPU (``vidalign demo``).
+"""The embedded demo's loop: the whole alignment loop, small, on a CPU (``vidalign demo``).
 
 It composes the functions the CLI commands call; only the prompts (the synthetic world's) and
 the judge standing in for a human (its oracle) are the demo's own.
 
 1. Load the shipped pretrained tiny Sora generator and reward backbone (``align/demo_models``,
-   sha256-checked; ``make pretrained`` remakes them).
-2. Sample ``samples_per_prompt`` videos per training prompt from the base (``data pairs``); the
-   oracle labels them: best vs worst of each group become the DPO pairs, every pair within a
-   group the reward-model data.
+   sha256-checked: :mod:`align.demo.pretrain`; ``make pretrained`` remakes them).
+2. Sample ``samples_per_prompt`` videos per training prompt from the base (``sample_groups``,
+   as ``data pairs`` does); the oracle (:mod:`align.demo.synthetic`) labels them: best vs worst
+   of each group become the DPO pairs, every pair within a group the reward-model data.
 3. Train the CLIP reward model on the oracle's labels (``reward train``,
    ``recipes/tiny_sora_reward.yaml``) and report its pairwise accuracy on held-out prompts.
 4. Align the generator with each objective's shipped recipe (``train``): Diffusion-DPO on the
@@ -25,27 +25,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from align.config import coerce_fields, load_config
-from align.data.pairs import pairs_from_groups, sample_groups
+from align.data.pairs import pairs_from_groups
 from align.data.samples import scored_samples_dataset
-from align.data.synthetic import split_scenes
-from align.data.video import to_uint8, write_grid_gif
+from align.data.video import write_grid_gif
+from align.demo.pretrain import DEMO_MODELS, demo_models
+from align.demo.synthetic import split_scenes
 from align.eval.evaluate import judge_winrates
 from align.eval.plots import plot_score_histograms, plot_training_curves, plot_winrates
 from align.eval.report import write_report
+from align.frames import to_uint8
 from align.judges import OracleJudge, RewardJudge
 from align.models import load_model
-from align.pretrain import DEMO_MODELS, demo_models
 from align.sample import generate
 from align.training import load_aligned, load_train_config, train
-from reward_models.train import RewardTrainConfig, plot_calibration, train_reward_model
+from align.training.reward import train_reward_model
+from reward_models.train import RewardTrainConfig, plot_calibration
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 METHODS = {"DPO": "tiny_sora_dpo.yaml", "RWR": "tiny_sora_rwr.yaml", "GRPO": "tiny_sora_grpo.yaml"}
 REWARD_RECIPE = "tiny_sora_reward.yaml"
 
@@ -108,6 +111,41 @@ def _prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     train_scenes, heldout_scenes = split_scenes(cfg.heldout_fraction, seed=cfg.seed)
     n = cfg.max_prompts or None
     return [s.prompt for s in train_scenes][:n], [s.prompt for s in heldout_scenes][:n]
+
+
+def sample_groups(
+    model,
+    prompts: list[str],
+    samples_per_prompt: int,
+    seed: int = 0,
+    num_steps: int = 20,
+    guidance_scale: float = 4.0,
+    progress: bool = True,
+    *,
+    score: Callable[[np.ndarray, Sequence[str]], np.ndarray],
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``k`` samples per prompt (consecutive rows form a group) and their scores:
+    ``(all_prompts, videos uint8 (N*k, T, H, W, C), totals (N, k))``. ``score(videos,
+    prompts)`` (a judge's ``score``, ``align.judges``) returns one number per video."""
+    if not prompts:
+        raise ValueError("sample_groups: empty prompt list")
+    if samples_per_prompt < 2:
+        raise ValueError(f"samples_per_prompt must be >= 2, got {samples_per_prompt}")
+    k = samples_per_prompt
+    all_prompts = [p for p in prompts for _ in range(k)]
+    seeds = [seed * 1_000_003 + i for i in range(len(all_prompts))]
+    videos = to_uint8(generate(model, all_prompts, seeds, num_steps, guidance_scale, progress=progress, desc="pairs"))
+    flat = np.asarray(score(videos, all_prompts), dtype=np.float64).reshape(-1)
+    if flat.shape != (len(all_prompts),):
+        raise ValueError(f"sample_groups: the judge returned {flat.size} scores for {len(all_prompts)} videos")
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"sample_groups: the judge gave {bad.size} non-finite scores, first for video {i} "
+            f"(prompt {all_prompts[i]!r}, seed {seeds[i]})"
+        )
+    return all_prompts, videos, flat.reshape(len(prompts), k)
 
 
 def _collect(cfg: DemoConfig, model, prompts: list[str], out: Path) -> tuple:

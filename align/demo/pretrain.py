@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from align.atomic import file_sha256
 from align.config import PretrainConfig, save_config
-from align.data.synthetic import all_scenes, sample_videos
-from align.data.video import from_uint8
+from align.demo.synthetic import all_scenes, sample_videos
+from align.frames import from_uint8
 from align.models.tiny_sora import TinySora, TinySoraConfig
 from align.objectives import per_sample_mse
 
@@ -71,6 +72,37 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
 
     # 2. VAE
     t0 = time.time()
+    vae = _train_vae(model, videos, cfg, gen, logf, progress)
+    timings["vae_s"] = time.time() - t0
+
+    # 3. latent cache
+    t0 = time.time()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(from_uint8(videos[i : i + 256]))[0] for i in range(0, len(videos), 256)])
+    model.cfg.scaling_factor = float(1.0 / lat.std())
+    lat = lat * model.cfg.scaling_factor
+    tokens = model.tokenize(prompts)
+    empty = model.tokenize([""])[0]
+    timings["encode_s"] = time.time() - t0
+
+    # 4. denoiser + text encoder
+    t0 = time.time()
+    _train_denoiser(model, lat, tokens, empty, cfg, gen, logf, progress)
+    timings["denoiser_s"] = time.time() - t0
+    logf.close()
+
+    model.eval().requires_grad_(False)
+    model.save_pretrained(out)
+    save_config(cfg, out / "pretrain_config.yaml")
+    (out / "pretrain_info.json").write_text(
+        json.dumps({"timings_s": timings, "model": asdict(model.cfg), "num_videos": cfg.num_videos}, indent=2)
+    )
+    return out
+
+
+def _train_vae(model: TinySora, videos: np.ndarray, cfg: PretrainConfig, gen, logf, progress: bool):
+    """Step 2: the VAE on random batches of the clips (reconstruction + ``kl_weight`` * KL);
+    returns it frozen, in eval mode."""
     vae = model.vae.train()
     # foreach: the same numbers as the single-tensor loop PyTorch picks on CPU (checked bitwise),
     # ~10% less time per step for a model of many small tensors
@@ -88,21 +120,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         opt.step()
         bar.set_postfix(rec=f"{o['rec_loss'].item():.4f}", kl=f"{o['kl'].item():.2f}")
         _log(logf, {"phase": "vae", "step": step, "rec_loss": o["rec_loss"].item(), "kl": o["kl"].item()})
-    vae.eval().requires_grad_(False)
-    timings["vae_s"] = time.time() - t0
+    return vae.eval().requires_grad_(False)
 
-    # 3. latent cache
-    t0 = time.time()
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(from_uint8(videos[i : i + 256]))[0] for i in range(0, len(videos), 256)])
-    model.cfg.scaling_factor = float(1.0 / lat.std())
-    lat = lat * model.cfg.scaling_factor
-    tokens = model.tokenize(prompts)
-    empty = model.tokenize([""])[0]
-    timings["encode_s"] = time.time() - t0
 
-    # 4. denoiser + text encoder
-    t0 = time.time()
+def _train_denoiser(model: TinySora, lat, tokens, empty, cfg: PretrainConfig, gen, logf, progress: bool) -> None:
+    """Step 4: the denoiser and the text encoder on the cached latents, the prompt dropped for
+    ``cond_dropout`` of samples; with ``ema_decay``, the denoiser ends as its EMA."""
     den, txt = model.denoiser.train(), model.text_encoder.train()
     params = list(den.parameters()) + list(txt.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.denoiser_lr, weight_decay=0.0, foreach=True)
@@ -132,16 +155,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         _log(logf, {"phase": "denoiser", "step": step, "loss": loss.item()})
     if ema is not None:
         model.denoiser.load_state_dict(ema.state_dict())
-    timings["denoiser_s"] = time.time() - t0
-    logf.close()
-
-    model.eval().requires_grad_(False)
-    model.save_pretrained(out)
-    save_config(cfg, out / "pretrain_config.yaml")
-    (out / "pretrain_info.json").write_text(
-        json.dumps({"timings_s": timings, "model": asdict(model.cfg), "num_videos": cfg.num_videos}, indent=2)
-    )
-    return out
 
 
 # ---------------------------------------------------------------- the demo's reward backbone
@@ -184,18 +197,9 @@ def pretrain_reward_backbone(out: str | Path, steps: int = 2400, seed: int = 0, 
 
 # ---------------------------------------------------------------- the demo's shipped models
 
-DEMO_MODELS = Path(__file__).resolve().parent / "demo_models"  # tiny_sora/, reward_backbone/, SHA256SUMS
+# align/demo_models/: tiny_sora/, reward_backbone/, SHA256SUMS (package data, beside this package)
+DEMO_MODELS = Path(__file__).resolve().parents[1] / "demo_models"
 SHA256SUMS = "SHA256SUMS"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _to_fp16(path: Path) -> None:
@@ -221,7 +225,7 @@ def pretrain_demo_models(
     for f in sorted([*gen.iterdir(), *rm.iterdir()]):
         if f.suffix == ".safetensors":
             _to_fp16(f)
-        lines.append(f"{_sha256(f)}  {f.relative_to(out)}")
+        lines.append(f"{file_sha256(f)}  {f.relative_to(out)}")
     (out / SHA256SUMS).write_text("\n".join(lines) + "\n")
     for stale in out.glob("*.metrics.jsonl"):  # pretrain's training log lands beside the model
         stale.unlink()
@@ -241,6 +245,6 @@ def demo_models(root: str | Path = DEMO_MODELS) -> tuple[Path, Path]:
         f = root / name
         if not f.is_file():
             raise FileNotFoundError(f"demo models: {f} is missing; {fix}")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise ValueError(f"demo models: {f} does not match its sha256 in {sums} (changed or corrupt); {fix}")
     return root / "tiny_sora", root / "reward_backbone"

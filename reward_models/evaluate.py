@@ -1,0 +1,45 @@
+"""Using a trained reward model: its accuracy on a preference dataset, written to a folder
+(``vidalign reward eval``), and the scores of videos for a prompt (``vidalign reward score``).
+
+Videos come in decoded (uint8 ``(T, H, W, C)`` arrays); reading files is the caller's job, so
+this package imports nothing from ``align``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from reward_models.model import VideoRewardModel
+from reward_models.train import PairData, evaluate, plot_calibration
+
+# what ``vidalign reward eval`` prints of the summary (reward_eval.json holds all of it)
+SHOWN = ("accuracy", "accuracy_ci95", "accuracy_with_ties", "n", "ties", "aspect_agreement")
+
+
+def evaluate_to_dir(model: VideoRewardModel, data: PairData, out_dir: str | Path, tie_threshold: float = 0.1) -> dict:
+    """:func:`reward_models.train.evaluate` of ``model`` on ``data``, written to ``out_dir``:
+    ``reward_eval.json`` (the summary, without the per-pair scores) and ``calibration.png``.
+    Returns the summary."""
+    res = evaluate(model, data, tie_threshold)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_calibration(res["calibration"], out / "calibration.png")
+    summary = {k: v for k, v in res.items() if k not in ("score_a", "score_b")}
+    (out / "reward_eval.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def score_videos(model: VideoRewardModel, videos: Sequence[np.ndarray], prompt: str) -> np.ndarray:
+    """One score per video for ``prompt``: one batch when the videos share a shape, else one
+    call per video (a score depends only on its own video and prompt)."""
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if not videos:
+        raise ValueError("no videos to score")
+    if len({v.shape for v in videos}) == 1:
+        return model.score(np.stack(videos), [prompt] * len(videos))
+    return np.concatenate([model.score(v[None], [prompt]) for v in videos])
