@@ -290,11 +290,11 @@ def ddim_step(
 
 
 def stochastic_timesteps(model: VideoDiffusionModel, num_steps: int) -> torch.Tensor:
-    """The ``num_steps + 1`` timesteps (model units, ``[0, T]``) a stochastic rollout visits:
-    for flow models the shifted ``s = linspace(1, 0)`` times ``T`` (sample_latents' grid); for
-    epsilon / v models ``linspace(T - 1, 0).round()`` with one more point than sample_latents,
-    so that every one of the ``num_steps`` model calls is a stochastic step (the last one ends at
-    ``t = 0``, noise level ``sqrt(1 - alphas_cumprod[0])``)."""
+    """The ``num_steps + 1`` timesteps (model units, ``[0, T]``) a rollout visits: for flow models
+    the shifted ``s = linspace(1, 0)`` times ``T`` (sample_latents' grid, DanceGRPO's
+    ``sd3_time_shift`` grid); for epsilon / v models ``linspace(T - 1, 0).round()``. The model is
+    called at the first ``num_steps``; steps ``0 .. num_steps - 2`` are stochastic, the last one
+    lands on the clean end (``t = 0``; see :func:`sample_with_logprobs`)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     sched = model.scheduler
@@ -340,6 +340,15 @@ def _step_noise(generators: list[torch.Generator], shape: tuple[int, ...], devic
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def clean_end(model: VideoDiffusionModel, x: torch.Tensor, t: torch.Tensor, cond, uncond, guidance_scale: float):
+    """The last step of a rollout, from ``x`` at timestep ``t`` (``(B,)``) to the clean end: the
+    model's guided x0 prediction, float32. For flow models it is exactly the ODE's Euler step to
+    ``s = 0`` (``x - s v``); for epsilon / v models DDIM with ``eta = 0`` to ``alpha = 1``."""
+    t = t.to(x.device).float()
+    out = guided_prediction(model.predict, x, t, cond, uncond, guidance_scale)
+    return model.scheduler.predict_x0_eps(x.float(), out.float(), t)[0]
+
+
 @torch.no_grad()
 def sample_with_logprobs(
     model: VideoDiffusionModel,
@@ -352,22 +361,44 @@ def sample_with_logprobs(
     reduction: str = "mean",
     decode: bool = True,
 ) -> dict:
-    """Stochastic rollouts with classifier-free guidance, recording every step for GRPO.
+    """Stochastic rollouts with classifier-free guidance, recording every stochastic step for GRPO.
 
     Sample ``i`` starts from ``initial_noise``'s latent for ``seeds[i]`` (the same start as
     :func:`generate`) and draws its step noise from the same per-seed generator, so a rollout
-    depends on its seed only, not on the batch it is in. Flow models take the SDE of
-    :func:`flow_sde_step` (noise ``sde_noise``), epsilon / v models DDIM with ``eta``.
+    depends on its seed only, not on the batch it is in. ``num_steps`` model calls on the grid
+    of :func:`stochastic_timesteps`: the first ``S = num_steps - 1`` are stochastic steps (flow
+    models: the SDE of :func:`flow_sde_step`, noise ``sde_noise``; epsilon / v models: DDIM with
+    ``eta``), each with its log-probability; the last is deterministic (:func:`clean_end`).
 
-    Returns a dict: ``latents`` ``(B, S + 1, *latent_shape)`` (the trajectory, float32),
-    ``log_probs`` ``(B, S)`` (``reduction`` over elements), ``timesteps`` and ``next_timesteps``
-    ``(S,)``, ``cond`` / ``uncond`` (``uncond`` None without guidance) and, with ``decode``,
-    ``videos`` uint8 ``(B, T, H, W, C)``.
+    The clean end. The video the judges score is the clean end of the trajectory, not the latent
+    after one more SDE step: on the grid ``shift(linspace(1, 0))`` that step runs from
+    ``shift(1 / N)`` to 0 with fresh noise of std ``sde_noise sqrt(s / (1 - s)) sqrt(s)`` (0.20 at
+    10 steps, ``sde_noise`` 0.7, shift 3), so the judges would score noise the model does not make
+    at evaluation. We decode the last model call's x0 prediction, which is what DanceGRPO decodes
+    and, for flow models, exactly the ODE's last Euler step -- and we make that step
+    deterministic instead of also drawing (and training) a stochastic step from the same
+    prediction as DanceGRPO does: that step's noise never reaches the decoded video, so its
+    policy-gradient term has zero expectation (pure variance), while every earlier step's sample
+    does reach it. So GRPO trains (a random share of) the ``S`` stochastic steps, all of which
+    have log-probabilities; Flow-GRPO likewise trains all but the last step (``timestep_fraction
+    0.99``). Departure from Flow-GRPO: its last step keeps a little noise (std 0.006 on its SD3
+    grid, which ends at ``shift(1 / 1000)``); ours ends clean.
+
+    Returns a dict: ``latents`` ``(B, S + 1, *latent_shape)`` (the stochastic trajectory, float32),
+    ``clean`` ``(B, *latent_shape)`` (the clean end, what is decoded), ``log_probs`` ``(B, S)``
+    (``reduction`` over elements), ``timesteps`` and ``next_timesteps`` ``(S,)``, ``cond`` /
+    ``uncond`` (``uncond`` None without guidance) and, with ``decode``, ``videos`` uint8
+    ``(B, T, H, W, C)``.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_with_logprobs: need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     if not prompts:
         raise ValueError("sample_with_logprobs: empty prompt list")
+    if num_steps < 2:
+        raise ValueError(
+            f"sample_with_logprobs: num_steps must be >= 2 (the last step is the deterministic one to the "
+            f"clean end, the others are stochastic), got {num_steps}"
+        )
     noise_level = sde_noise if model.prediction_type == "flow" else eta
     if noise_level <= 0:
         name = "sde_noise" if model.prediction_type == "flow" else "eta"
@@ -379,8 +410,9 @@ def sample_with_logprobs(
     cond = model.encode_prompts(list(prompts))
     uncond = model.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
     grid = stochastic_timesteps(model, num_steps)
+    S = num_steps - 1
     traj, lps = [x], []
-    for i in range(num_steps):
+    for i in range(S):
         t, t_next = grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0])
         z = _step_noise(gens, shape, device)
         step = policy_step(
@@ -389,14 +421,16 @@ def sample_with_logprobs(
         x = step.x_next
         traj.append(x)
         lps.append(step.log_prob)
+    clean = clean_end(model, x, grid[S].expand(x.shape[0]), cond, uncond, guidance_scale)
     result = {
         "latents": torch.stack(traj, dim=1),
+        "clean": clean,
         "log_probs": torch.stack(lps, dim=1),
-        "timesteps": grid[:-1].clone(),
-        "next_timesteps": grid[1:].clone(),
+        "timesteps": grid[:S].clone(),
+        "next_timesteps": grid[1 : S + 1].clone(),
         "cond": cond,
         "uncond": uncond,
     }
     if decode:
-        result["videos"] = to_uint8(model.decode_latents(x).cpu())
+        result["videos"] = to_uint8(model.decode_latents(clean).cpu())
     return result

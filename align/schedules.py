@@ -104,11 +104,18 @@ class NoiseSchedule:
     def predict_x0_eps(
         self, x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recover ``(x0, eps)`` estimates from a model output at ``t``."""
+        """Recover ``(x0, eps)`` estimates from a model output at ``t``.
+
+        Epsilon models: ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``, unclamped (as diffusers' DDIM
+        and DDPO): on the cosine table ``sqrt(a)`` is 4.9e-5 at ``t = 999``, and a clamp at 1e-4
+        would scale x0 by 0.49 on the first step of every sample. Only a true zero is guarded
+        (a zero-terminal-SNR table, which this one is not: its smallest ``a`` is 2.4e-9): there
+        ``x_t`` is pure noise, x0 cannot be read from eps, and the division is by 1 instead, so
+        that x0 is ``x_t - eps`` (0, the mean of centred latents, for an exact eps) and not inf."""
         alpha, sigma = self._alpha_sigma(t, x_t)
         if self.prediction_type == "epsilon":
             eps = model_out
-            x0 = (x_t - sigma * eps) / alpha.clamp(min=1e-4)
+            x0 = (x_t - sigma * eps) / torch.where(alpha == 0, torch.ones_like(alpha), alpha)
         elif self.prediction_type == "v":
             x0 = alpha * x_t - sigma * model_out
             eps = sigma * x_t + alpha * model_out

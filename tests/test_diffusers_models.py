@@ -640,3 +640,38 @@ def test_recipes_are_valid_for_their_family(recipe, pipeline_dir):
     # the LoRA targets exist in the same diffusers class
     model = load_model(pipeline_dir(family), **SIZE[family])
     attach_lora(model.denoiser, rank=2, alpha=2.0, target_modules=cfg.lora_targets)
+
+
+def test_wan_grpo_recipe_runs_with_another_group_layout(pipeline_dir, tmp_path):
+    """`vidalign train recipes/wan2_1_t2v_1_3b_grpo.yaml --group_size 2 --prompts_per_round 2`
+    runs without touching gradient_accumulation_steps: the recipe sets
+    rollout_batches_per_update 2, so accumulation is derived (2 x 6 trained steps). The shipped
+    recipe's keys are kept but the model (a tiny Wan pipeline), its size and the run's length."""
+    from pathlib import Path
+
+    from align.cli import main
+    from reward_models.model import RewardModelConfig, VideoRewardModel
+
+    torch.manual_seed(0)
+    VideoRewardModel(RewardModelConfig(pooling="mean")).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\na blue circle moving left\n")
+    recipe = Path(__file__).parents[1] / "recipes" / "wan2_1_t2v_1_3b_grpo.yaml"
+    size = json.dumps(dict(SIZE["wan"], dtype="float32"))
+    rc = main(
+        ["train", str(recipe), "--group_size", "2", "--prompts_per_round", "2"]
+        + [
+            "--model",
+            str(pipeline_dir("wan")),
+            "--model_options",
+            size,
+            "--prompts_file",
+            str(tmp_path / "prompts.txt"),
+        ]
+        + ["--judges", f"[reward:{tmp_path / 'rm'}]", "--output_dir", str(tmp_path / "runs"), "--max_steps", "2"]
+        + ["--sample_steps", "5", "--mixed_precision", "no", "--checkpointing_steps", "0", "--progress", "false"]
+    )
+    assert rc == 0
+    summary = json.loads((tmp_path / "runs" / "wan2_1_t2v_1_3b_grpo" / "summary.json").read_text())
+    # 5 steps x 0.6 = 3 trained steps; 2 micro-batches of 1 rollout per update; 4 rollouts a round
+    assert summary["gradient_accumulation_steps"] == 6 and summary["steps_per_round"] == 2
+    assert (tmp_path / "runs" / "wan2_1_t2v_1_3b_grpo" / "lora").is_dir()

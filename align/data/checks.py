@@ -27,6 +27,8 @@ from align.data.preference import (
     video_label,
 )
 
+SCORE_PREFIX = "score_"  # score_a, score_b (and per-aspect scores): numbers, finite when given
+
 # --------------------------------------------------------------------------------------------
 # checks
 
@@ -119,9 +121,10 @@ def check_rows(
     """Check every row of a preference dataset, streaming (one row's videos in memory at a time
     unless ``keep_videos``). ``root`` is a dataset source or root (see :func:`dataset_root`).
 
-    Fatal: empty prompt; unknown preference or per-aspect label; a video that is missing,
-    undecodable (corrupt, truncated), has fewer than ``min_frames`` frames, or whose path leaves
-    the root or is absolute (unless allowed); with ``target`` (a model's ``num_frames`` /
+    Fatal: empty prompt; unknown preference or per-aspect label; a NaN or infinite ``score_*``;
+    a video that is missing, undecodable (corrupt, truncated), has fewer than ``min_frames``
+    frames, or whose path leaves the root (``..`` or a symlink out of it) or is absolute
+    (unless allowed); with ``target`` (a model's ``num_frames`` /
     ``height`` / ``width`` / ``fps``), a video too short for it (or a still where the model
     takes several frames); identical videos; a duplicate row (same prompt, same two videos by
     content, same winner and same labeller as an earlier row). The labeller is the row's values
@@ -147,8 +150,10 @@ def check_rows(
     # (prompt, sorted hashes) -> [(row, winner, labeller)] of the rows that compare those videos
     seen_pairs: dict[tuple, list[tuple[int, str, tuple]]] = {}
     ctx = (root, allow_absolute_paths, seen_files, keep_videos, target)
+    bad_scores = nonfinite_scores(ds)
     for i, row in enumerate(iter_rows(ds)):
         msgs, prompt, pref = _label_problems(row, aspects)
+        msgs += [(m, True) for m in bad_scores.get(i, [])]
         if pref in PREFERENCES:
             counts[pref] += 1
         infos, videos = [], []
@@ -199,6 +204,24 @@ def _label_problems(row: dict, aspects: list[str]) -> tuple[list[tuple[str, bool
         if v not in PREFERENCES and v not in (None, ""):
             msgs.append((f"{col} {v!r} is not one of {PREFERENCES} (or empty)", True))
     return msgs, prompt, pref
+
+
+def nonfinite_scores(ds) -> dict[int, list[str]]:
+    """``{row: [message]}`` for every NaN or infinite value of a numeric ``score_*`` column (a
+    missing score is null, not NaN; read from Arrow, where the two differ)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow", columns=[c for c in ds.column_names if c.startswith(SCORE_PREFIX)])[:]
+    out: dict[int, list[str]] = {}
+    for col in table.column_names:
+        arr = table.column(col)
+        if not pa.types.is_floating(arr.type):
+            continue  # integers are finite; strings are not scores this checks
+        bad = pc.fill_null(pc.invert(pc.is_finite(arr)), False)
+        for i in pc.indices_nonzero(bad).to_pylist():
+            out.setdefault(i, []).append(f"{col} {arr[i].as_py()} is not a finite number")
+    return out
 
 
 def _pair_messages(i, row, prompt, pref, infos, labeller_columns, seen_pairs) -> list[tuple[str, bool]]:

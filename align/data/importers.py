@@ -35,9 +35,15 @@ Formats (``FORMATS``; column names, sources and licenses in ``data/<layout>.md``
 Sources are read as streams (:func:`open_source`): Parquet by Arrow record batches, CSV and
 JSONL row by row, a Hub id with ``datasets`` streaming, a local clone of a Hub repository through
 the ``configs`` of its README. Nothing is read ahead: ``limit`` imports a prefix, and a layout
-that does not fit stops within the first rows. Media are paths (relative to the source's root,
-with the safety checks of loading; a member of a ``.zip`` at the root when the file is not
-there) or embedded bytes. Each is copied into ``DST/videos/<content hash><ext>`` (hard-linked
+that does not fit stops within the first rows. CSV is read strictly: a row with more or fewer
+fields than the header, a quoted field that swallowed whole rows (an unbalanced quote), bad
+quoting or a field over ``MAX_CSV_FIELD`` characters is a bad record named by file and line,
+like a JSONL line that is not a JSON object; a file that cannot be read on (a truncated
+Parquet, a quote left open over several lines) is an error naming the file. Numbers must be
+finite: NaN or infinity in a score or label column is a bad row, not a missing value. Media
+are paths (relative to the source's root, with the safety checks of loading: every path,
+symlinks followed, must resolve inside the root; a member of a ``.zip`` at the root when the
+file is not there) or embedded bytes. Each is copied into ``DST/videos/<content hash><ext>`` (hard-linked
 when possible; identical files stored once), so ``DST`` is a self-contained ``save_to_disk``
 dataset. Stills are decoded at import (cheap, finds truncated JPEGs); videos are not (``vidalign
 data validate`` decodes them) unless ``preprocessing`` or ``repeat_frames`` asks for new clips.
@@ -74,6 +80,8 @@ from align.data.preference import (
     TABLE_SUFFIXES,
     HubRoot,
     PreferenceDataError,
+    check_saved_files,
+    inside_root,
     load_pair_folders,
     resolve_video_path,
     undecoded_media,
@@ -108,6 +116,7 @@ FAIL_FAST_ROWS = 20  # skip mode: this many first rows all failing alike stop th
 MAX_PROBLEMS = 20  # error mode: stop reading after this many bad rows
 ROW_BATCH = 256  # Parquet rows per Arrow record batch
 CHUNK_ROWS = 4096  # output rows per Arrow chunk
+MAX_CSV_FIELD = 1 << 20  # characters in one CSV field (csv's default limit is 131,072)
 
 PICKAPIC_MEDIA = (
     ("jpg_0", "jpg_1"),
@@ -143,6 +152,14 @@ class ImportOptions:
     frames_fps: float = 8.0  # a video given as a list of frame images is written at this rate
 
 
+@dataclass(frozen=True)
+class _BadRecord:
+    """A source record that cannot be read as a row (a CSV row with the wrong number of fields,
+    a JSONL line that is not an object): a bad row of the import, named by file and line."""
+
+    message: str
+
+
 class _Skip(Exception):
     """A row that carries no preference (unlabelled, not different, bothbad): counted, not an error."""
 
@@ -157,7 +174,7 @@ class Source:
     relative media paths resolve against, and what was opened."""
 
     columns: list[str]
-    rows: Iterator[dict]
+    rows: Iterator[dict | _BadRecord]
     root: Path | HubRoot | None
     files: list[str] = field(default_factory=list)
     split: str | None = None
@@ -279,6 +296,9 @@ def _run(source: Source, mapper, store: _MediaStore, problems: _Problems, limit:
         if limit is not None and i >= limit:
             break
         rows_in += 1
+        if isinstance(row, _BadRecord):
+            problems.bad(i, [row.message])
+            continue
         try:
             records = mapper(i, row)
         except _Skip as s:
@@ -420,52 +440,136 @@ def _columns(f: Path) -> list[str]:
     """The column names of a table file, read from its header (no rows read for Parquet/CSV)."""
     suffix = f.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.ParquetFile(f).schema_arrow.names)
+        return list(_parquet_file(f).schema_arrow.names)
     if suffix == ".csv":
-        with open(f, encoding="utf-8", newline="") as fh:
-            return next(csv.reader(fh), [])
-    first = next(_file_rows(f), None)
+        return _csv_header(f)
+    first = next((r for r in _file_rows(f) if isinstance(r, dict)), None)
     return list(first) if first else []
 
 
-def _file_rows(f: Path) -> Iterator[dict]:
-    """Rows of one table file as dicts, streamed: Parquet by record batches, CSV / JSONL by line."""
+def _file_rows(f: Path) -> Iterator[dict | _BadRecord]:
+    """Rows of one table file as dicts, streamed: Parquet by record batches, CSV / JSONL by line.
+    A record that cannot be a row comes as a :class:`_BadRecord`; a file that cannot be read
+    on is a ``ValueError`` naming it."""
     suffix = f.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    read = {".parquet": _parquet_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}.get(suffix, _json_rows)
+    try:
+        yield from read(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
-        try:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_BATCH):
-                yield from batch.to_pylist()
-        except OSError as e:  # pyarrow raises ArrowInvalid (an OSError / ValueError) for damaged files
-            raise ValueError(f"{f}: cannot read as parquet ({e})") from None
-    elif suffix == ".csv":
-        with open(f, encoding="utf-8", newline="") as fh:
-            yield from csv.DictReader(fh)
-    elif suffix == ".jsonl":
-        with open(f, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if line.strip():
-                    yield _json_record(line, f, n)
-    else:
+
+def _parquet_file(f: Path):
+    """``pyarrow.parquet.ParquetFile(f)``; a damaged file is a ``ValueError`` naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(f)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{f}: cannot read as parquet ({e})") from None
+
+
+def _parquet_rows(f: Path) -> Iterator[dict]:
+    import pyarrow as pa
+
+    try:
+        for batch in _parquet_file(f).iter_batches(batch_size=ROW_BATCH):
+            yield from batch.to_pylist()
+    except (OSError, pa.ArrowException) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise ValueError(f"{f}: cannot read as parquet ({e})") from None
+
+
+def _jsonl_rows(f: Path) -> Iterator[dict | _BadRecord]:
+    with open(f, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if line.strip():
+                yield _json_record(line, f, n)
+
+
+def _json_rows(f: Path) -> Iterator[dict | _BadRecord]:
+    """A ``.json`` table: a list of objects, or an object of objects (the key becomes ``id``)."""
+    try:
         data = json.loads(f.read_text(encoding="utf-8"))
-        if isinstance(data, dict):  # {id: record}: the id becomes a column
-            data = [{"id": k, **v} if isinstance(v, dict) else {"id": k, "value": v} for k, v in data.items()]
-        if not isinstance(data, list):
-            raise ValueError(f"{f}: a JSON table must be a list of objects (or an object of objects)")
-        yield from data
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if isinstance(data, dict):  # {id: record}: the id becomes a column
+        data = [{"id": k, **v} if isinstance(v, dict) else {"id": k, "value": v} for k, v in data.items()]
+    if not isinstance(data, list):
+        raise ValueError(f"{f}: a JSON table must be a list of objects (or an object of objects)")
+    for k, rec in enumerate(data):
+        yield rec if isinstance(rec, dict) else _BadRecord(f"{f}: item {k} is not a JSON object")
 
 
-def _json_record(line: str, f: Path, n: int) -> dict:
+def _json_record(line: str, f: Path, n: int) -> dict | _BadRecord:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: line {n} is not valid JSON ({e.msg})") from None
+        return _BadRecord(f"{f}: line {n} is not valid JSON ({e.msg})")
     if not isinstance(rec, dict):
-        raise ValueError(f"{f}: line {n} is not a JSON object")
+        return _BadRecord(f"{f}: line {n} is not a JSON object")
     return rec
+
+
+def _csv_header(f: Path) -> list[str]:
+    """The first row of a CSV file (a ``ValueError`` naming the file when it cannot be read)."""
+    csv.field_size_limit(MAX_CSV_FIELD)
+    with open(f, encoding="utf-8-sig", newline="") as fh:
+        try:
+            return next(csv.reader(fh, strict=True), [])
+        except csv.Error as e:
+            raise ValueError(f"{f}: line 1 (the header): {_csv_message(e)}") from None
+
+
+def _csv_rows(f: Path) -> Iterator[dict | _BadRecord]:
+    """The rows of a CSV file, each checked (:func:`_csv_problem`). A malformed record on one
+    line is a bad record (the reader goes on with the next line); one over several lines (a
+    quote left open) stops the file: what follows cannot be trusted."""
+    header = _csv_header(f)
+    with open(f, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, strict=True)
+        next(reader, None)
+        end = reader.line_num
+        while True:
+            start = end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                end = reader.line_num
+                if end > start:
+                    raise ValueError(
+                        f"{f}: lines {start}-{end}: {_csv_message(e)}; stopped reading (a quote opened at "
+                        f"line {start} and never closed?)"
+                    ) from None
+                yield _BadRecord(f"{f}: line {start}: {_csv_message(e)}")
+                continue
+            end = reader.line_num
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue  # a blank line
+            problem = _csv_problem(fields, header, start, end)
+            yield _BadRecord(f"{f}: {problem}") if problem else dict(zip(header, fields))
+
+
+def _csv_message(e: csv.Error) -> str:
+    if "field limit" in str(e):
+        return f"a field longer than {MAX_CSV_FIELD:,} characters"
+    return str(e)
+
+
+def _csv_problem(fields: list[str], header: list[str], start: int, end: int) -> str | None:
+    """What is wrong with one CSV record read from lines ``start``..``end``: a field count other
+    than the header's, or a quoted field holding lines that read as whole rows (an unbalanced
+    quote that swallowed the rows after it); None when nothing is."""
+    where = f"line {start}" if start == end else f"lines {start}-{end}"
+    n = len(header)
+    if len(fields) != n:
+        return f"{where}: {len(fields)} field(s), the header has {n} (a missing or extra delimiter, or a stray quote?)"
+    for col, value in zip(header, fields):
+        if "\n" in value and any(len(next(csv.reader([ln]), [])) == n for ln in value.splitlines()):
+            return f"{where}: the quoted {col} field holds lines that read as whole rows (an unbalanced quote?)"
+    return None
 
 
 def _dir_source(p: Path, split: str | None) -> Source:
@@ -473,6 +577,7 @@ def _dir_source(p: Path, split: str | None) -> Source:
     import datasets
 
     if any((p / n).is_file() for n in ("state.json", "dataset_dict.json")):
+        check_saved_files(p)
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             split = split or ("train" if "train" in ds else next(iter(ds)))
@@ -483,6 +588,7 @@ def _dir_source(p: Path, split: str | None) -> Source:
         return Source(list(ds.column_names), iter(ds), p, [str(p)], split)
     for name in METADATA_NAMES:
         if (p / name).is_file():
+            inside_root(p / name, p)
             return _file_source([p / name], p, split)
     if any((d / "prompt.txt").is_file() for d in p.iterdir() if d.is_dir()):
         ds = load_pair_folders(p)
@@ -506,6 +612,8 @@ def _repo_files(p: Path, split: str | None) -> tuple[list[Path], str | None]:
         if split not in splits:
             raise ValueError(f"{p}: its README declares the split(s) {sorted(splits)}, not {split!r} (use --split)")
         files = sorted({f for pattern in splits[split] for f in p.glob(pattern) if f.is_file()})
+        for f in files:  # a pattern with .. or a symlinked file must not read outside the clone
+            inside_root(f, p)
         if not files:
             raise FileNotFoundError(f"{p}: split {split!r} names {splits[split]}, but no such file is here")
         return files, split
@@ -514,10 +622,10 @@ def _repo_files(p: Path, split: str | None) -> tuple[list[Path], str | None]:
     )
     want = split or "train"
     named = [f for f in tables if re.search(rf"(^|[/_.-]){re.escape(want)}([/_.-]|$)", str(f.relative_to(p)))]
-    if named:
-        return named, want
-    if len(tables) == 1:
-        return tables, split
+    if named or len(tables) == 1:
+        for f in named or tables:  # a symlinked table must not read outside the clone
+            inside_root(f, p)
+        return (named, want) if named else (tables, split)
     found = [str(f.relative_to(p)) for f in tables[:10]]
     raise ValueError(
         f"{p}: cannot tell which table file to read (found {found or 'none'}; no README configs); "
@@ -532,7 +640,7 @@ def _readme_configs(p: Path) -> list[dict]:
     readme = p / "README.md"
     if not readme.is_file():
         return []
-    text = readme.read_text(encoding="utf-8", errors="replace")
+    text = inside_root(readme, p).read_text(encoding="utf-8", errors="replace")
     m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not m:
         return []
@@ -624,6 +732,8 @@ class _MediaStore:
         if isinstance(self.root, Path):
             alt = self.root / "videos" / os.path.normpath(value)  # layouts that keep media under videos/
             if alt.is_file() and not value.startswith(".."):
+                if not self.allow_abs:
+                    inside_root(alt, self.root)
                 return alt, None
             zips = self._zip_index()
             rel = Path(os.path.normpath(value)).as_posix()
@@ -639,6 +749,8 @@ class _MediaStore:
         if self._zips is None:
             self._zips = {}
             for z in sorted(self.root.glob("*.zip")) if isinstance(self.root, Path) else []:
+                if not self.allow_abs:
+                    inside_root(z, self.root)
                 try:
                     zf = zipfile.ZipFile(z)
                 except zipfile.BadZipFile as e:
@@ -789,9 +901,10 @@ def _missing(v) -> bool:
 
 
 def _number(row: dict, col: str) -> float | None:
-    """A numeric cell (None when empty); a non-number is a ValueError naming the column."""
+    """A numeric cell (None when empty or null); a non-number, NaN or infinity is a ValueError
+    naming the column (a NaN score is a broken score, not a missing one)."""
     v = row[col]
-    if _missing(v):
+    if v is None or (isinstance(v, str) and not v.strip()):
         return None
     try:
         x = float(v)

@@ -24,10 +24,12 @@ folder relative video paths are resolved against, :func:`dataset_root`):
   paths are files of that repo, fetched one by one with ``huggingface_hub.hf_hub_download``.
 
 Every problem is reported with its row index and, where there is one, the file. Paths must
-stay inside the root: ``..`` that leaves it, and absolute paths (unless
-``allow_absolute_paths``), are errors, checked on the path as written (symlinks the dataset's
-owner placed inside the root are followed, as the hub cache needs). DPO cannot use ties; they
-are skipped and counted, never dropped silently.
+stay inside the root: ``..`` that leaves it, a symlink whose target lies outside it (every
+path is resolved, symlinks followed: a cloned dataset cannot pull in files from elsewhere on
+the machine), and absolute paths are errors; ``allow_absolute_paths`` trusts both absolute
+paths and symlinks out of the root. A root inside the Hugging Face cache (``<repo>/snapshots/
+<rev>/``, whose files are symlinks to ``<repo>/blobs/``) contains the whole cached repository.
+DPO cannot use ties; they are skipped and counted, never dropped silently.
 """
 
 from __future__ import annotations
@@ -170,13 +172,14 @@ def _load_dir(p: Path, split: str):
     import datasets
 
     if any((p / n).is_file() for n in ("state.json", "dataset_dict.json")):
+        check_saved_files(p)
         try:
             return datasets.load_from_disk(str(p))
         except Exception as e:  # datasets raises several types for a damaged directory
             raise ValueError(f"{p}: not a dataset saved with save_to_disk ({e})") from None
     for name in METADATA_NAMES:
         if (p / name).is_file():
-            return _load_file(p / name)
+            return _load_file(inside_root(p / name, p))
     if any((d / "prompt.txt").is_file() for d in p.iterdir() if d.is_dir()):
         return load_pair_folders(p)
     try:
@@ -187,6 +190,14 @@ def _load_dir(p: Path, split: str):
             f"pair folders (<id>/prompt.txt, a.mp4, b.mp4, preference.txt) or data files that "
             f"datasets.load_dataset reads ({type(e).__name__}: {e})"
         ) from None
+
+
+def check_saved_files(p: Path) -> None:
+    """Check that the table and state files of a ``save_to_disk`` directory (and of its splits)
+    resolve inside it (:func:`inside_root`)."""
+    for pattern in ("*.json", "*.arrow", "*/*.json", "*/*.arrow"):
+        for f in p.glob(pattern):
+            inside_root(f, p)
 
 
 def load_pair_folders(p: Path):
@@ -200,7 +211,7 @@ def load_pair_folders(p: Path):
         texts = {}
         for name in PAIR_FOLDER_FILES:
             f = d / name
-            texts[name] = f.read_text(encoding="utf-8").strip() if f.is_file() else ""
+            texts[name] = inside_root(f, p).read_text(encoding="utf-8").strip() if f.is_file() else ""
         rows["prompt"].append(texts["prompt.txt"])
         rows["preference"].append(texts["preference.txt"])
         for side in ("a", "b"):
@@ -248,7 +259,9 @@ def check_columns(columns: list[str], source: str) -> None:
 
 def resolve_video_path(value: str, root, allow_absolute_paths: bool = False) -> Path:
     """The local file a path-valued video points at. Raises ``ValueError`` naming the path when it
-    is empty, absolute (unless allowed), or leaves ``root`` through ``..`` (checked lexically)."""
+    is empty, absolute, leaves ``root`` through ``..``, or resolves (symlinks followed) outside
+    ``root`` (:func:`inside_root`); ``allow_absolute_paths`` trusts absolute paths and symlinks
+    out of the root."""
     if not value or not str(value).strip():
         raise ValueError("empty video path")
     value = str(value)
@@ -261,7 +274,34 @@ def resolve_video_path(value: str, root, allow_absolute_paths: bool = False) -> 
         raise ValueError(f"{value}: path escapes the dataset root {_root_name(root)}")
     if isinstance(root, HubRoot):
         return root.fetch(Path(norm).as_posix())
-    return Path(root) / norm if root is not None else Path(norm)
+    if root is None:
+        return Path(norm)
+    path = Path(root) / norm
+    if not allow_absolute_paths:
+        inside_root(path, Path(root))
+    return path
+
+
+def inside_root(path: Path, root: Path) -> Path:
+    """``path`` (a path under ``root`` as written) resolved, symlinks followed, after checking
+    that it stays inside ``root``; a ``ValueError`` naming both otherwise. A root in the Hugging
+    Face cache (``.../datasets--o--n/snapshots/<rev>``) contains the cached repository, whose
+    snapshot files are symlinks to its ``blobs/``."""
+    real, base = Path(path).resolve(), _containing_root(Path(root))
+    if real != base and not real.is_relative_to(base):
+        raise ValueError(f"{path}: a symlink out of the dataset root {root} (it leads to {real})")
+    return real
+
+
+def _containing_root(root: Path) -> Path:
+    """The resolved ``root``, or the cached repository folder when ``root`` is (inside) a
+    snapshot of the Hugging Face cache."""
+    base = root.resolve()
+    parts = base.parts
+    for k in range(len(parts) - 2, 0, -1):
+        if parts[k] == "snapshots" and parts[k - 1].startswith(("datasets--", "models--", "spaces--")):
+            return Path(*parts[:k])
+    return base
 
 
 def _root_name(root) -> str:

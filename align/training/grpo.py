@@ -2,14 +2,18 @@
 
 Training runs in rounds. Round ``r`` draws ``prompts_per_round`` prompts from ``prompts_file``
 and samples ``group_size`` rollouts of each from the *current* policy with a stochastic sampler
-that records every step (``align.sample.sample_with_logprobs``: the flow SDE with the ODE's
-marginals, noise ``sde_noise``; DDIM with ``eta`` for epsilon / v models; CFG at
-``guidance_scale``). The judges score the videos; each judge's scores are z-scored within the
+that records every stochastic step (``align.sample.sample_with_logprobs``: the flow SDE with the
+ODE's marginals, noise ``sde_noise``; DDIM with ``eta`` for epsilon / v models; CFG at
+``guidance_scale``). Of a rollout's ``sample_steps`` model calls the first ``sample_steps - 1``
+are stochastic and the last lands deterministically on the clean end (the x0 prediction, what
+DanceGRPO decodes), and that clean end is the video the judges score: no SDE noise is left in it
+(see ``sample_with_logprobs``). The judges score the videos; each judge's scores are z-scored within the
 prompt group, weighted by ``judge_weights``, and the group-normalised advantage
 ``(r - mean_group) / (std_group + eps)`` of that sum (``adv_global_std``: the round's std), clipped
 at ``adv_clip_max``, is each rollout's advantage (one judge: its raw scores go in directly). The
 round then trains for ``inner_epochs`` passes over its rollouts: each rollout on a random
-``train_timestep_fraction`` of its denoising steps (re-drawn every pass, as Flow-GRPO does),
+``train_timestep_fraction`` of its ``sample_steps``, drawn among its stochastic steps (at most all
+``sample_steps - 1`` of them; re-drawn every pass),
 with the clipped likelihood ratio of the step under the current policy against the rollout
 policy, plus ``kl_weight`` times the KL of the step to the reference (the adapters off)
 (``align.objectives.grpo_loss`` / ``gaussian_kl``).
@@ -44,7 +48,11 @@ the run prints a warning and sets ``hacking_warning`` (:func:`hacking_streak`).
 
 Departures: log-probabilities are means over latent elements (Flow-GRPO's convention, so
 ``clip_range`` is of Flow-GRPO's 1e-4 scale); the reference is the same denoiser with its LoRA
-disabled; epsilon / v models end their stochastic DDIM at ``alphas_cumprod[0]``.
+disabled; the last step is deterministic (no log-probability, not trained) and the judges score
+its clean x0, where Flow-GRPO's last step keeps a little noise and DanceGRPO also trains a
+stochastic last step whose noise its decoded video never sees; ``kl_weight`` weighs the exact KL of
+a step (Flow-GRPO's Wan script), which is Flow-GRPO SD3's ``beta`` KL divided by the step's
+``|ds|`` (docs/training.md maps each reference's keys).
 """
 
 from __future__ import annotations
@@ -85,7 +93,10 @@ class GRPOConfig(core.TrainConfig):
         default=4, metadata={"help": "prompt groups per round (each sampled group_size times)"}
     )
     inner_epochs: int = field(default=1, metadata={"help": "passes over a round's rollouts"})
-    sample_steps: int = field(default=10, metadata={"help": "stochastic steps per rollout"})
+    sample_steps: int = field(
+        default=10,
+        metadata={"help": "model calls per rollout (>= 2): sample_steps - 1 stochastic steps, then one to the clean end"},
+    )
     guidance_scale: float = field(
         default=4.0, metadata={"help": "CFG in rollouts and in the recomputed log-probabilities"}
     )
@@ -104,7 +115,11 @@ class GRPOConfig(core.TrainConfig):
         default=5.0, metadata={"help": "advantages clipped to [-adv_clip_max, adv_clip_max]; 0 = off"}
     )
     train_timestep_fraction: float = field(
-        default=1.0, metadata={"help": "share of each rollout's steps trained per pass"}
+        default=1.0,
+        metadata={
+            "help": "round(fraction x sample_steps) steps trained per rollout and pass, drawn among the "
+            "sample_steps - 1 stochastic ones (at most all of them)"
+        },
     )
     rollout_batch_size: int = field(default=8, metadata={"help": "rollouts sampled at once per process"})
     rollout_batches_per_update: int = field(
@@ -152,7 +167,12 @@ class GRPOConfig(core.TrainConfig):
                 "recipe keys `gradient_accumulation_steps` and `rollout_batches_per_update` both set: set only "
                 "`rollout_batches_per_update` (gradient_accumulation_steps is derived from it)"
             )
-        keys = ("prompts_per_round", "inner_epochs", "sample_steps", "rollout_batch_size", "hacking_patience")
+        if self.sample_steps < 2:
+            raise ValueError(
+                f"recipe key `sample_steps` must be >= 2 for objective 'grpo' (the last step is the deterministic "
+                f"one to the clean end; the others are the stochastic steps it trains), got {self.sample_steps}"
+            )
+        keys = ("prompts_per_round", "inner_epochs", "rollout_batch_size", "hacking_patience")
         for key in (*keys, "rollout_batches_per_update"):
             if getattr(self, key) < 1:
                 raise ValueError(f"recipe key `{key}` must be >= 1, got {getattr(self, key)}")
@@ -184,9 +204,16 @@ class GRPOConfig(core.TrainConfig):
         return self.prompts_per_round * self.group_size
 
     @property
+    def sde_steps(self) -> int:
+        """The stochastic steps of a rollout, those with log-probabilities: all but the last."""
+        return self.sample_steps - 1
+
+    @property
     def trained_steps(self) -> int:
-        """Denoising steps trained per rollout and pass: ``train_timestep_fraction`` of ``sample_steps``, >= 1."""
-        return max(1, round(self.train_timestep_fraction * self.sample_steps))
+        """Denoising steps trained per rollout and pass: ``train_timestep_fraction`` of ``sample_steps``,
+        >= 1 and at most the ``sde_steps`` (Flow-GRPO's ``timestep_fraction`` 0.99 of 10 steps trains
+        9, all of them; 0.6 of 10 trains 6 of the 9)."""
+        return min(self.sde_steps, max(1, round(self.train_timestep_fraction * self.sample_steps)))
 
     def derived_accumulation_steps(self) -> int:
         """Unset ``gradient_accumulation_steps``: the ``trained_steps`` of
@@ -237,9 +264,9 @@ def epoch_batches(cfg: GRPOConfig, r: int, e: int, n: int, width: int, micro: in
 
 
 def trained_step_indices(cfg: GRPOConfig, r: int, e: int, i: int) -> list[int]:
-    """The denoising steps rollout ``i`` trains in pass ``e`` of round ``r`` (a seeded random subset)."""
+    """The stochastic steps rollout ``i`` trains in pass ``e`` of round ``r`` (a seeded random subset)."""
     g = torch.Generator().manual_seed(_seed(cfg.seed, 2, r, e, i))
-    return torch.randperm(cfg.sample_steps, generator=g)[: cfg.trained_steps].tolist()
+    return torch.randperm(cfg.sde_steps, generator=g)[: cfg.trained_steps].tolist()
 
 
 def advantages(cfg: GRPOConfig, scores: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
