@@ -23,10 +23,12 @@ their next sync point (and ``accelerate launch`` stops the rest of its machine's
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -74,6 +76,14 @@ def _init() -> None:
         )
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    """Destroy the group before the interpreter exits (a live gloo group then can abort the
+    process: "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -20,11 +20,20 @@ anything is sampled (e.g. Wan needs ``num_frames = 4k + 1``).
 
 :func:`sample_and_score` is ``vidalign data pairs`` / ``data samples``: K samples per prompt
 into ``OUT/videos``, then every judge's scores of them (:func:`score_samples`).
+
+Under ``accelerate launch`` with N processes (``align.distributed``; ``OUT`` on a filesystem
+every machine shares) the main process plans the work (the videos still to sample) and every
+process samples every N-th of them, appending its rows to its own shard of the index,
+``index-<rank>-of-<N>.jsonl`` (5 digits each). At the end the main process writes the merged
+``index.jsonl`` (in order, the same as one process's) and removes the shards. A run killed
+part-way leaves its shards; ``resume`` reads ``index.jsonl`` and every shard present, so the
+rerun may use another process count. Judges score in shards too, gathered in order.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,22 +41,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from align import distributed
 from align.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from align.sample import SamplingOptions
 
 INDEX = "index.jsonl"
+SHARD_GLOB = "index-*-of-*.jsonl"  # the shards of the index a run on N processes writes
 _SETTINGS = ("prompt", "seed", "model", "lora", "steps", "guidance", "size", "sampler")
 
 
 def load_generator(model: str | Path, lora: str | Path | None = None, device: str | None = None):
     """The generator at ``model`` (TinySora dir, diffusers pipeline dir or Hub id) on ``device``
-    (default: CUDA when available), with the LoRA at ``lora`` attached, in eval mode."""
+    (default: CUDA when available; under N processes this process's GPU), with the LoRA at
+    ``lora`` attached, in eval mode."""
     from align.models import default_device, load_model
     from align.models.lora import load_lora
 
-    m = load_model(model, device=device or default_device())
+    m = load_model(model, device=distributed.local_device(device) or default_device())
     if lora:
         load_lora(m.denoiser, lora)
     return m.eval()
@@ -82,10 +94,11 @@ def _sample_batch(model, prompts: list[str], seeds: list[int], steps: int, guida
     return to_uint8(model.generate_videos(prompts, seeds, steps, guidance, batch_size=len(prompts)))
 
 
-def read_index(out_dir: str | Path) -> list[dict]:
-    """The rows of ``out_dir/index.jsonl`` ([] if there is none). A torn last line (a run
-    killed while writing it) is dropped; any other unreadable line is an error naming it."""
-    path = Path(out_dir) / INDEX
+def read_index(out_dir: str | Path, name: str = INDEX) -> list[dict]:
+    """The rows of ``out_dir/index.jsonl`` (or of the index file ``name``; [] if there is none).
+    A torn last line (a run killed while writing it) is dropped; any other unreadable line is an
+    error naming it."""
+    path = Path(out_dir) / name
     if not path.is_file():
         return []
     text = path.read_text()
@@ -113,9 +126,27 @@ def _append(index: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _rows_on_disk(out: Path) -> dict[str, dict]:
+    """The rows of ``index.jsonl`` and of every shard of the index present (a run on N
+    processes killed part-way), by file name."""
+    names = [INDEX, *sorted(p.name for p in out.glob(SHARD_GLOB))]
+    return {r["file"]: r for name in names for r in read_index(out, name)}
+
+
+def _shard_index(out: Path) -> Path:
+    """The index file this process appends to: ``index.jsonl`` alone, else its own shard."""
+    n = distributed.num_processes()
+    return out / (INDEX if n == 1 else f"index-{distributed.process_index():05d}-of-{n:05d}.jsonl")
+
+
 def _plan(out: Path, expected: list[dict], resume: bool) -> list[int]:
-    """Indices still to sample; with ``resume``, lines that match are kept, others are an error."""
-    existing = {r["file"]: r for r in read_index(out)} if resume else {}
+    """Indices still to sample (run on the main process). With ``resume``, rows on disk that
+    match are kept and others are an error; without it the index and its shards are cleared."""
+    if not resume:
+        for shard in out.glob(SHARD_GLOB):
+            shard.unlink()
+        (out / INDEX).write_text("")
+    existing = _rows_on_disk(out) if resume else {}
     todo = []
     for i, want in enumerate(expected):
         have = existing.get(want["file"])
@@ -130,6 +161,40 @@ def _plan(out: Path, expected: list[dict], resume: bool) -> list[int]:
                 "write to another directory, or delete this one to start over"
             )
     return todo
+
+
+def _merge(out: Path, expected: list[dict]) -> None:
+    """Write the merged ``index.jsonl`` (in order, no duplicates) and remove the shards (run on
+    the main process once every process has written its videos)."""
+    missing = [r["file"] for r in expected if not (out / r["file"]).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"{out}: {len(missing)} sampled video(s) are not there, first {missing[0]}; under N machines "
+            "OUT must be on a filesystem every machine shares"
+        )
+    atomic_write_text(out / INDEX, "".join(json.dumps(r) + "\n" for r in expected))
+    for shard in out.glob(SHARD_GLOB):
+        shard.unlink()
+
+
+def _sample_todo(model, out: Path, expected: list[dict], todo: list[int], options, batch_size: int, bar) -> None:
+    """Sample this process's share of ``todo`` (every N-th) in batches, writing each video and
+    its row as produced. Processes step through the same number of batches (an empty one when
+    their share is done) and add up their counts after each, for the global progress bar."""
+    from align.data.video import write_video
+
+    mine = todo[distributed.process_index() :: distributed.num_processes()]
+    index = _shard_index(out)
+    used = expected[0]["sampler"]
+    for b in range(math.ceil(len(todo[:: distributed.num_processes()]) / batch_size)):  # the largest share
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        if idx:
+            ps, ss = [expected[i]["prompt"] for i in idx], [expected[i]["seed"] for i in idx]
+            videos = _sample_batch(model, ps, ss, options.num_steps, options.guidance_scale, used)
+            for i, v in zip(idx, videos):
+                write_video(out / expected[i]["file"], v, fps=options.fps)
+                _append(index, expected[i])
+        bar.update(distributed.sum_all(len(idx)))
 
 
 def sample_to_disk(
@@ -150,15 +215,14 @@ def sample_to_disk(
     docstring) as ``options`` say (size, steps, guidance, sampler, fps; ``options.batch_size``
     videos per sampler call, default :func:`default_batch_size`); return the index rows in order.
     The seeds are given here, so ``options.seed`` and ``seeds_per_prompt`` are not read, nor
-    ``options.device`` (the model is already on one).
+    ``options.device`` (the model is already on one). Under N processes each samples its share
+    (every process returns every row); one progress bar, on the main process, counts them all.
 
     ``model_name`` and ``lora`` are recorded (and matched on resume); ``lora`` describes the
     model as given, it is not loaded here. Without ``resume`` every video is sampled again and
     the index rewritten. The size check and every argument check run before sampling.
     """
     from tqdm.auto import tqdm
-
-    from align.data.video import write_video
 
     prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
     if not prompts:
@@ -172,34 +236,23 @@ def sample_to_disk(
         raise ValueError(f"video_format must be mp4, gif or webm, got {video_format!r}")
     size = list(check_video_size(model, *options.size))
     batch_size = options.batch_size or default_batch_size(model)
-    num_steps, guidance_scale = options.num_steps, options.guidance_scale
     used = options.sampler if model.has_pipeline_sampler else "vidalign"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = {"model": str(model_name), "lora": None if lora is None else str(lora), "steps": int(num_steps)}
-    common |= {"guidance": float(guidance_scale), "size": size, "sampler": used}
+    common = {"model": str(model_name), "lora": None if lora is None else str(lora), "steps": int(options.num_steps)}
+    common |= {"guidance": float(options.guidance_scale), "size": size, "sampler": used}
     expected = [
         {"file": f"{i:04d}_seed{s}.{video_format}", "prompt": p, "seed": s, **common}
         for i, (p, s) in enumerate(zip(prompts, seeds))
     ]
-    todo = _plan(out, expected, resume)
-    index = out / INDEX
-    if not resume:
-        index.write_text("")
-    done = set(range(len(expected))) - set(todo)
-    bar = tqdm(total=len(todo), desc=desc, unit="video", disable=not progress, dynamic_ncols=True)
-    if done:
-        bar.set_postfix(reused=len(done))
-    for b in range(0, len(todo), batch_size):
-        idx = todo[b : b + batch_size]
-        ps, ss = [prompts[i] for i in idx], [seeds[i] for i in idx]
-        videos = _sample_batch(model, ps, ss, num_steps, guidance_scale, used)
-        for i, v in zip(idx, videos):
-            write_video(out / expected[i]["file"], v, fps=options.fps)
-            _append(index, expected[i])
-        bar.update(len(idx))
+    todo = distributed.on_main(_plan, out, expected, resume)  # every process waits for the plan
+    show = progress and distributed.is_main()
+    bar = tqdm(total=len(todo), desc=desc, unit="video", disable=not show, dynamic_ncols=True)
+    if len(todo) < len(expected):
+        bar.set_postfix(reused=len(expected) - len(todo))
+    _sample_todo(model, out, expected, todo, options, batch_size, bar)
     bar.close()
-    atomic_write_text(index, "".join(json.dumps(r) + "\n" for r in expected))  # in order, no duplicates
+    distributed.on_main(_merge, out, expected)
     return expected
 
 
@@ -222,16 +275,19 @@ def read_samples(out_dir: str | Path, rows: Sequence[dict] | None = None) -> tup
 
 def score_samples(judges: Sequence, out_dir: str | Path, rows: list[dict], chunk: int = 16) -> dict[str, np.ndarray]:
     """Every judge's scores of the videos of ``rows`` under ``out_dir``, decoding ``chunk``
-    videos at a time (real-size videos do not all fit in memory)."""
+    videos at a time (real-size videos do not all fit in memory). Under N processes each
+    scores every N-th video and every process returns all the scores, in order."""
     from align.judges import judge_scores
 
-    scores: dict[str, list[np.ndarray]] = {j.name: [] for j in judges}
-    for i in range(0, len(rows), chunk):
-        videos, part = read_samples(out_dir, rows[i : i + chunk])
+    mine = distributed.shard(len(rows))
+    scores = np.zeros((len(mine), len(judges)))
+    for i in range(0, len(mine), chunk):
+        videos, part = read_samples(out_dir, [rows[k] for k in mine[i : i + chunk]])
         prompts = [r["prompt"] for r in part]
-        for j in judges:
-            scores[j.name].append(judge_scores(j, videos, prompts))
-    return {k: np.concatenate(v) for k, v in scores.items()}
+        for n, j in enumerate(judges):
+            scores[i : i + len(part), n] = judge_scores(j, videos, prompts)
+    every = np.array(distributed.gather(mine, list(scores), len(rows))).reshape(len(rows), len(judges))
+    return {j.name: np.ascontiguousarray(every[:, n]) for n, j in enumerate(judges)}
 
 
 def sample_and_score(
@@ -253,7 +309,8 @@ def sample_and_score(
 
     Returns ``(prompt of each video, its file relative to out_dir, scores by judge name)``;
     consecutive ``samples_per_prompt`` videos share a prompt. The argument checks and the
-    judges' prompt checks run before the model is loaded."""
+    judges' prompt checks run before the model is loaded. Under N processes sampling and
+    scoring are sharded and every process returns everything."""
     from align.judges import check_prompts
 
     k = samples_per_prompt

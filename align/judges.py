@@ -498,14 +498,39 @@ def check_prompts(judges: Sequence[Judge], prompts: Sequence[str]) -> None:
             j.check_prompts(prompts)
 
 
-def judge_scores(judge: Judge, videos: np.ndarray, prompts: list[str]) -> np.ndarray:
-    """``judge.score`` checked: one finite float per video, or an error naming the judge and video."""
-    s = np.asarray(judge.score(videos, list(prompts)), dtype=np.float64).reshape(-1)
+def _span(ids: Sequence[int]) -> str:
+    """Video numbers for a message: ``4`` / ``4-7`` (a run) / ``0, 2, 5, ...`` (at most 8)."""
+    ids = [int(i) for i in ids]
+    if len(ids) > 1 and ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{ids[0]}-{ids[-1]}"
+    return ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+
+
+def judge_scores(
+    judge: Judge, videos: np.ndarray, prompts: list[str], index: Sequence[int] | None = None, what: str = "video"
+) -> np.ndarray:
+    """``judge.score`` checked: one finite float per video, or a :class:`JudgeError` that names the
+    judge, the video(s) and the prompt -- never a silent 0. A judge that raises (a crashed reward
+    model; an ``http:`` service past its deadline or still failing after its retries, which
+    HttpJudge raises itself), that answers with the wrong number of scores or with a NaN or inf
+    is an error here, so every caller (online rounds, ``data pairs``, ``eval``) stops. ``index``
+    numbers the videos in the message (e.g. a round's rollout numbers; default ``0 .. N-1``) and
+    ``what`` names them (``video``, ``rollout``)."""
+    ids = list(range(len(prompts))) if index is None else [int(i) for i in index]
+    where = f"{what}s {_span(ids)} (first prompt {str(prompts[0]) if prompts else ''!r})"
+    try:
+        s = np.asarray(judge.score(videos, list(prompts)), dtype=np.float64).reshape(-1)
+    except Exception as e:  # any failure of a judge stops the caller, named
+        raise JudgeError(f"judge {judge.name} failed on {where}: {type(e).__name__}: {e}") from e
     if s.shape != (len(prompts),):
-        raise JudgeError(f"judge {judge.name} returned {s.size} scores for {len(prompts)} videos")
+        raise JudgeError(f"judge {judge.name} returned {s.size} scores for {len(prompts)} {where}")
     bad = np.flatnonzero(~np.isfinite(s))
     if bad.size:
-        raise JudgeError(f"judge {judge.name} gave {bad.size} non-finite score(s), first for video {int(bad[0])}")
+        b = int(bad[0])
+        raise JudgeError(
+            f"judge {judge.name} gave {bad.size} non-finite score(s): {s[b]} for {what} {ids[b]} "
+            f"(prompt {prompts[b]!r})" + (f", also {what}s {_span([ids[i] for i in bad[1:]])}" if bad.size > 1 else "")
+        )
     return s
 
 

@@ -343,7 +343,23 @@ def _step_noise(generators: list[torch.Generator], shape: tuple[int, ...], devic
 def clean_end(model: VideoDiffusionModel, x: torch.Tensor, t: torch.Tensor, cond, uncond, guidance_scale: float):
     """The last step of a rollout, from ``x`` at timestep ``t`` (``(B,)``) to the clean end: the
     model's guided x0 prediction, float32. For flow models it is exactly the ODE's Euler step to
-    ``s = 0`` (``x - s v``); for epsilon / v models DDIM with ``eta = 0`` to ``alpha = 1``."""
+    ``s = 0`` (``x - s v``); for epsilon / v models DDIM with ``eta = 0`` to ``alpha = 1``.
+
+    Why. The video the judges score is the clean end of the trajectory, not the latent after one
+    more SDE step: on the grid ``shift(linspace(1, 0))`` that step runs from ``shift(1 / N)`` to
+    0 with fresh noise of std ``sde_noise sqrt(s / (1 - s)) sqrt(s)`` (0.20 at 10 steps,
+    ``sde_noise`` 0.7, shift 3), so the judges would score noise the model does not make at
+    evaluation. We decode the last model call's x0 prediction, which is what DanceGRPO decodes
+    and, for flow models, exactly the ODE's last Euler step, and we make that last step
+    deterministic rather than x0-decode beside a stochastic last step: a stochastic last step's
+    noise never reaches the decoded video, so its policy-gradient term would have zero
+    expectation (pure variance) -- DanceGRPO draws it and then drops it from training; we skip
+    the draw. Every earlier step's sample does reach the video, so GRPO trains (a random share
+    of) the ``S`` stochastic steps, all of which have log-probabilities (Flow-GRPO, with
+    ``timestep_fraction`` 0.99 of 10 steps, also trains all but the last). Departure from
+    Flow-GRPO: its last step keeps a little noise (std 0.006 on its SD3 grid, whose last step
+    runs from s = 0.009 to 0), and it is in the decoded image; ours ends clean.
+    """
     t = t.to(x.device).float()
     out = guided_prediction(model.predict, x, t, cond, uncond, guidance_scale)
     return model.scheduler.predict_x0_eps(x.float(), out.float(), t)[0]
@@ -370,19 +386,8 @@ def sample_with_logprobs(
     models: the SDE of :func:`flow_sde_step`, noise ``sde_noise``; epsilon / v models: DDIM with
     ``eta``), each with its log-probability; the last is deterministic (:func:`clean_end`).
 
-    The clean end. The video the judges score is the clean end of the trajectory, not the latent
-    after one more SDE step: on the grid ``shift(linspace(1, 0))`` that step runs from
-    ``shift(1 / N)`` to 0 with fresh noise of std ``sde_noise sqrt(s / (1 - s)) sqrt(s)`` (0.20 at
-    10 steps, ``sde_noise`` 0.7, shift 3), so the judges would score noise the model does not make
-    at evaluation. We decode the last model call's x0 prediction, which is what DanceGRPO decodes
-    and, for flow models, exactly the ODE's last Euler step -- and we make that step
-    deterministic instead of also drawing (and training) a stochastic step from the same
-    prediction as DanceGRPO does: that step's noise never reaches the decoded video, so its
-    policy-gradient term has zero expectation (pure variance), while every earlier step's sample
-    does reach it. So GRPO trains (a random share of) the ``S`` stochastic steps, all of which
-    have log-probabilities; Flow-GRPO likewise trains all but the last step (``timestep_fraction
-    0.99``). Departure from Flow-GRPO: its last step keeps a little noise (std 0.006 on its SD3
-    grid, which ends at ``shift(1 / 1000)``); ours ends clean.
+    The video the judges score is the clean end, not the latent after one more SDE step: no SDE
+    noise is left in it (why: :func:`clean_end`).
 
     Returns a dict: ``latents`` ``(B, S + 1, *latent_shape)`` (the stochastic trajectory, float32),
     ``clean`` ``(B, *latent_shape)`` (the clean end, what is decoded), ``log_probs`` ``(B, S)``

@@ -446,24 +446,49 @@ def load_reward_model(path: str | Path, device="cpu") -> VideoRewardModel:
     return VideoRewardModel.from_pretrained(path, device=device)
 
 
-def bt_loss(score_a: torch.Tensor, score_b: torch.Tensor, preference: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Bradley–Terry loss with ties as a soft target.
+TIE_LOSSES = ("soft", "btt")
 
-    ``preference`` holds 1 (a preferred), 0 (b preferred) or 0.5 (tie). With
-    ``p = sigmoid(s_a - s_b)`` the loss is the binary cross-entropy ``-(y log p + (1-y)
-    log(1-p))``: a tie pulls the two scores together (its minimum is at ``s_a = s_b``).
-    We chose this over Rao–Kupper / Davidson, which add a tie parameter: with the soft
-    target the scores stay a plain BT scale (usable as RWR rewards), and its minimum
-    for ties is exactly where a tie should sit. Returns ``loss``, ``acc`` (over non-tie
-    pairs; NaN when there are none) and ``margin`` (mean ``s_a - s_b`` signed by the label).
-    """
+
+def bt_loss(
+    score_a: torch.Tensor, score_b: torch.Tensor, preference: torch.Tensor, tie_loss: str = "soft", k: float = 5.0
+) -> dict[str, torch.Tensor]:
+    """Bradley–Terry loss with ties: as a soft target (``soft``, the default) or Rao–Kupper (``btt``).
+
+    ``preference`` holds 1 (a preferred), 0 (b preferred) or 0.5 (tie); ``d = s_a - s_b``.
+
+    ``soft``: with ``p = sigmoid(d)`` the binary cross-entropy ``-(y log p + (1-y) log(1-p))``: a
+    tie pulls the two scores together (its minimum is at ``s_a = s_b``). The scores stay a plain
+    BT scale (usable as RWR rewards), and a tie's minimum is exactly where a tie should sit.
+
+    ``btt``: the Rao–Kupper model (1967) with tie parameter ``k > 1`` (VideoAlign's "BTT" loss,
+    Liu et al. 2025, with its ``k = 5``): ``P(a > b) = sigmoid(d - log k)``, ``P(b > a) =
+    sigmoid(-d - log k)``, ``P(tie) = (k^2 - 1) sigmoid(d - log k) sigmoid(-d - log k)`` (the three
+    sum to 1); the loss is the mean negative log-likelihood of the labels. A pair then needs a
+    score gap of more than ``log k`` before its winner is more likely than a tie; the scores are
+    still a BT scale (a winner's odds are ``exp(d) / k``). Departure from VideoAlign: none in the
+    loss; its trainer averages over pairs with the same mask (all labelled pairs).
+
+    Returns ``loss``, ``acc`` (over non-tie pairs, ``d > 0`` for a; NaN when there are none) and
+    ``margin`` (mean ``d`` signed by the label)."""
     if not (score_a.shape == score_b.shape == preference.shape) or score_a.dim() != 1:
         raise ValueError(
             f"bt_loss: expected three (B,) tensors, got {score_a.shape}, {score_b.shape}, {preference.shape}"
         )
+    if tie_loss not in TIE_LOSSES:
+        raise ValueError(f"bt_loss: tie_loss must be one of {TIE_LOSSES}, got {tie_loss!r}")
     diff = score_a - score_b
     y = preference.to(diff.dtype)
-    loss = F.binary_cross_entropy_with_logits(diff, y)
+    if tie_loss == "soft":
+        loss = F.binary_cross_entropy_with_logits(diff, y)
+    else:
+        if not k > 1:
+            raise ValueError(f"bt_loss: the Rao–Kupper tie parameter k must be > 1, got {k}")
+        if not bool(((y == 0) | (y == 0.5) | (y == 1)).all()):
+            raise ValueError("bt_loss: tie_loss 'btt' needs preferences 1, 0 or 0.5 (no soft labels)")
+        log_k = math.log(k)
+        nll_a, nll_b = -F.logsigmoid(diff - log_k), -F.logsigmoid(-diff - log_k)
+        nll_tie = nll_a + nll_b - math.log(k**2 - 1)
+        loss = torch.where(y == 1, nll_a, torch.where(y == 0, nll_b, nll_tie)).mean()
     decided = y != 0.5
     acc = ((diff > 0) == (y > 0.5))[decided].float().mean() if decided.any() else torch.tensor(float("nan"))
     sign = torch.where(y > 0.5, 1.0, torch.where(y < 0.5, -1.0, 0.0))

@@ -5,9 +5,10 @@ schema: prompt, video_a, video_b, preference a|b|tie; optional per-aspect labels
 ``preference_<aspect>`` with the same values) through the loader its caller passes in (this
 package imports nothing from ``align``; vidalign's is ``align.training.reward.load_pairs``), as
 decoded :class:`PairData`, splits it *by prompt* into train and held-out parts, and minimises
-the Bradley–Terry loss with ties as soft targets (``reward_models.model.bt_loss``). Each epoch
-it evaluates held-out pairwise accuracy and keeps the best checkpoint in
-``<output_dir>/<name>/best/``.
+the Bradley–Terry loss with ties (``reward_models.model.bt_loss``: ties as soft targets, or the
+Rao–Kupper model VideoAlign trains with: ``tie_loss``). Each epoch it evaluates held-out
+pairwise accuracy (with and without ties, as VideoAlign computes them: :func:`evaluate`) and
+keeps the best checkpoint in ``<output_dir>/<name>/best/``.
 
 Fine-tuning modes: ``full`` (everything), ``lora`` (LoRA on the backbone's MLP projections
 ``c_fc``/``c_proj`` of both towers, merged into the weights when saved, plus the heads),
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from reward_models.model import RewardModelConfig, VideoRewardModel, bt_loss
+from reward_models.model import TIE_LOSSES, RewardModelConfig, VideoRewardModel, bt_loss
 
 PREF_TO_TARGET = {"a": 1.0, "b": 0.0, "tie": 0.5}
 
@@ -64,7 +65,21 @@ class RewardTrainConfig:
     eval_fraction: float = field(default=0.2, metadata={"help": "share of prompts held out"})
     seed: int = field(default=0, metadata={"help": "seed of the split, the order and initialisation"})
     bad_rows: Literal["error", "skip"] = field(default="error", metadata={"help": "error | skip"})
+    tie_loss: Literal["soft", "btt"] = field(
+        default="soft",
+        metadata={
+            "help": "soft: a tie is the target 0.5 of sigmoid(s_a - s_b); btt: the Rao-Kupper tie model "
+            "(VideoAlign's BTT loss, tie parameter btt_k)"
+        },
+    )
+    btt_k: float = field(default=5.0, metadata={"help": "tie_loss btt: the Rao-Kupper k > 1 (VideoAlign: 5)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if self.tie_loss not in TIE_LOSSES:
+            raise ValueError(f"reward train: `tie_loss` must be one of {' | '.join(TIE_LOSSES)}, got {self.tie_loss!r}")
+        if not self.btt_k > 1:
+            raise ValueError(f"reward train: `btt_k` must be > 1 (the Rao-Kupper tie parameter), got {self.btt_k}")
 
 
 @dataclass
@@ -118,30 +133,59 @@ def accuracy_ci(
     return float(lo), float(hi)
 
 
-@torch.no_grad()
-def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1, batch_size: int = 64) -> dict:
-    """Pairwise accuracy against the labels.
+def _signed_labels(target: np.ndarray) -> np.ndarray:
+    """VideoAlign's labels: 1 (a preferred), -1 (b preferred), 0 (tie) from targets 1 / 0 / 0.5."""
+    y = np.asarray(target, dtype=np.float64)
+    return np.where(y > 0.5, 1, np.where(y < 0.5, -1, 0))
 
-    ``accuracy``: over pairs with a winner, the share where the higher score is the winner;
-    ``accuracy_ci95``: its 95% interval from a bootstrap over prompts (``accuracy_ci``).
-    ``accuracy_with_ties``: over all pairs, three-way (a pair is predicted a tie when the
-    scores differ by less than ``tie_threshold``). ``calibration``: mean predicted
-    ``P(a > b) = sigmoid(s_a - s_b)`` vs the observed label mean, in 10 bins.
-    ``aspect_agreement`` (when the data has per-aspect labels ``preference_<aspect>``): for
-    each aspect, over pairs where it has a winner, the share where the *overall* score
-    prefers that winner, and the count. An aspect near 0.5 is one the reward model does not
-    see — a blind spot that a generator optimised against it is free to get worse on."""
-    sa = model.score(data.video_a, data.prompts, batch_size)
-    sb = model.score(data.video_b, data.prompts, batch_size)
-    d, y = sa - sb, data.target
-    decided = y != 0.5
-    correct = ((d > 0) == (y > 0.5))[decided]
-    acc = float(correct.mean()) if decided.any() else float("nan")
-    ci = list(accuracy_ci(correct, [q for q, k in zip(data.prompts, decided) if k])) if decided.any() else None
-    pred3 = np.where(np.abs(d) < tie_threshold, 0.5, np.where(d > 0, 1.0, 0.0))
-    p = 1 / (1 + np.exp(-d))
+
+def accuracy_without_ties(target: np.ndarray, diff: np.ndarray) -> float:
+    """VideoAlign's ``calc_accuracy_without_ties``: over the pairs with a winner, the share whose
+    score difference ``diff = s_a - s_b`` has the winner's sign (a difference of exactly 0 counts
+    as wrong there); NaN when no pair has a winner."""
+    h, m = _signed_labels(target), np.asarray(diff, dtype=np.float64)
+    decided = h != 0
+    return float((h * m > 0)[decided].mean()) if decided.any() else float("nan")
+
+
+def accuracy_with_ties(target: np.ndarray, diff: np.ndarray) -> tuple[float, float]:
+    """VideoAlign's ``calc_accuracy_with_ties`` (the tie calibration of Deutsch et al. 2023):
+    three-way accuracy over all pairs -- a tie label is right when the model predicts a tie,
+    ``|diff| <= eps``, a winner when the difference has its sign and exceeds ``eps`` -- at the
+    threshold ``eps`` that maximises it. Returns ``(accuracy, eps)``; ``(nan, nan)`` without pairs.
+
+    As VideoAlign computes it: the pairs are sorted by ``|diff|`` (stably) and ``eps`` walks
+    through them, the first ``j`` pairs predicted ties for ``j = 1 .. N``; the best of those N
+    accuracies is reported (so at least one pair is predicted a tie, and pairs with equal
+    ``|diff|`` are taken one at a time). ``eps`` is chosen on the evaluated pairs themselves,
+    so it is an optimistic number, comparable with VideoAlign's tables."""
+    h, m = _signed_labels(target), np.asarray(diff, dtype=np.float64)
+    if len(h) == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(np.abs(m), kind="stable")
+    h, m = h[order], m[order]
+    both_tie = np.cumsum(h == 0)  # among the first j (predicted ties): labelled ties are right
+    right = (h != 0) & (h * m > 0)
+    rest_right = right.sum() - np.cumsum(right)  # among the others: winners with the right sign
+    acc = (both_tie + rest_right) / len(h)
+    best = int(np.argmax(acc))  # the first maximum, as VideoAlign's strict `>`
+    return float(acc[best]), float(abs(m[best]))
+
+
+def expected_preference(diff: np.ndarray, tie_loss: str = "soft", k: float = 5.0) -> np.ndarray:
+    """The model's expected label ``E[y]`` (1 = a, 0 = b, 0.5 = tie) for ``diff = s_a - s_b``:
+    ``sigmoid(diff)`` under the soft-target loss; ``P(a > b) + P(tie) / 2`` under Rao–Kupper."""
+    d = np.asarray(diff, dtype=np.float64)
+    if tie_loss == "soft":
+        return 1 / (1 + np.exp(-d))
+    pa, pb = 1 / (1 + k * np.exp(-d)), 1 / (1 + k * np.exp(d))
+    return pa + 0.5 * (k**2 - 1) * pa * pb
+
+
+def _calibration(p: np.ndarray, y: np.ndarray) -> list[dict]:
+    """Mean predicted ``p`` against the observed label mean in 10 bins of ``p``."""
     bins = np.clip((p * 10).astype(int), 0, 9)
-    calib = [
+    return [
         {
             "bin": b / 10,
             "predicted": float(p[bins == b].mean()),
@@ -151,6 +195,42 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
         for b in range(10)
         if (bins == b).any()
     ]
+
+
+@torch.no_grad()
+def evaluate(
+    model: VideoRewardModel,
+    data: PairData,
+    tie_threshold: float = 0.1,
+    batch_size: int = 64,
+    tie_loss: str = "soft",
+    k: float = 5.0,
+) -> dict:
+    """Pairwise accuracy against the labels.
+
+    ``accuracy``: over pairs with a winner, the share where the higher score is the winner;
+    ``accuracy_ci95``: its 95% interval from a bootstrap over prompts (``accuracy_ci``).
+    ``accuracy_with_ties`` / ``accuracy_without_ties``: VideoAlign's two numbers, computed as its
+    ``calc_accuracy`` does (:func:`accuracy_with_ties`, with its tie threshold in
+    ``accuracy_with_ties_threshold``; :func:`accuracy_without_ties`, which differs from
+    ``accuracy`` only in counting an exact score tie as wrong), so they compare with its tables.
+    ``accuracy_three_way``: over all pairs, three-way at the fixed ``tie_threshold`` (a tie
+    predicted when the scores differ by less). ``calibration``: the mean predicted label (the
+    model's ``E[y]`` under its ``tie_loss``: :func:`expected_preference`) vs the observed label
+    mean, in 10 bins. ``aspect_agreement`` (when the data has per-aspect labels
+    ``preference_<aspect>``): for each aspect, over pairs where it has a winner, the share where
+    the *overall* score prefers that winner, and the count. An aspect near 0.5 is one the reward
+    model does not see -- a blind spot that a generator optimised against it is free to get
+    worse on."""
+    sa = model.score(data.video_a, data.prompts, batch_size)
+    sb = model.score(data.video_b, data.prompts, batch_size)
+    d, y = sa - sb, data.target
+    decided = y != 0.5
+    correct = ((d > 0) == (y > 0.5))[decided]
+    acc = float(correct.mean()) if decided.any() else float("nan")
+    ci = list(accuracy_ci(correct, [q for q, dec in zip(data.prompts, decided) if dec])) if decided.any() else None
+    pred3 = np.where(np.abs(d) < tie_threshold, 0.5, np.where(d > 0, 1.0, 0.0))
+    with_ties, eps = accuracy_with_ties(y, d)
     aspect_agreement = {}
     for name, ya in data.aspects.items():
         won = ya != 0.5
@@ -160,11 +240,15 @@ def evaluate(model: VideoRewardModel, data: PairData, tie_threshold: float = 0.1
     return {
         "accuracy": acc,
         "accuracy_ci95": ci,
-        "accuracy_with_ties": float((pred3 == y).mean()),
+        "accuracy_with_ties": with_ties,
+        "accuracy_with_ties_threshold": eps,
+        "accuracy_without_ties": accuracy_without_ties(y, d),
+        "accuracy_three_way": float((pred3 == y).mean()),
+        "tie_threshold": tie_threshold,
         "n": int(len(y)),
         "n_decided": int(decided.sum()),
         "ties": int((~decided).sum()),
-        "calibration": calib,
+        "calibration": _calibration(expected_preference(d, tie_loss, k), y),
         "aspect_agreement": aspect_agreement,
         "score_a": sa.tolist(),
         "score_b": sb.tolist(),
@@ -263,20 +347,22 @@ def train_reward_model(cfg: RewardTrainConfig, load_pairs: Callable[[str, str], 
     for epoch in range(cfg.epochs):
         batches = _epoch_batches(model, train_data, cfg.batch_size, gen, num_phases)
         for s, (fa, fb, ids, idx) in enumerate(batches):
-            out = _step(model, opt, params, fa, fb, ids, train_data, aspects, idx)
+            out = _step(model, opt, params, fa, fb, ids, train_data, aspects, idx, cfg)
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss'].item():.3f}", acc=f"{out['acc'].item():.2f}")
             step = epoch * steps_per_epoch + s
             rec = {"epoch": epoch, "step": step, "loss": out["loss"].item(), "acc": out["acc"].item()}
             metrics.write(json.dumps(rec) + "\n")
-        ev = evaluate(model, eval_data)
+        ev = evaluate(model, eval_data, tie_loss=cfg.tie_loss, k=cfg.btt_k)
         ev["epoch"] = epoch
-        rec = {"epoch": epoch, "eval_accuracy": ev["accuracy"], "eval_accuracy_with_ties": ev["accuracy_with_ties"]}
+        rec = {"epoch": epoch, "eval_accuracy": ev["accuracy"]}
+        rec |= {f"eval_{key}": ev[key] for key in ("accuracy_with_ties", "accuracy_without_ties")}
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
         if ev["accuracy"] > best:
             best, best_eval = ev["accuracy"], ev
-            _save(model, run_dir / "best", {"trained_on": cfg.dataset, "epoch": epoch, "eval_accuracy": best})
+            extra = {"trained_on": cfg.dataset, "epoch": epoch, "eval_accuracy": best, "tie_loss": cfg.tie_loss}
+            _save(model, run_dir / "best", extra | ({"btt_k": cfg.btt_k} if cfg.tie_loss == "btt" else {}))
     bar.close()
     metrics.close()
     summary = {
@@ -286,7 +372,8 @@ def train_reward_model(cfg: RewardTrainConfig, load_pairs: Callable[[str, str], 
         "skipped_rows": data.skipped,
         "best_eval_accuracy": best,
         "best_eval_accuracy_ci95": best_eval.get("accuracy_ci95"),
-        "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),
+        "best_eval_accuracy_with_ties": best_eval.get("accuracy_with_ties"),  # VideoAlign's (tie-calibrated)
+        "best_eval_accuracy_without_ties": best_eval.get("accuracy_without_ties"),
         "calibration": best_eval.get("calibration"),
         "best_eval_aspect_agreement": best_eval.get("aspect_agreement"),
         "best_epoch": best_eval.get("epoch"),
@@ -345,14 +432,15 @@ def _epoch_batches(model: VideoRewardModel, data: PairData, batch_size: int, gen
         yield fa, fb, ids, idx
 
 
-def _step(model, opt, params, fa, fb, ids, data: PairData, aspects: dict, idx) -> dict:
-    """One optimizer step on the Bradley-Terry loss of a batch (plus each aspect head's); returns
-    the overall loss terms."""
+def _step(model, opt, params, fa, fb, ids, data: PairData, aspects: dict, idx, cfg: RewardTrainConfig) -> dict:
+    """One optimizer step on the Bradley-Terry loss (``cfg.tie_loss``) of a batch (plus each aspect
+    head's); returns the overall loss terms."""
     oa, ob = model(fa, ids), model(fb, ids)
-    out = bt_loss(oa["score"], ob["score"], torch.from_numpy(data.target[idx]))
+    tie = {"tie_loss": cfg.tie_loss, "k": cfg.btt_k}
+    out = bt_loss(oa["score"], ob["score"], torch.from_numpy(data.target[idx]), **tie)
     loss = out["loss"]
     for aspect, y in aspects.items():
-        loss = loss + bt_loss(oa[aspect], ob[aspect], torch.from_numpy(y[idx]))["loss"]
+        loss = loss + bt_loss(oa[aspect], ob[aspect], torch.from_numpy(y[idx]), **tie)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -390,7 +390,14 @@ def test_export_majority_and_all_modes_are_usable_preference_datasets(tmp_path, 
     export_dataset(tmp_path / "l.sqlite", tmp_path / "linked", videos="symlink")
     linked = load_preference_dataset(tmp_path / "linked")
     assert (tmp_path / "linked" / linked["video_b"][0]).is_symlink()
-    assert to_pairs(linked, root=tmp_path / "linked").prompts == pairs.prompts
+    with pytest.raises(PreferenceDataError, match="symlink out of the dataset root"):  # links leave OUT (issue 39)
+        to_pairs(linked, root=tmp_path / "linked")
+    assert to_pairs(linked, root=tmp_path / "linked", allow_absolute_paths=True).prompts == pairs.prompts
+    export_dataset(tmp_path / "l.sqlite", tmp_path / "hard", videos="hardlink")  # no copy, inside OUT
+    hard = load_preference_dataset(tmp_path / "hard")
+    first = tmp_path / "hard" / hard["video_b"][0]
+    assert not first.is_symlink() and first.stat().st_nlink == 2
+    assert to_pairs(hard, root=tmp_path / "hard").prompts == pairs.prompts
 
     with pytest.raises(ValueError, match="already exists"):
         export_dataset(tmp_path / "l.sqlite", out)

@@ -13,15 +13,18 @@ import torch
 from conftest import PROMPT, SMALL
 from torch.distributions import Normal
 
+from align.frames import to_uint8
 from align.models.tiny_sora import TinySora, TinySoraConfig
 from align.objectives import gaussian_kl, group_advantages, grpo_loss
 from align.sample import (
+    clean_end,
     ddim_step,
     flow_sde_step,
     gaussian_log_prob,
     initial_noise,
     policy_step,
     sample_with_logprobs,
+    stochastic_timesteps,
 )
 from align.schedules import NoiseSchedule
 
@@ -135,6 +138,96 @@ def test_gaussian_log_prob_errors():
         flow_sde_step(m, x, 0.6, 0.4, 0.5)
 
 
+# -- against the reference implementations' formulas (re-implemented here, on the same inputs) --------
+
+
+def _wan_grid(n: int = 10, shift: float = 3.0) -> torch.Tensor:
+    """Noise levels ``shift(linspace(1, 0, n + 1))`` in float64: vidalign's grid and DanceGRPO's."""
+    s = torch.linspace(1, 0, n + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def _flow_grpo_sd3_step(v, x, sigma, sigma_next, sigma_1, noise_level, x_next):
+    """Flow-GRPO's ``sde_step_with_logprob`` (sde_type 'sde'), written from its formula: the
+    per-unit-time std ``noise_level sqrt(sigma / (1 - sigma))`` (``1 - sigma`` taken at the
+    grid's second sigma where sigma = 1), the mean in its expanded form, the step std
+    ``std_dev_t sqrt(-dt)`` and the element-mean log-density. Returns (mean, step std, log_prob,
+    std_dev_t)."""
+    dt = sigma_next - sigma
+    std_dev_t = math.sqrt(sigma / (1 - (sigma_1 if sigma == 1 else sigma))) * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    step_std = std_dev_t * math.sqrt(-dt)
+    lp = -((x_next - mean) ** 2) / (2 * step_std**2) - math.log(step_std) - math.log(math.sqrt(2 * math.pi))
+    return mean, step_std, lp.flatten(1).mean(1), std_dev_t
+
+
+def _dance_grpo_step(v, x, sigma, sigma_next, eta, x_next):
+    """DanceGRPO's ``flux_step`` (grpo, sde_solver), from its formula: Euler mean, plus
+    ``-eta^2 / 2`` times its score estimate ``-(x - x0 (1 - sigma)) / sigma^2`` (x0 = x - sigma v)
+    times dsigma; std ``eta sqrt(sigma - sigma_next)``. Returns (mean, std, log_prob)."""
+    dsigma = sigma_next - sigma
+    x0 = x - sigma * v
+    score = -(x - x0 * (1 - sigma)) / sigma**2
+    mean = x + dsigma * v + (-0.5 * eta**2 * score) * dsigma
+    std = eta * math.sqrt(sigma - sigma_next)
+    lp = -((x_next - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
+    return mean, std, lp.flatten(1).mean(1)
+
+
+def test_flow_sde_step_matches_flow_grpo_on_a_shift_3_grid():
+    """Mean, step std and log-probability equal Flow-GRPO's on every step of a 10-step shift-3 grid
+    (the same formula, rearranged; vidalign computes in float32)."""
+    x, v, x_next = (t.double() for t in _tensors(5))
+    grid = _wan_grid()
+    for i in range(10):
+        s, sn = grid[i].item(), grid[i + 1].item()
+        mean, std, lp, _ = _flow_grpo_sd3_step(v, x, s, sn, grid[1].item(), 0.7, x_next)
+        out = flow_sde_step(v, x, s, sn, 0.7, x_next=x_next)
+        torch.testing.assert_close(out.mean.double(), mean, rtol=1e-5, atol=1e-5)
+        assert out.std[0].item() == pytest.approx(std, rel=1e-6)  # vidalign computes in float32
+        torch.testing.assert_close(out.log_prob.double(), lp, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dance_grpo_eta_is_a_per_step_sde_noise():
+    """DanceGRPO's SDE has a constant diffusion eta; vidalign's is ``a sqrt(s / (1 - s))``. The same
+    step follows from ``sde_noise = eta sqrt((1 - s) / s)`` (at s = 1, where vidalign uses
+    ``1 - s_next``: ``eta sqrt(1 - s_next)``)."""
+    x, v, x_next = (t.double() for t in _tensors(6))
+    grid, eta = _wan_grid(20), 0.3  # DanceGRPO's Wan 2.1 script: 20 steps, shift 3, eta 0.3
+    for i in range(20):
+        s, sn = grid[i].item(), grid[i + 1].item()
+        a = eta * math.sqrt((1 - sn) if s == 1 else (1 - s) / s)
+        mean, std, lp = _dance_grpo_step(v, x, s, sn, eta, x_next)
+        out = flow_sde_step(v, x, s, sn, a, x_next=x_next)
+        torch.testing.assert_close(out.mean.double(), mean, rtol=1e-5, atol=1e-5)
+        assert out.std[0].item() == pytest.approx(std, rel=1e-5)
+        torch.testing.assert_close(out.log_prob.double(), lp, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_weight_against_flow_grpo_sd3_beta_and_its_wan_script():
+    """vidalign's KL is the exact KL of a step, ``|mean - ref|^2 / (2 step_std^2)`` (Flow-GRPO's Wan
+    script divides by ``(std_dev_t sqrt(-dt))^2`` too); Flow-GRPO's SD3 script divides by
+    ``std_dev_t^2``, the per-unit-time std, so its KL is vidalign's times ``|dt|``. A kl_weight w
+    pulls like SD3 beta ``w / |dt|``: 4x to 28x on a 10-step shift-3 grid (5.6x to 28x on the
+    steps that are trained; the last is deterministic)."""
+    x, v, _ = (t.double() for t in _tensors(7))
+    v_ref = v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    grid, ratios = _wan_grid(), []
+    for i in range(10):
+        s, sn = grid[i].item(), grid[i + 1].item()
+        new, ref = flow_sde_step(v, x, s, sn, 0.7, noise=x), flow_sde_step(v_ref, x, s, sn, 0.7, noise=x)
+        ours = gaussian_kl(new.mean, ref.mean, new.std).double()
+        m, _, _, std_dev_t = _flow_grpo_sd3_step(v, x, s, sn, grid[1].item(), 0.7, x)
+        m_ref = _flow_grpo_sd3_step(v_ref, x, s, sn, grid[1].item(), 0.7, x)[0]
+        sd3 = ((m - m_ref) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
+        wan = ((m - m_ref) ** 2).flatten(1).mean(1) / (2 * (std_dev_t * math.sqrt(s - sn)) ** 2)
+        torch.testing.assert_close(ours, wan, rtol=1e-4, atol=0)
+        torch.testing.assert_close(sd3, ours * (s - sn), rtol=1e-4, atol=0)
+        ratios.append((ours / sd3).mean().item())
+    assert ratios[0] == pytest.approx(28.0, rel=1e-3) and ratios[-1] == pytest.approx(4.0, rel=1e-3)
+    assert ratios[-2] == pytest.approx(5.6, rel=1e-3) and ratios == sorted(ratios, reverse=True)
+
+
 # -- rollouts on the tiny model --------------------------------------------------------------------
 
 
@@ -149,8 +242,8 @@ def _tiny(prediction_type: str) -> TinySora:
 def test_rollout_records_steps_that_recompute_exactly(prediction_type):
     m = _tiny(prediction_type)
     r = sample_with_logprobs(m, [PROMPT, OTHER], [3, 4], num_steps=3, guidance_scale=2.0, sde_noise=0.7, eta=1.0)
-    B, S = 2, 3
-    assert r["latents"].shape == (B, S + 1, *m.latent_shape)
+    B, S = 2, 2  # 3 model calls: 2 stochastic steps, then the deterministic one to the clean end
+    assert r["latents"].shape == (B, S + 1, *m.latent_shape) and r["clean"].shape == (B, *m.latent_shape)
     assert r["log_probs"].shape == (B, S) and torch.isfinite(r["log_probs"]).all()
     assert r["timesteps"].shape == (S,) and (r["next_timesteps"] < r["timesteps"]).all()
     assert r["videos"].dtype.name == "uint8" and r["videos"].shape[0] == B and r["videos"].shape[-1] == 3
@@ -161,6 +254,12 @@ def test_rollout_records_steps_that_recompute_exactly(prediction_type):
             t, tn = r["timesteps"][j].expand(B), r["next_timesteps"][j].expand(B)
             out = policy_step(m, lat[:, j], t, tn, r["cond"], r["uncond"], 2.0, 0.7, 1.0, x_next=lat[:, j + 1])
             assert torch.equal(out.log_prob, r["log_probs"][:, j])  # same weights: ratio exactly 1
+    # the videos are the clean end: the guided x0 prediction at the last grid point before 0
+    t_last = stochastic_timesteps(m, 3)[S].expand(B)
+    with torch.no_grad():
+        clean = clean_end(m, lat[:, -1], t_last, r["cond"], r["uncond"], 2.0)
+    assert torch.equal(clean, r["clean"])
+    assert np.array_equal(r["videos"], to_uint8(m.decode_latents(clean)))
 
 
 def test_rollout_depends_on_the_seed_not_the_batch():
@@ -320,11 +419,15 @@ def test_config_checks_name_the_key():
         (dict(dataset="x"), "dataset"),
         (dict(inner_epochs=0), "inner_epochs"),
         (dict(model_options={"wan_expert": "low_noise"}), "wan_expert"),
+        (dict(sample_steps=1), "sample_steps"),
     ]:
         with pytest.raises(ValueError, match=key):
             _grpo_cfg(**kw)
     assert _grpo_cfg(sample_steps=10, train_timestep_fraction=0.5).trained_steps == 5
     assert _grpo_cfg(sample_steps=3, train_timestep_fraction=0.1).trained_steps == 1
+    # at most the stochastic steps: the last step (to the clean end) has no log-probability
+    assert _grpo_cfg(sample_steps=10, train_timestep_fraction=0.99).trained_steps == 9  # Flow-GRPO's 0.99
+    assert _grpo_cfg(sample_steps=10).trained_steps == 9 and _grpo_cfg(sample_steps=10).sde_steps == 9
 
 
 def test_advantages_of_several_weighted_judges_by_hand():
@@ -387,7 +490,7 @@ def test_accumulation_is_derived_from_the_round_layout():
     from align.training.core import micro_batch_size
     from align.training.grpo import check_layout
 
-    for steps, frac, K in [(10, 0.6, 6), (20, 0.5, 10), (3, 1.0, 3), (3, 0.1, 1)]:
+    for steps, frac, K in [(10, 0.6, 6), (20, 0.5, 10), (3, 1.0, 2), (3, 0.1, 1)]:
         cfg = _grpo_cfg(sample_steps=steps, train_timestep_fraction=frac)
         assert cfg.gradient_accumulation_steps == 0 and cfg.accumulation_steps == K
         for micro, world in [(1, 1), (2, 1), (1, 2), (1, 4), (2, 2)]:  # 4 rollouts a round
@@ -396,15 +499,15 @@ def test_accumulation_is_derived_from_the_round_layout():
     cfg = _grpo_cfg(sample_steps=4, train_timestep_fraction=0.5, effective_batch_size=8)
     assert micro_batch_size(cfg, 1) == 4 and micro_batch_size(cfg, 2) == 2
     # explicit and consistent: two micro-batches per update
-    both = _grpo_cfg(sample_steps=3, gradient_accumulation_steps=6)
+    both = _grpo_cfg(sample_steps=4, gradient_accumulation_steps=6)  # 3 stochastic steps, all trained
     assert both.accumulation_steps == 6 and check_layout(both, 1, 1) == 2
     with pytest.raises(ValueError, match="not a multiple of gradient_accumulation_steps 6.*rollout_batches_per_upd"):
         check_layout(both, 1, 4)  # 4 processes: a round is one micro-batch of 3 steps
     # the shipped real-model recipes' layout: two micro-batches per update, derived
-    two = _grpo_cfg(sample_steps=3, rollout_batches_per_update=2)
+    two = _grpo_cfg(sample_steps=4, rollout_batches_per_update=2)
     assert two.gradient_accumulation_steps == 0 and two.accumulation_steps == 6 and check_layout(two, 1, 1) == 2
     with pytest.raises(ValueError, match="both set"):
-        _grpo_cfg(sample_steps=3, rollout_batches_per_update=2, gradient_accumulation_steps=6)
+        _grpo_cfg(sample_steps=4, rollout_batches_per_update=2, gradient_accumulation_steps=6)
     with pytest.raises(ValueError, match="rollout_batches_per_update"):
         _grpo_cfg(rollout_batches_per_update=0)
 
@@ -509,6 +612,37 @@ def test_grpo_trains_lora_only(tiny_model_dir, grpo_world, tmp_path, monkeypatch
     assert all(not p.requires_grad and torch.equal(p.detach(), base[n]) for n, p in frozen.items())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps_per_round"] == 2 and summary["round_times"][0]["train_s"] > 0
+
+
+def test_a_judge_raising_mid_run_stops_grpo_with_its_name(tiny_model_dir, grpo_world, tmp_path, monkeypatch):
+    """The training judge works in round 0 and raises in round 1: the run stops with an error that
+    names the judge, the round and the rollouts, after round 0's updates (no reward of 0 is
+    trained on)."""
+    import align.judges
+    from align.judges import JudgeError
+    from align.training import build_config, train
+
+    load = align.judges.load_judges
+
+    class Flaky:
+        def __init__(self, judge):
+            self.judge, self.name, self.calls = judge, "flaky-judge", 0
+
+        def score(self, videos, prompts):
+            self.calls += 1
+            if self.calls == 2:  # round 1 (one call a round: every rollout at once)
+                raise ConnectionError("scoring service went away")
+            return self.judge.score(videos, prompts)
+
+    def load_judges(specs, device=None):
+        judges = load(specs, device=device)
+        return [Flaky(j) if "rm0" in s else j for s, j in zip(specs, judges)]
+
+    monkeypatch.setattr(align.judges, "load_judges", load_judges)
+    recipe = grpo_recipe(tiny_model_dir, grpo_world, tmp_path, name="flaky")
+    with pytest.raises(JudgeError, match=r"online round 1: judge flaky-judge failed on rollouts 0-3 .*ConnectionError"):
+        train(build_config(**recipe))
+    assert [(r["step"], r["round"]) for r in _rows(tmp_path / "flaky")] == [(1, 0), (2, 0)]
 
 
 # the interrupted run: SIGKILL at the n-th micro-step of GRPO (inside round 1)

@@ -17,6 +17,8 @@ from reward_models.train import (
     RewardTrainConfig,
     _setup_finetune,
     accuracy_ci,
+    accuracy_with_ties,
+    accuracy_without_ties,
     evaluate,
 )
 
@@ -241,6 +243,8 @@ def test_train_eval_score_cli(tmp_path, capsys):
     assert main(["reward", "eval", data, "--model", str(best), "--out", str(tmp_path / "ev")]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 60 and res["ties"] == 9 and 0 <= res["accuracy"] <= 1
+    assert res["accuracy_without_ties"] == res["accuracy"]  # no exact score ties here
+    assert 0 <= res["accuracy_with_ties"] <= 1 and 0 <= res["accuracy_three_way"] <= 1
     lo, hi = res["accuracy_ci95"]
     assert lo <= res["accuracy"] <= hi
     # the toy set's colour labels are its overall labels: agreement = accuracy, on the 51 decided pairs
@@ -461,3 +465,77 @@ def test_train_adds_a_motion_encoder_to_a_saved_model(tmp_path):
     # the backbone moved by the backbone's rate, the fresh encoder by its own (100x) rate
     clip_step = max((after[k] - before[k]).abs().max().item() for k in before if k.startswith("clip.visual"))
     assert 0 < clip_step < after["motion.mlp.2.bias"].abs().max().item()
+
+
+def test_btt_loss_is_rao_kupper_by_hand():
+    """tie_loss btt: P(a > b) = 1 / (1 + k e^-d), P(b > a) = 1 / (1 + k e^d), P(tie) the rest
+    ((k^2 - 1) P(a > b) P(b > a)); the loss is the mean negative log-likelihood of the labels."""
+    k, d = 5.0, [1.5, -0.4, 0.2]
+    pa = [1 / (1 + k * math.exp(-x)) for x in d]
+    pb = [1 / (1 + k * math.exp(x)) for x in d]
+    pt = [(k**2 - 1) * a * b for a, b in zip(pa, pb)]
+    assert all(a + b + t == pytest.approx(1.0) for a, b, t in zip(pa, pb, pt))  # a proper 3-way model
+    sa, sb = torch.tensor(d), torch.zeros(3)
+    out = bt_loss(sa, sb, torch.tensor([1.0, 0.0, 0.5]), tie_loss="btt", k=k)
+    want = -(math.log(pa[0]) + math.log(pb[1]) + math.log(pt[2])) / 3
+    assert out["loss"].item() == pytest.approx(want, rel=1e-6)
+    assert out["acc"].item() == 1.0  # d > 0 for the a-pair, d < 0 for the b-pair; the tie left out
+    # VideoAlign's k = 5 is the default; at d = 0 a tie is 4x as likely as either winner
+    same = bt_loss(torch.zeros(1), torch.zeros(1), torch.tensor([0.5]), tie_loss="btt")["loss"].item()
+    assert same == pytest.approx(-math.log(24 / 36)) and math.exp(-same) / (1 / 6) == pytest.approx(4.0)
+    # the soft target stays the default and is unchanged
+    soft = bt_loss(sa, sb, torch.tensor([1.0, 0.0, 0.5]))["loss"].item()
+    nl = lambda x: -math.log(1 / (1 + math.exp(-x)))  # noqa: E731
+    assert soft == pytest.approx((nl(1.5) + nl(0.4) + 0.5 * (nl(0.2) + nl(-0.2))) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="k must be > 1"):
+        bt_loss(sa, sb, torch.ones(3), tie_loss="btt", k=1.0)
+    with pytest.raises(ValueError, match="no soft labels"):
+        bt_loss(sa, sb, torch.full((3,), 0.7), tie_loss="btt")
+    with pytest.raises(ValueError, match="tie_loss must be one of"):
+        bt_loss(sa, sb, torch.ones(3), tie_loss="davidson")
+    with pytest.raises(ValueError, match="btt_k"):
+        RewardTrainConfig(btt_k=0.5)
+    with pytest.raises(ValueError, match="tie_loss"):
+        RewardTrainConfig(tie_loss="davidson")
+
+
+def test_accuracy_with_and_without_ties_as_videoalign_computes_them():
+    """Labels a, b, tie, tie, a; score differences 0.5, 0.2, 0.05, -0.3, 0.0. Without ties: of the
+    three decided pairs only the first has the winner's sign (0.0 counts as wrong): 1/3. With ties,
+    the pairs sorted by |d| -- (a, 0.0), (tie, 0.05), (b, 0.2), (tie, -0.3), (a, 0.5) -- become
+    predicted ties one by one: 1/5, 2/5, 2/5, 3/5, 2/5 right; the best is 3/5 at eps 0.3 (both tie
+    labels and the last pair right)."""
+    y = np.array([1.0, 0.0, 0.5, 0.5, 1.0])
+    d = np.array([0.5, 0.2, 0.05, -0.3, 0.0])
+    assert accuracy_without_ties(y, d) == pytest.approx(1 / 3)
+    acc, eps = accuracy_with_ties(y, d)
+    assert acc == pytest.approx(3 / 5) and eps == pytest.approx(0.3)
+    # VideoAlign's own example (calc_accuracy.py's __main__ prints 0.667 and 0.833)
+    h = np.array([1, -1, 0, 1, -1, 0, 1, -1, 0])
+    sa = np.array([0.9, -0.7, 0.1, 0.8, -0.6, 0.2, 0.7, -0.5, 0.3])
+    sb = np.array([0.1, -0.8, 0.5, 0.5, -0.3, 0.3, 0.4, -0.4, 0.4])
+    target = np.where(h == 1, 1.0, np.where(h == -1, 0.0, 0.5))
+    assert accuracy_with_ties(target, sa - sb)[0] == pytest.approx(2 / 3)
+    assert accuracy_without_ties(target, sa - sb) == pytest.approx(5 / 6)
+    assert np.isnan(accuracy_without_ties(np.full(3, 0.5), np.ones(3))) and np.isnan(accuracy_with_ties([], [])[0])
+
+
+def test_btt_training_records_its_tie_model(tmp_path):
+    from reward_models.evaluate import evaluate_to_dir, tie_model
+
+    data = _save_toy_dataset(tmp_path / "toy", 40, 0, tie_every=5)
+    cfg = RewardTrainConfig(
+        dataset=data, output_dir=str(tmp_path), name="btt", epochs=1, batch_size=8, eval_fraction=0.3,
+        model={"pooling": "mean", "aspects": ["color"]}, tie_loss="btt", progress=False,
+    )  # fmt: skip
+    run = train_reward_model(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["tie_loss"] == "btt" and 0 <= summary["best_eval_accuracy_without_ties"] <= 1
+    assert 0 <= summary["best_eval_accuracy_with_ties"] <= 1
+    assert tie_model(run / "best") == {"tie_loss": "btt", "btt_k": 5.0}
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    model = VideoRewardModel.from_pretrained(run / "best")
+    res = evaluate_to_dir(model, load_pairs(data), tmp_path / "ev", model_dir=run / "best")
+    d = np.array(json.loads((tmp_path / "ev" / "reward_eval.json").read_text())["calibration"][0]["predicted"])
+    assert res["n"] == 40 and res["ties"] == 8 and 0 <= d <= 1

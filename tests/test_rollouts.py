@@ -90,6 +90,36 @@ def test_play_round_scores_gathers_and_combines():
     assert stats["reward/seed"] == 2.75 and stats["reward/neg"] == -27.5 and stats["heldout_mean"] == 1.0
 
 
+def test_a_failing_judge_stops_the_round_naming_it_and_the_rollouts(monkeypatch):
+    """A judge that raises, or answers a NaN, stops the round with an error that names the round,
+    the judge, the rollouts and the prompt -- never a silent 0 -- held-out judges included."""
+    from align.judges import JudgeError
+
+    def boom(s, p):
+        raise RuntimeError("CUDA out of memory")
+
+    seed = _Judge("seed", lambda s, p: float(s))
+    with pytest.raises(JudgeError, match=r"online round 7: judge flaky failed on rollouts 0-3 \(first prompt 'a'\): "):
+        _round([seed, _Judge("flaky", boom)])
+    with pytest.raises(JudgeError, match=r"RuntimeError: CUDA out of memory") as e:
+        _round([seed], eval_judges=[_Judge("flaky", boom)])
+    assert isinstance(e.value.__cause__, JudgeError) and isinstance(e.value.__cause__.__cause__, RuntimeError)
+    nan = _Judge("nan", lambda s, p: float("nan") if s == 3 else 1.0)  # the video of seed 3 is rollout 2
+    with pytest.raises(JudgeError, match=r"online round 7: judge nan gave 1 non-finite score\(s\): nan for rollout 2 "):
+        _round([nan])
+    # a judge that failed on another process: its rows arrive as NaN, and this process stops too
+    real = rollouts.gather_rows
+
+    def from_two_processes(run, local, rows, n):
+        out = real(run, local, rows, n)
+        out[3] = float("nan")  # rollout 3 belongs to the process whose judge failed
+        return out
+
+    monkeypatch.setattr(rollouts, "gather_rows", from_two_processes)
+    with pytest.raises(JudgeError, match=r"round 7: judge seed failed on another process, on rollouts \[3\] .*'b'"):
+        _round([seed])
+
+
 def test_mid_round_note(capsys):
     run = SimpleNamespace(ckpt="ckpt-3", micro_step=3, is_main=True)
     rollouts.mid_round_note(run, 2, "grpo")

@@ -36,3 +36,30 @@ def test_timesteps_in_range_and_shift():
 def test_bad_prediction_type():
     with pytest.raises(ValueError, match="prediction_type"):
         NoiseSchedule("x0")
+
+
+def test_epsilon_x0_is_unclamped_at_the_last_timestep():
+    """sqrt(alphas_cumprod[999]) is 4.9e-5 on the cosine table: x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)
+    exactly (a clamp of the divisor at 1e-4 scaled it by 0.49)."""
+    s = NoiseSchedule("epsilon")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, generator=g) * 0.5, torch.randn(2, 3, 4, generator=g)
+    t = torch.full((2,), 999.0)
+    a = s.alphas_cumprod[999].double()
+    assert a.sqrt().item() == pytest.approx(4.93e-5, rel=1e-2)
+    x_t = s.add_noise(x0, eps, t)
+    eps_hat = eps + 1e-3 * torch.randn(2, 3, 4, generator=g)  # a slightly wrong prediction
+    got, _ = s.predict_x0_eps(x_t, eps_hat, t)
+    want = (x_t.double() - (1 - a).sqrt() * eps_hat.double()) / a.sqrt()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    exact, _ = s.predict_x0_eps(x_t, eps, t)  # an exact eps recovers x0 up to float32 round-off / sqrt(a)
+    assert (exact - x0).abs().max().item() < 0.05
+
+
+def test_epsilon_x0_at_a_true_zero_alpha_is_finite():
+    s = NoiseSchedule("epsilon")
+    s.alphas_cumprod = s.alphas_cumprod.clone()
+    s.alphas_cumprod[-1] = 0.0  # a zero-terminal-SNR table: x_t is pure noise
+    x_t = torch.randn(2, 3)
+    x0, eps = s.predict_x0_eps(x_t, x_t.clone(), torch.full((2,), 999.0))
+    assert torch.equal(x0, torch.zeros(2, 3)) and torch.equal(eps, x_t)

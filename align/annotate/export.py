@@ -14,7 +14,9 @@ Two modes:
   are votes, not duplicates, and DPO or a reward model trains on each (a pair labelled alike
   by all weighs more than a split one; ``majority`` gives every pair one row instead).
 
-Video files are copied (``videos="copy"``) or symlinked (``"symlink"``) into ``OUT/videos/``
+Video files are copied (``videos="copy"``), hard-linked (``"hardlink"``: no bytes copied; a copy
+across filesystems) or symlinked (``"symlink"``: the links leave ``OUT``, so loading the export
+needs ``allow_absolute_paths``, as every symlink out of a dataset root does) into ``OUT/videos/``
 and named relative to ``OUT``, the dataset root, as the schema wants. Pairs whose videos were
 arrays or embedded bytes in the source dataset get those values from it (it must still be at
 the recorded path). The directory is written under a temporary name and renamed, so a failed
@@ -23,7 +25,9 @@ export leaves nothing at ``OUT``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
@@ -34,7 +38,7 @@ from align.annotate.storage import ASPECTS, LabelStore
 from align.atomic import atomic_directory
 
 MODES = ("majority", "all")
-VIDEO_MODES = ("copy", "symlink")
+VIDEO_MODES = ("copy", "hardlink", "symlink")
 ASPECT_PREFIX = "preference_"  # the schema's per-aspect label columns (align.data.preference)
 
 
@@ -170,6 +174,17 @@ def _attach_videos(rows: list[dict], pairs: dict[int, dict], store: LabelStore, 
     return features
 
 
+def _hardlink_or_copy(src: Path, target: Path) -> None:
+    """A hard link to ``src`` (no bytes copied, and inside the export's root, so training reads it
+    like a copy); a copy where the two folders are on different filesystems."""
+    try:
+        os.link(src.resolve(), target)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copy2(src, target)
+
+
 def _place(path: str, out_dir: Path, mode: str) -> str:
     """Copy or symlink a video into ``out_dir/videos/`` once (named by a hash of its path);
     return its name relative to ``out_dir``."""
@@ -182,6 +197,8 @@ def _place(path: str, out_dir: Path, mode: str) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         if mode == "symlink":
             target.symlink_to(src.resolve())
+        elif mode == "hardlink":
+            _hardlink_or_copy(src, target)
         else:
             shutil.copy2(src, target)
     return name

@@ -27,7 +27,13 @@ def add_parser(sub) -> None:
     ex.add_argument("out")
     ex.add_argument("--mode", choices=("majority", "all"), default="majority", help="one row per pair or per label")
     ex.add_argument("--min-labels", type=int, default=1, help="majority mode: pairs with fewer labels are left out")
-    ex.add_argument("--videos", choices=("copy", "symlink"), default="copy", help="how files get into OUT/videos")
+    ex.add_argument(
+        "--videos",
+        choices=("copy", "hardlink", "symlink"),
+        default="copy",
+        help="how files get into OUT/videos (hardlink: no copy, trainable as is; symlink: links leave OUT, "
+        "so training refuses them)",
+    )
     ex.set_defaults(run=run_export, name="annotate export")
 
 

@@ -253,9 +253,12 @@ def run_cache(args: argparse.Namespace) -> int:
 
 def _sample_and_score(args: argparse.Namespace, rounds: int = 1) -> tuple[list[str], list[str], dict, list]:
     """``data pairs`` / ``data samples``: prompts and judges from the flags (checked first), then
-    ``align.generation.sample_and_score``: ``(prompts, files, scores by judge, judges)``."""
+    ``align.generation.sample_and_score``: ``(prompts, files, scores by judge, judges)``, on
+    every process under ``accelerate launch`` (sampling and judging sharded, scores gathered)."""
+    from align import distributed
     from align.generation import sample_and_score
 
+    args.device = distributed.local_device(args.device)  # this process's GPU under N processes
     prompts = common.prompts_from(args)
     options = common.sampling_options(args)
     judges = common.judges_from(args, args.name)
@@ -269,9 +272,12 @@ def _sample_and_score(args: argparse.Namespace, rounds: int = 1) -> tuple[list[s
 def run_pairs(args: argparse.Namespace) -> int:
     """Sample the model K times per prompt (and round), score every video with the judges, and
     write best-vs-worst (or all) pairs as a preference dataset whose videos are files in OUT/videos."""
+    from align import distributed
     from align.data.pairs import pairs_from_groups
 
     ps, files, scores, judges = _sample_and_score(args, args.rounds)
+    if not distributed.is_main():  # the main process writes the dataset
+        return 0
     totals = common.one_score(judges, scores).reshape(-1, args.samples_per_prompt)
     ds = pairs_from_groups(ps, files, totals, args.pairs, args.tie_margin, args.seed)
     ds.save_to_disk(args.out)
@@ -285,9 +291,12 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 def run_samples(args: argparse.Namespace) -> int:
     """Sample a generator K times per prompt and score every video with the judges (RWR's data)."""
+    from align import distributed
     from align.data.samples import scored_samples_dataset
 
     ps, files, scores, judges = _sample_and_score(args)
+    if not distributed.is_main():  # the main process writes the dataset
+        return 0
     rewards = common.one_score(judges, scores)
     k = args.samples_per_prompt
     scored_samples_dataset(ps, files, rewards, [i // k for i in range(len(ps))]).save_to_disk(args.out)

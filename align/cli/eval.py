@@ -48,6 +48,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample, judge and report (``align.eval.evaluate.run_eval``); print each judge's win rate."""
+    from align import distributed
     from align.eval.evaluate import EvalConfig, run_eval
 
     missing = [flag for flag in ("--model", "--lora", "--out") if getattr(args, flag[2:]) is None]
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     report = run_eval(cfg)
+    if not distributed.is_main():  # every process sampled and judged its shard; the main one reports
+        return 0
     for name, wr in (report.get("winrate") or {}).items():
         lo, hi = wr["ci95"]
         print(

@@ -23,14 +23,26 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Sample into ``--out``; under ``accelerate launch`` each process samples its shard and the
+    main process writes the merged index and prints (with the sampling time, all processes')."""
+    import time
+
+    from align import distributed
     from align.generation import load_generator, sample_to_disk
 
     options = sampling_options(args, seeds_per_prompt=args.num)
     prompts, seeds = options.expand(prompts_from(args))
     model = load_generator(args.model, args.lora, options.device)
+    distributed.barrier()  # every process has its model: the time below is sampling alone
+    start = time.perf_counter()
     rows = sample_to_disk(
         model, prompts, seeds, args.out, options, model_name=args.model, lora=args.lora, resume=args.resume,
         video_format=args.format,
     )  # fmt: skip
-    print(f"wrote {len(rows)} videos to {args.out} (index.jsonl: file, prompt, seed, model, lora, settings)")
+    seconds = time.perf_counter() - start  # sample_to_disk ends when every process is done
+    if distributed.is_main():
+        print(
+            f"wrote {len(rows)} videos to {args.out} in {seconds:.1f} s on {distributed.num_processes()} "
+            "process(es) (index.jsonl: file, prompt, seed, model, lora, settings)"
+        )
     return 0

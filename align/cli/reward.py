@@ -58,7 +58,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """Print each video file's score for the prompt."""
+    """Print each video file's score for the prompt. Under ``accelerate launch`` each process
+    scores every N-th file and the main process prints them all, in order."""
+    from align import distributed
     from align.data.video import read_video
     from reward_models.evaluate import score_videos
     from reward_models.model import load_reward_model
@@ -66,7 +68,11 @@ def run_score(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
     model = load_reward_model(args.model)
-    scores = score_videos(model, [read_video(v) for v in args.video], args.prompt)
+    mine = distributed.shard(len(args.video))
+    local = score_videos(model, [read_video(args.video[i]) for i in mine], args.prompt) if mine else []
+    scores = distributed.gather(mine, [float(x) for x in local], len(args.video))
+    if not distributed.is_main():
+        return 0
     for f, sc in zip(args.video, scores):
         print(f"{sc:10.4f}  {f}")
     return 0

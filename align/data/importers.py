@@ -43,10 +43,11 @@ Parquet, a quote left open over several lines) is an error naming the file. Numb
 finite: NaN or infinity in a score or label column is a bad row, not a missing value. Media
 are paths (relative to the source's root, with the safety checks of loading: every path,
 symlinks followed, must resolve inside the root; a member of a ``.zip`` at the root when the
-file is not there) or embedded bytes. Each is copied into ``DST/videos/<content hash><ext>`` (hard-linked
-when possible; identical files stored once), so ``DST`` is a self-contained ``save_to_disk``
-dataset. Stills are decoded at import (cheap, finds truncated JPEGs); videos are not (``vidalign
-data validate`` decodes them) unless ``preprocessing`` or ``repeat_frames`` asks for new clips.
+file is not there) or embedded bytes. Each is copied into ``DST/videos/<content
+hash><ext>`` (hard-linked when possible; identical files stored once), so ``DST`` is a
+self-contained ``save_to_disk`` dataset. Stills are decoded at import (cheap, finds truncated
+JPEGs); videos are not (``vidalign data validate`` decodes them) unless ``preprocessing`` or
+``repeat_frames`` asks for new clips.
 Every bad row is reported with its index and column; the import fails (``bad_rows="error"``,
 after at most ``MAX_PROBLEMS`` of them) or skips and counts them (``"skip"``, but the first
 ``FAIL_FAST_ROWS`` rows all failing alike stop it: the layout is wrong). ``DST`` is written

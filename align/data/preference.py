@@ -179,7 +179,8 @@ def _load_dir(p: Path, split: str):
             raise ValueError(f"{p}: not a dataset saved with save_to_disk ({e})") from None
     for name in METADATA_NAMES:
         if (p / name).is_file():
-            return _load_file(inside_root(p / name, p))
+            inside_root(p / name, p)
+            return _load_file(p / name)
     if any((d / "prompt.txt").is_file() for d in p.iterdir() if d.is_dir()):
         return load_pair_folders(p)
     try:

@@ -10,6 +10,9 @@ or more judges, their pairwise agreement and the judges that prefer the aligned 
 the others do not (``align.eval.winrate.suspect_judges``). ``--judge human`` writes a blinded
 A/B task for annotators (``align.eval.human.write_ab_task``). Outputs: ``report.json``,
 ``report.md``, ``winrates.png`` and a side-by-side grid (``side_by_side.mp4`` / ``.gif``).
+Under ``accelerate launch`` with N processes both models' sampling and every judge's scoring
+are sharded by (prompt, seed) and the scores gathered before the win rates (the same as one
+process's); the main process writes the outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from align import distributed
 from align.eval.winrate import judge_agreement, suspect_judges, win_rate
 from align.generation import score_samples
 from align.sample import SamplingOptions
@@ -116,12 +120,9 @@ def sample_pairs(cfg: EvalConfig, prompts: list[str], seeds: list[int]) -> tuple
     return out / "base", base_rows, out / "aligned", aligned_rows
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """``vidalign eval``: sample, judge, write the report (see the module docstring); returns it.
-    Judges are built (and every spec checked) before anything is sampled."""
-    from align.eval.grid import write_side_by_side
-    from align.eval.plots import plot_winrates
-    from align.eval.report import write_report
+def _judges(cfg: EvalConfig) -> tuple[list, bool]:
+    """The judges of ``cfg`` (built, every spec and prompt checked) and whether a human A/B task
+    is asked for; on this process's device."""
     from align.judges import check_prompts, load_judges
 
     human = "human" in cfg.judges
@@ -131,21 +132,23 @@ def run_eval(cfg: EvalConfig) -> dict:
             "eval needs at least one judge: --judge reward:DIR, clip:MODEL[@WEIGHTS], http:URL or human "
             "(oracle: the demo's synthetic world only)"
         )
-    judges = load_judges(specs, device=cfg.sampling.device)
+    judges = load_judges(specs, device=distributed.local_device(cfg.sampling.device))
     check_prompts(judges, cfg.prompts)
     if human:
         from align.eval.human import write_ab_task  # noqa: F401  (fails here, before sampling, if missing)
-    prompts, seeds = cfg.sampling.expand(cfg.prompts)
-    base_dir, base_rows, aligned_dir, aligned_rows = sample_pairs(cfg, prompts, seeds)
-    out = Path(cfg.out)
-    report: dict = {
+    return judges, human
+
+
+def _header(cfg: EvalConfig, comparisons: int, base_rows: list[dict]) -> dict:
+    """The report's fields that describe the run."""
+    return {
         "title": "vidalign eval: aligned vs " + ("baseline LoRA" if cfg.baseline_lora else "base"),
         "model": str(cfg.model),
         "lora": str(cfg.lora),
         "baseline": str(cfg.baseline_lora) if cfg.baseline_lora else "base (LoRA adapters off)",
         "prompts": len(cfg.prompts),
         "seeds_per_prompt": cfg.sampling.seeds_per_prompt,
-        "comparisons": len(prompts),
+        "comparisons": comparisons,
         "sampling": {
             "steps": cfg.sampling.num_steps,
             "guidance": cfg.sampling.guidance_scale,
@@ -155,22 +158,47 @@ def run_eval(cfg: EvalConfig) -> dict:
         "tie_margin": cfg.tie_margin,
         "artifacts": {},
     }
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """``vidalign eval``: sample, judge, write the report (see the module docstring); returns it.
+    Judges are built (and every spec checked) before anything is sampled. Under N processes
+    sampling and judging are sharded, the scores gathered, and the main process writes the
+    report and its artifacts (the others return the win rates only)."""
+    judges, human = _judges(cfg)
+    prompts, seeds = cfg.sampling.expand(cfg.prompts)
+    base_dir, base_rows, aligned_dir, aligned_rows = sample_pairs(cfg, prompts, seeds)
+    report = _header(cfg, len(prompts), base_rows)
     if judges:
-        res = judge_winrates(
+        report |= judge_winrates(
             score_samples(judges, base_dir, base_rows),
             score_samples(judges, aligned_dir, aligned_rows),
             cfg.tie_margin,
             cfg.sampling.seed,
         )
+    if not distributed.is_main():
+        return report
+    samples = (base_dir, base_rows, aligned_dir, aligned_rows)
+    _write_artifacts(cfg, report, judges, samples, human)
+    return report
+
+
+def _write_artifacts(cfg: EvalConfig, report: dict, judges: list, samples: tuple, human: bool) -> None:
+    """Per-attribute oracle means, the win-rate plot, the side-by-side grid, the human A/B task
+    and ``report.json`` / ``report.md`` under ``cfg.out`` (``report`` is completed in place)."""
+    from align.eval.grid import write_side_by_side
+    from align.eval.plots import plot_winrates
+    from align.eval.report import write_report
+
+    out = Path(cfg.out)
+    base_dir, base_rows, aligned_dir, aligned_rows = samples
+    if judges:
         attrs = _oracle_attributes(judges, base_dir, aligned_dir, base_rows, aligned_rows)
         if attrs:
-            res["winrate"]["oracle"]["per_attribute"] = attrs
-        report |= res
-        plot_winrates({f"aligned vs base ({k})": wr for k, wr in res["winrate"].items()}, out / "winrates.png")
+            report["winrate"]["oracle"]["per_attribute"] = attrs
+        plot_winrates({f"aligned vs base ({k})": wr for k, wr in report["winrate"].items()}, out / "winrates.png")
         report["artifacts"]["winrates"] = "winrates.png"
-    gif, mp4 = write_side_by_side(
-        base_dir, base_rows, aligned_dir, aligned_rows, out / "side_by_side", fps=cfg.sampling.fps
-    )
+    gif, mp4 = write_side_by_side(*samples, out / "side_by_side", fps=cfg.sampling.fps)
     report["artifacts"] |= {"side by side (gif)": gif.name, "side by side (mp4)": mp4.name}
     if human:
         from align.eval.human import write_ab_task
@@ -178,12 +206,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         task = write_ab_task(
             [base_dir / r["file"] for r in base_rows],
             [aligned_dir / r["file"] for r in aligned_rows],
-            prompts,
-            seeds,
+            [r["prompt"] for r in base_rows],
+            [r["seed"] for r in base_rows],
             out / "human",
             names=("base", "aligned"),
             seed=cfg.sampling.seed,
         )
         report["human_task"] = str(task)
     write_report(report, out)
-    return report

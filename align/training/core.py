@@ -25,13 +25,16 @@ newest checkpoint of the same recipe; on SIGTERM a checkpoint is written before 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,12 +45,15 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from align.atomic import replace_directory
+from align.atomic import file_sha256, replace_directory
 from align.config import REQUIRED, save_config
 from align.models import load_model
 from align.models.lora import attach_lora, load_lora, lora_parameters, save_lora
 
 TRACKERS = ("tensorboard", "wandb")
+MANIFEST = "manifest.json"  # in a checkpoint: every file's size and sha256, written at save time
+# errors of writing a checkpoint that are the disk's or the user's, not a bug: one line, no traceback
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # keys a resumed run may change; every other key must match the checkpoint's recipe
 RESUME_FREE_KEYS = (
@@ -342,46 +348,206 @@ def gathered_lora(module, accelerator):
     return deepspeed.zero.GatheredParameters(list(lora_parameters(module)), modifier_rank=None)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: a file missing, truncated, changed or unreadable."""
+
+
+class CheckpointWriteError(OSError, ValueError):
+    """A checkpoint that could not be written (disk full, no permission): one line naming the
+    path; a ``ValueError`` too, so the CLI prints it as a user error."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def save_checkpoint(run: Run, limit: int, state: dict, extra: dict[str, Any] | None = None) -> Path:
     """``checkpoint-<step>/``: LoRA (safetensors), optimizer, LR scheduler, RNG and step; atomic
-    (written to ``.checkpoint-<step>.tmp`` and renamed); only the last ``limit`` are kept.
+    (written to ``.checkpoint-<step>.tmp``, listed with sizes and sha256 in ``manifest.json``,
+    fsynced and renamed); only the last ``limit`` up to this step are kept.
 
     Every process must call this: a DeepSpeed engine saves its own optimizer shards,
     collectively; each process writes its RNG states (``rng_state_<rank>.pt``: torch and the
     noise generator), the main process the rest. ``state`` (data position, recipe) goes to
-    ``trainer_state.json``; ``extra`` (name -> tensors) to ``<name>.pt`` by the main process."""
+    ``trainer_state.json``; ``extra`` (name -> tensors) to ``<name>.pt`` by the main process.
+    A full disk or a refused permission is a :class:`CheckpointWriteError` naming the path."""
     acc, run_dir, step = run.accelerator, run.run_dir, run.step
     final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
-    if run.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
     try:
-        with gathered_lora(run.base, acc):
-            if run.is_main:
-                save_lora(run.base, tmp / "lora")
-        if uses_deepspeed(acc):
-            run.denoiser.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        elif run.is_main:
-            torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "gen": run.gen.get_state()}
-        torch.save(rng, tmp / f"rng_state_{run.rank}.pt")
         if run.is_main:
-            torch.save(run.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            for name, obj in (extra or {}).items():
-                torch.save(obj, tmp / f"{name}.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        if run.is_main:
-            replace_directory(tmp, final)
-            ckpts = checkpoints(run_dir)
-            for old in ckpts[: max(0, len(ckpts) - limit)]:
-                shutil.rmtree(old)
-    finally:
-        if run.is_main and tmp.exists():
-            shutil.rmtree(tmp)
+        try:
+            _write_checkpoint_files(run, tmp, state, extra)
+            acc.wait_for_everyone()
+            if run.is_main:
+                _write_manifest(tmp)
+                replace_directory(tmp, final)  # fsyncs every file and directory first
+                _prune_checkpoints(run_dir, step, limit)
+        finally:
+            if run.is_main and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS or isinstance(e, CheckpointWriteError):
+            raise
+        raise _write_error(e, final) from None
     acc.wait_for_everyone()
     return final
+
+
+def _write_checkpoint_files(run: Run, tmp: Path, state: dict, extra: dict[str, Any] | None) -> None:
+    """What this process writes of one checkpoint into ``tmp`` (see :func:`save_checkpoint`)."""
+    acc = run.accelerator
+    with gathered_lora(run.base, acc):
+        if run.is_main:
+            _saving(tmp / "lora", lambda: save_lora(run.base, tmp / "lora"))
+    if uses_deepspeed(acc):
+        save_ds = run.denoiser.save_checkpoint
+        _saving(tmp / "deepspeed", lambda: save_ds(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True))
+    elif run.is_main:
+        _torch_save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+    _torch_save({"torch": torch.get_rng_state(), "gen": run.gen.get_state()}, tmp / f"rng_state_{run.rank}.pt")
+    if run.is_main:
+        _torch_save(run.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, obj in (extra or {}).items():
+            _torch_save(obj, tmp / f"{name}.pt")
+        text = json.dumps({"step": run.step, **state}, indent=1)
+        _saving(tmp / "trainer_state.json", lambda: (tmp / "trainer_state.json").write_text(text))
+
+
+def _saving(path: Path, write: Callable[[], Any]) -> None:
+    """Run one checkpoint writer for ``path``: an OSError without a file name gets ``path``; a
+    writer's own error type that reports a full disk or a refused permission (safetensors,
+    DeepSpeed) becomes that OSError."""
+    try:
+        write()
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+    except Exception as e:
+        code = next((c for c in WRITE_ERRNOS if os.strerror(c) in str(e)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through :class:`_WholeWrites`, so that a full disk is the
+    OSError it is (torch's zip writer reports it as ``RuntimeError: unexpected pos``)."""
+
+    def write() -> None:
+        with open(path, "wb", buffering=0) as raw:
+            out = _WholeWrites(raw)
+            try:
+                torch.save(obj, out)
+            except Exception:
+                if out.error is None:
+                    raise
+                raise out.error from None
+
+    _saving(path, write)
+
+
+class _WholeWrites:
+    """A raw binary file whose ``write`` writes all of ``data`` or raises, keeping the OSError:
+    torch's writer ignores short writes and replaces a writer's exception by its own."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.error = raw, None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                n = self.raw.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as e:
+            self.error = e
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _write_error(e: OSError, final: Path) -> CheckpointWriteError:
+    """One line for a checkpoint the disk refused: what, where, and what to do."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    hint = (
+        "free space (or lower checkpoints_total_limit), then continue with --resume latest"
+        if full
+        else "check the permissions of output_dir"
+    )
+    err = CheckpointWriteError(f"cannot write checkpoint {final}: {e.strerror}: {e.filename or final}; {hint}")
+    err.errno, err.strerror, err.filename = e.errno, e.strerror, e.filename
+    return err
+
+
+def _write_manifest(ckpt: Path) -> None:
+    """``manifest.json``: the size and sha256 of every file of the finished checkpoint ``ckpt``
+    (all processes' files), written last; :func:`checkpoint_problem` checks them at resume."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    listing = {p.relative_to(ckpt).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    text = json.dumps({"files": listing}, indent=1)
+    _saving(ckpt / MANIFEST, lambda: (ckpt / MANIFEST).write_text(text))
+
+
+def _prune_checkpoints(run_dir: Path, step: int, limit: int) -> None:
+    """Keep the newest ``limit`` checkpoints up to ``step``. Later ones (left by a run that was
+    resumed from an earlier checkpoint, e.g. past a damaged one) are replaced when reached."""
+    ckpts = [c for c in checkpoints(run_dir) if int(c.name.split("-", 1)[1]) <= step]
+    for old in ckpts[: max(0, len(ckpts) - limit)]:
+        shutil.rmtree(old)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What makes ``ckpt`` unusable, naming the file, or None when it is intact: every file of
+    its ``manifest.json`` must be there with the size and sha256 written at save time. A
+    checkpoint of an older vidalign (no manifest) must have a ``trainer_state.json`` that
+    parses and readable ``.safetensors`` headers and ``.pt`` archives."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return _unlisted_problem(ckpt)
+    try:
+        listing = json.loads(manifest.read_text())["files"]
+        for rel, want in listing.items():
+            path = ckpt / rel
+            if not path.is_file():
+                return f"{path}: missing"
+            size = path.stat().st_size
+            if size != want["bytes"]:
+                return f"{path}: {size} bytes, {want['bytes']} written at save time (truncated?)"
+            if file_sha256(path) != want["sha256"]:
+                return f"{path}: its content changed since it was saved (sha256 differs)"
+    except OSError as e:
+        return f"{e.filename or ckpt}: cannot be read ({e.strerror})"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{manifest}: damaged ({type(e).__name__}: {e})"
+    return None
+
+
+def _unlisted_problem(ckpt: Path) -> str | None:
+    """:func:`checkpoint_problem` of a checkpoint without a manifest: a reading check."""
+    from safetensors import SafetensorError, safe_open
+
+    path = ckpt / "trainer_state.json"
+    try:
+        json.loads(path.read_text())
+        for path in sorted(ckpt.rglob("*")):
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif path.suffix == ".pt" and zipfile.ZipFile(path).testzip() is not None:
+                return f"{path}: damaged (a member fails its CRC check)"
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror or e})"
+    except (ValueError, SafetensorError, zipfile.BadZipFile) as e:
+        return f"{path}: damaged ({type(e).__name__}: {e})"
+    return None
 
 
 def recipe_fingerprint(cfg: TrainConfig) -> dict:
@@ -389,24 +555,53 @@ def recipe_fingerprint(cfg: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE_KEYS}
 
 
-def find_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint ``cfg.resume`` names: ``latest`` (None when the run has none yet, so the
-    same command starts or continues a run) or a ``checkpoint-<step>`` directory."""
+def find_checkpoint(cfg: TrainConfig, run_dir: Path, report: Callable[[str], Any] | None = None) -> Path | None:
+    """The checkpoint ``cfg.resume`` names, verified (:func:`checkpoint_problem`): ``latest`` is
+    the newest intact checkpoint of the run (None when the run has none yet, so the same command
+    starts or continues a run), each damaged newer one skipped with its reason given to
+    ``report``; a named ``checkpoint-<step>`` directory that is damaged is a
+    :class:`CheckpointError` naming the damaged file."""
     if not cfg.resume:
         return None
     if cfg.resume == "latest":
-        ckpts = checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
+        return _newest_intact(run_dir, report or (lambda _: None))
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"resume: {path} is not a checkpoint directory (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"resume: checkpoint {path} is damaged: {problem}")
     return path
+
+
+def _newest_intact(run_dir: Path, report: Callable[[str], Any]) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that :func:`checkpoint_problem` passes; None when
+    there is none at all, a :class:`CheckpointError` when every one is damaged."""
+    ckpts = checkpoints(run_dir)
+    problems = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if problems:
+                report(f"resume latest: resuming from {ckpt.name}, the newest intact checkpoint")
+            return ckpt
+        problems.append(problem)
+        report(f"resume latest: skipping {ckpt.name}, it is damaged: {problem}")
+    if problems:
+        raise CheckpointError(
+            f"resume latest: every checkpoint of {run_dir} is damaged (the newest: {problems[0]}); "
+            "move them aside to start the run over"
+        )
+    return None
 
 
 def check_resumable(ckpt: Path, cfg: TrainConfig, num_processes: int, stage: int | None) -> dict:
     """``trainer_state.json`` of ``ckpt``, after checking it comes from this recipe and an
     equivalent launch; raises ValueError naming the first key that differs."""
-    st = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        st = json.loads((ckpt / "trainer_state.json").read_text())
+    except ValueError as e:  # a checkpoint named without a manifest to check it against
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'}: not valid JSON ({e})") from None
     theirs, ours = st.get("recipe"), json.loads(json.dumps(recipe_fingerprint(cfg)))
     if theirs is None:
         raise ValueError(f"{ckpt}: no recipe recorded in trainer_state.json; cannot check it belongs to this run")
@@ -428,21 +623,32 @@ def _load_checkpoint(run: Run) -> None:
     """Restore what ``save_checkpoint`` wrote into the prepared objects of this process."""
     ckpt, acc = run.ckpt, run.accelerator
     if uses_deepspeed(acc):
-        run.denoiser.load_checkpoint(
-            str(ckpt / "deepspeed"),
-            tag="state",
-            load_module_strict=False,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        options = dict(load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
+        _loading(ckpt / "deepspeed", lambda: run.denoiser.load_checkpoint(str(ckpt / "deepspeed"), "state", **options))
     else:
-        load_lora(run.base, ckpt / "lora")
-        run.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    run.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    rng = torch.load(ckpt / f"rng_state_{acc.process_index}.pt", weights_only=True)
+        _loading(ckpt / "lora", lambda: load_lora(run.base, ckpt / "lora"))
+        optimizer = _loading(ckpt / "optimizer.pt", lambda: torch.load(ckpt / "optimizer.pt", "cpu", weights_only=True))
+        run.optimizer.load_state_dict(optimizer)
+    scheduler = _loading(ckpt / "scheduler.pt", lambda: torch.load(ckpt / "scheduler.pt", weights_only=True))
+    run.lr_scheduler.load_state_dict(scheduler)
+    rng_file = ckpt / f"rng_state_{acc.process_index}.pt"
+    rng = _loading(rng_file, lambda: torch.load(rng_file, weights_only=True))
     torch.set_rng_state(rng["torch"])
     run.gen.set_state(rng["gen"])
     run.step, run.micro_step = run.resumed["step"], run.resumed["micro_step"]
+
+
+def _say(message: str) -> None:
+    """A line for the user on stderr, marked as vidalign's."""
+    print(f"[vidalign] {message}", file=sys.stderr, flush=True)
+
+
+def _loading(path: Path, load: Callable[[], Any]) -> Any:
+    """``load()`` of one checkpoint file; a failure is a :class:`CheckpointError` naming it."""
+    try:
+        return load()
+    except Exception as e:  # safetensors, torch and DeepSpeed each raise their own types
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from e
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -473,7 +679,7 @@ def start(
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(cfg, world)
     stage = zero_stage(accelerator)
-    ckpt = find_checkpoint(cfg, run_dir)
+    ckpt = find_checkpoint(cfg, run_dir, _say if accelerator.is_main_process else None)
     resumed = check_resumable(ckpt, cfg, world, stage) if ckpt else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,17 +6,16 @@ that records every stochastic step (``align.sample.sample_with_logprobs``: the f
 ODE's marginals, noise ``sde_noise``; DDIM with ``eta`` for epsilon / v models; CFG at
 ``guidance_scale``). Of a rollout's ``sample_steps`` model calls the first ``sample_steps - 1``
 are stochastic and the last lands deterministically on the clean end (the x0 prediction, what
-DanceGRPO decodes), and that clean end is the video the judges score: no SDE noise is left in it
-(see ``sample_with_logprobs``). The judges score the videos; each judge's scores are z-scored within the
-prompt group, weighted by ``judge_weights``, and the group-normalised advantage
-``(r - mean_group) / (std_group + eps)`` of that sum (``adv_global_std``: the round's std), clipped
-at ``adv_clip_max``, is each rollout's advantage (one judge: its raw scores go in directly). The
+DanceGRPO decodes): that clean end is the video the judges score, with no SDE noise left in it
+(see ``sample_with_logprobs``). Each judge's scores are z-scored within the prompt group,
+weighted by ``judge_weights``, and the group-normalised advantage ``(r - mean_group) /
+(std_group + eps)`` of that sum (``adv_global_std``: the round's std), clipped at
+``adv_clip_max``, is each rollout's advantage (one judge: its raw scores go in directly). The
 round then trains for ``inner_epochs`` passes over its rollouts: each rollout on a random
-``train_timestep_fraction`` of its ``sample_steps``, drawn among its stochastic steps (at most all
-``sample_steps - 1`` of them; re-drawn every pass),
-with the clipped likelihood ratio of the step under the current policy against the rollout
-policy, plus ``kl_weight`` times the KL of the step to the reference (the adapters off)
-(``align.objectives.grpo_loss`` / ``gaussian_kl``).
+``round(train_timestep_fraction x sample_steps)`` of its stochastic steps (at most all
+``sample_steps - 1``; re-drawn every pass), with the clipped likelihood ratio of the step under
+the current policy against the rollout policy, plus ``kl_weight`` times the KL of the step to
+the reference (the adapters off) (``align.objectives.grpo_loss`` / ``gaussian_kl``).
 
 Rounds are :mod:`align.training.rollouts`' online rounds: prompts drawn, this process's share
 of the rollouts sampled, the judges' scores gathered and combined by the one rule
@@ -49,10 +48,10 @@ the run prints a warning and sets ``hacking_warning`` (:func:`hacking_streak`).
 Departures: log-probabilities are means over latent elements (Flow-GRPO's convention, so
 ``clip_range`` is of Flow-GRPO's 1e-4 scale); the reference is the same denoiser with its LoRA
 disabled; the last step is deterministic (no log-probability, not trained) and the judges score
-its clean x0, where Flow-GRPO's last step keeps a little noise and DanceGRPO also trains a
-stochastic last step whose noise its decoded video never sees; ``kl_weight`` weighs the exact KL of
-a step (Flow-GRPO's Wan script), which is Flow-GRPO SD3's ``beta`` KL divided by the step's
-``|ds|`` (docs/training.md maps each reference's keys).
+its clean x0 (Flow-GRPO scores a latent with a little noise left; DanceGRPO decodes the same x0
+but also draws a stochastic last step, which it does not train); ``kl_weight`` weighs the exact
+KL of a step (as Flow-GRPO's Wan script), which is Flow-GRPO SD3's ``beta`` KL divided by the
+step's ``|ds|`` (docs/training.md maps each reference's keys).
 """
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ class GRPOConfig(core.TrainConfig):
     inner_epochs: int = field(default=1, metadata={"help": "passes over a round's rollouts"})
     sample_steps: int = field(
         default=10,
-        metadata={"help": "model calls per rollout (>= 2): sample_steps - 1 stochastic steps, then one to the clean end"},
+        metadata={"help": "model calls per rollout (>= 2): sample_steps - 1 stochastic steps, one to the clean end"},
     )
     guidance_scale: float = field(
         default=4.0, metadata={"help": "CFG in rollouts and in the recomputed log-probabilities"}

@@ -13,7 +13,12 @@ A round ``r`` of ``N`` rollouts, the same on 1 or N processes:
    The sampler's settings are one :class:`align.sample.SamplingOptions` (:func:`sampling_options`).
 3. **score**: every training (and held-out) judge scores this process's videos, after its
    sampling; the scores of all processes are gathered into ``(J, N)`` in rollout order
-   (:func:`gather_rows`).
+   (:func:`gather_rows`). A judge that raises, times out or gives a non-finite score stops the
+   run on every process with an error naming the round, the judge, the rollouts and the prompt
+   (never a silent 0). Judges score after this process's whole share is sampled; overlapping
+   the scoring with the sampling of the next chunk (Flow-GRPO's reward thread pool) is not done
+   yet: it pays off for remote ``http:`` judges, and needs chunk-wise scoring that stays
+   bit-identical to scoring the share at once.
 4. **combine**: :func:`align.judges.combine_judges` makes one reward per rollout (one judge:
    its raw scores; several: the weighted mean of their z-scores within each prompt group).
 
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from align.judges import combine_judges, score_judges
+from align.judges import JudgeError, combine_judges, judge_scores
 from align.sample import SamplingOptions
 
 
@@ -116,10 +121,35 @@ class Round:
     reward_s: float  # seconds scoring, gathering, combining
 
 
-def _gathered_scores(run, local: list[int], judges, videos: np.ndarray, prompts: list[str], n: int) -> np.ndarray:
-    """``(J, n)`` scores of every process's videos, C-ordered, in rollout order."""
-    mine = torch.as_tensor(score_judges(judges, videos, prompts), dtype=torch.float64)
-    return np.ascontiguousarray(gather_rows(run, local, mine.T.contiguous(), n).numpy().T)
+def _gathered_scores(run, r: int, local: list[int], judges, videos: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """``(J, N)`` scores of every process's videos (``videos[k]`` is rollout ``local[k]`` of the
+    round's ``N = len(prompts)``), C-ordered, in rollout order.
+
+    A judge that fails on this process (:func:`align.judges.judge_scores`: it raised, timed out,
+    or answered a NaN, an inf or too few scores) stops the run with a :class:`JudgeError` naming
+    the round, the judge, the rollouts and their prompt: never a silent 0. Its rows go into the
+    gather as NaN first, so that the other processes do not wait forever on this one: each of
+    them raises too, naming the judge and the rollouts that failed elsewhere."""
+    n, mine = len(prompts), [prompts[i] for i in local]
+    rows, errors = [], []
+    for j in judges:
+        try:
+            rows.append(judge_scores(j, videos, mine, index=local, what="rollout"))
+        except JudgeError as e:
+            rows.append(np.full(len(local), np.nan))
+            errors.append(e)
+    scores = torch.as_tensor(np.stack(rows) if rows else np.zeros((0, len(local))), dtype=torch.float64)
+    out = np.ascontiguousarray(gather_rows(run, local, scores.T.contiguous(), n).numpy().T)
+    if errors:
+        raise JudgeError(f"online round {r}: {errors[0]}") from errors[0]
+    for j, row in zip(judges, out):
+        failed = np.flatnonzero(~np.isfinite(row))
+        if failed.size:
+            raise JudgeError(
+                f"online round {r}: judge {j.name} failed on another process, on rollouts {failed.tolist()[:8]} "
+                f"(first prompt {prompts[failed[0]]!r}); its error is in that process's log"
+            )
+    return out
 
 
 def play_round(run, spec: Rollouts, r: int, prompts: list[str], seeds: list[int]) -> Round:
@@ -135,8 +165,8 @@ def play_round(run, spec: Rollouts, r: int, prompts: list[str], seeds: list[int]
     run.model.denoiser.train()
     t1 = time.perf_counter()
     groups = np.arange(n) // spec.group_size
-    scores = _gathered_scores(run, local, spec.judges, samples["videos"], mine, n)
-    held = _gathered_scores(run, local, spec.eval_judges, samples["videos"], mine, n) if spec.eval_judges else None
+    scores = _gathered_scores(run, r, local, spec.judges, samples["videos"], prompts)
+    held = _gathered_scores(run, r, local, spec.eval_judges, samples["videos"], prompts) if spec.eval_judges else None
     reward = combine_judges(scores, spec.weights, groups)
     return Round(r, prompts, seeds, groups, local, samples, scores, held, reward, t1 - t0, time.perf_counter() - t1)
 
