@@ -180,6 +180,39 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, r
     return sq / (2 * std.float().reshape(-1) ** 2)
 
 
+def guard_log_ratio(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    mean: torch.Tensor,
+    old_mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
+    """GRPO-Guard's ratio normalisation (RatioNorm; Wang et al. 2025) of one Gaussian step's
+    log-ratio, per sample ``(B,)``:
+
+        b = mean((mean - old_mean)^2) / (2 std^2)
+        log_ratio = (log_prob - old_log_prob + b) * std
+
+    Why. For ``x_next = old_mean + std eps`` the mean-reduced log-ratio is ``-b - mean(eps
+    (old_mean - mean)) / std``: its mean ``-b`` is below 0 (the ratio is left-shifted) and its
+    spread scales with ``1 / std``, i.e. with the timestep. Adding ``b`` centres it on 0 and
+    multiplying by ``std`` makes it ``mean(eps (mean - old_mean))``, the same scale at every
+    step, so one ``clip_range`` clips positive and negative advantages alike at every step.
+
+    ``log_prob`` / ``old_log_prob`` are mean-reduced over elements (vidalign's and Flow-GRPO's
+    convention), ``mean`` the current policy's step mean (with gradient: ``b`` is part of the
+    objective, as in verl-omni's ``GRPOGuardLoss``), ``old_mean`` the rollout policy's, ``std``
+    the step's std ``(B,)`` (``sigma_t sqrt(|dt|)``). Departure from verl-omni: ``std`` is each
+    sample's own, not the micro-batch's mean (the same when a micro-batch shares one step)."""
+    if mean.shape != old_mean.shape or mean.shape[0] != log_prob.shape[0]:
+        raise ValueError(f"guard_log_ratio: mean {tuple(mean.shape)} and old_mean {tuple(old_mean.shape)} differ")
+    if log_prob.shape != old_log_prob.shape or log_prob.dim() != 1:
+        raise ValueError(f"guard_log_ratio: log_prob and old_log_prob must be (B,), got {log_prob.shape}")
+    s = std.float().reshape(-1)
+    bias = (mean.float() - old_mean.detach().float()).pow(2).flatten(1).mean(dim=1) / (2 * s**2)
+    return (log_prob.float() - old_log_prob.detach().float() + bias) * s
+
+
 def grpo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -187,6 +220,8 @@ def grpo_loss(
     clip_range: float,
     kl: torch.Tensor | None = None,
     kl_weight: float = 0.0,
+    log_ratio: torch.Tensor | None = None,
+    step_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """GRPO / PPO-clip loss of one denoising step per sample (Flow-GRPO's per-step objective):
 
@@ -198,7 +233,12 @@ def grpo_loss(
     (:func:`gaussian_kl`), all ``(B,)``. Returns ``loss``, ``policy_loss``, ``clip_fraction``
     (share with ``|ratio - 1| > eps``), ``approx_kl`` (``0.5 mean((log_prob - old)^2)``, as
     DDPO / Flow-GRPO log it), ``ratio_mean`` / ``ratio_max`` / ``ratio_min`` and ``kl`` (mean,
-    0 without a KL term); diagnostics detached."""
+    0 without a KL term); diagnostics detached.
+
+    GRPO-Guard (:func:`guard_log_ratio`): ``log_ratio`` ``(B,)`` replaces ``log_prob -
+    old_log_prob`` in the ratio (and its clip statistics; ``approx_kl`` stays the raw
+    log-ratio's), and ``step_weights`` ``(B,)`` (its ``1 / |dt|``) weigh each sample's clipped
+    term before the mean. Both None: the plain loss above, unchanged."""
     if clip_range <= 0:
         raise ValueError(f"grpo_loss: clip_range must be > 0, got {clip_range}")
     if kl_weight < 0:
@@ -208,12 +248,17 @@ def grpo_loss(
         raise ValueError(f"grpo_loss: log_prob, old_log_prob, advantages (and kl) must all be (B,), got {shapes}")
     if kl_weight > 0 and kl is None:
         raise ValueError("grpo_loss: kl_weight > 0 needs kl")
+    if any(v is not None and v.shape != log_prob.shape for v in (log_ratio, step_weights)):
+        raise ValueError(f"grpo_loss: log_ratio and step_weights must be (B,) like log_prob {tuple(log_prob.shape)}")
     diff = log_prob.float() - old_log_prob.detach().float()
-    ratio = torch.exp(diff)
+    ratio = torch.exp(diff if log_ratio is None else log_ratio.float())
     adv = advantages.detach().float()
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    if step_weights is not None:
+        per_sample = per_sample * step_weights.detach().float()
+    policy_loss = per_sample.mean()
     kl_mean = kl.float().mean() if kl is not None else policy_loss.new_zeros(())
     loss = policy_loss + kl_weight * kl_mean if kl_weight > 0 else policy_loss
     r = ratio.detach()

@@ -8,6 +8,7 @@ and the aligned model: the basis of paired win rates.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -340,6 +341,33 @@ def _step_noise(generators: list[torch.Generator], shape: tuple[int, ...], devic
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def ode_step(
+    model: VideoDiffusionModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    t_next: torch.Tensor,
+    cond,
+    uncond,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """One deterministic step ``x`` (timestep ``t``) -> ``t_next`` (``(B,)`` each, model units) of the
+    probability-flow ODE under the model's guided prediction, float32: for flow models the Euler step
+    ``x + (s_next - s) v`` (:func:`sample_latents`' step; :func:`flow_sde_step`'s mean at
+    ``sde_noise = 0``), for epsilon / v models DDIM with ``eta = 0`` to ``alphas_cumprod[t_next]``
+    (:func:`ddim_step`'s mean at ``eta = 0``). No log-probability: MixGRPO's ODE steps outside its
+    SDE window (:func:`sample_with_logprobs` with ``stochastic_steps``)."""
+    t = t.to(x.device).float()
+    t_next = t_next.to(x.device).float()
+    out = guided_prediction(model.predict, x, t, cond, uncond, guidance_scale).float()
+    bs = lambda u: u.reshape(-1, *([1] * (x.dim() - 1)))  # noqa: E731
+    sched = model.scheduler
+    if model.prediction_type == "flow":
+        return x.float() + bs((t_next - t) / sched.num_train_timesteps) * out
+    x0, eps = sched.predict_x0_eps(x.float(), out, t)
+    a_n = sched.alphas_cumprod.to(x.device).float()[t_next.long()]
+    return bs(a_n.sqrt()) * x0 + bs((1 - a_n).sqrt()) * eps
+
+
 def clean_end(model: VideoDiffusionModel, x: torch.Tensor, t: torch.Tensor, cond, uncond, guidance_scale: float):
     """The last step of a rollout, from ``x`` at timestep ``t`` (``(B,)``) to the clean end: the
     model's guided x0 prediction, float32. For flow models it is exactly the ODE's Euler step to
@@ -365,6 +393,41 @@ def clean_end(model: VideoDiffusionModel, x: torch.Tensor, t: torch.Tensor, cond
     return model.scheduler.predict_x0_eps(x.float(), out.float(), t)[0]
 
 
+def _rollout_steps(
+    model: VideoDiffusionModel,
+    x: torch.Tensor,
+    grid: torch.Tensor,
+    sde: set[int],
+    gens: list[torch.Generator],
+    cond,
+    uncond,
+    guidance_scale: float,
+    noise: tuple[float, float],
+    reduction: str,
+    return_means: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The ``len(grid) - 2`` steps of :func:`sample_with_logprobs` before its clean end: the
+    trajectory (from ``x``), the log-probabilities (NaN for the ODE steps outside ``sde``) and,
+    with ``return_means``, the step means. ``noise`` is ``(sde_noise, eta)``; each step draws
+    its noise from ``gens`` whether it uses it or not."""
+    shape, device = tuple(x.shape[1:]), x.device
+    traj, lps, means = [x], [], []
+    for i in range(len(grid) - 2):
+        t, t_next = grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0])
+        z = _step_noise(gens, shape, device)
+        if i in sde:
+            step = policy_step(model, x, t, t_next, cond, uncond, guidance_scale, *noise, noise=z, reduction=reduction)
+            x, lp, mean = step.x_next, step.log_prob, step.mean
+        else:
+            x = mean = ode_step(model, x, t, t_next, cond, uncond, guidance_scale)
+            lp = torch.full((x.shape[0],), float("nan"), device=x.device)
+        traj.append(x)
+        lps.append(lp)
+        if return_means:
+            means.append(mean)
+    return traj, lps, means
+
+
 @torch.no_grad()
 def sample_with_logprobs(
     model: VideoDiffusionModel,
@@ -376,6 +439,8 @@ def sample_with_logprobs(
     eta: float = 1.0,
     reduction: str = "mean",
     decode: bool = True,
+    stochastic_steps: Collection[int] | None = None,
+    return_means: bool = False,
 ) -> dict:
     """Stochastic rollouts with classifier-free guidance, recording every stochastic step for GRPO.
 
@@ -388,6 +453,12 @@ def sample_with_logprobs(
 
     The video the judges score is the clean end, not the latent after one more SDE step: no SDE
     noise is left in it (why: :func:`clean_end`).
+
+    ``stochastic_steps`` (MixGRPO's SDE window): the steps in ``[0, S)`` drawn from the SDE; the
+    others are ODE steps (:func:`ode_step`), their ``log_probs`` NaN. None = all ``S``. Step noise
+    is drawn at every step, used or not (MixGRPO draws only inside), so a window covering all
+    ``S`` steps is bit-identical to None. ``return_means`` adds ``means`` ``(B, S, *latent_shape)``
+    (each step's Gaussian mean; the ODE result outside), for GRPO-Guard's ratio normalisation.
 
     Returns a dict: ``latents`` ``(B, S + 1, *latent_shape)`` (the stochastic trajectory, float32),
     ``clean`` ``(B, *latent_shape)`` (the clean end, what is decoded), ``log_probs`` ``(B, S)``
@@ -416,16 +487,13 @@ def sample_with_logprobs(
     uncond = model.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
     grid = stochastic_timesteps(model, num_steps)
     S = num_steps - 1
-    traj, lps = [x], []
-    for i in range(S):
-        t, t_next = grid[i].expand(x.shape[0]), grid[i + 1].expand(x.shape[0])
-        z = _step_noise(gens, shape, device)
-        step = policy_step(
-            model, x, t, t_next, cond, uncond, guidance_scale, sde_noise, eta, noise=z, reduction=reduction
-        )
-        x = step.x_next
-        traj.append(x)
-        lps.append(step.log_prob)
+    sde = set(range(S)) if stochastic_steps is None else {int(i) for i in stochastic_steps}
+    if not sde <= set(range(S)):
+        raise ValueError(f"sample_with_logprobs: stochastic_steps must lie in [0, {S}), got {sorted(sde)}")
+    traj, lps, means = _rollout_steps(
+        model, x, grid, sde, gens, cond, uncond, guidance_scale, (sde_noise, eta), reduction, return_means
+    )
+    x = traj[-1]
     clean = clean_end(model, x, grid[S].expand(x.shape[0]), cond, uncond, guidance_scale)
     result = {
         "latents": torch.stack(traj, dim=1),
@@ -436,6 +504,8 @@ def sample_with_logprobs(
         "cond": cond,
         "uncond": uncond,
     }
+    if return_means:
+        result["means"] = torch.stack(means, dim=1)
     if decode:
         result["videos"] = to_uint8(model.decode_latents(clean).cpu())
     return result

@@ -721,3 +721,186 @@ def test_grpo_two_processes_match_one(tiny_model_dir, grpo_world, tmp_path):
     for path, tol in ((f"checkpoint-2/{LORA}", 1e-5), (LORA, 1e-3)):
         a, b = load_file(one / path), load_file(two / path)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=tol, rtol=0) for k in a), path
+
+
+# -- cheaper and safer GRPO: MixGRPO's SDE window, GRPO-Guard's ratio normalisation --------------
+
+
+def _today_rollout(m, prompts, seeds, num_steps, g):
+    """The rollout loop as it was before the SDE window: every step but the last stochastic."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    shape = tuple(m.latent_shape)
+    x = torch.stack([torch.randn(shape, generator=k) for k in gens]).float()
+    cond, uncond = m.encode_prompts(prompts), m.encode_prompts([""] * len(prompts))
+    grid, traj, lps = stochastic_timesteps(m, num_steps), [x], []
+    with torch.no_grad():
+        for i in range(num_steps - 1):
+            z = torch.stack([torch.randn(shape, generator=k) for k in gens])
+            t, tn = grid[i].expand(len(seeds)), grid[i + 1].expand(len(seeds))
+            step = policy_step(m, x, t, tn, cond, uncond, g, 0.7, 1.0, noise=z)
+            x = step.x_next
+            traj.append(x)
+            lps.append(step.log_prob)
+    return torch.stack(traj, dim=1), torch.stack(lps, dim=1)
+
+
+@pytest.mark.parametrize("prediction_type", ["flow", "epsilon"])
+def test_window_off_is_todays_rollout_bit_for_bit(prediction_type):
+    m = _tiny(prediction_type)
+    lat, lps = _today_rollout(m, [PROMPT, OTHER], [3, 4], 4, 2.0)
+    off = sample_with_logprobs(m, [PROMPT, OTHER], [3, 4], num_steps=4, guidance_scale=2.0, decode=False)
+    full = sample_with_logprobs(
+        m, [PROMPT, OTHER], [3, 4], num_steps=4, guidance_scale=2.0, decode=False, stochastic_steps=range(3)
+    )
+    for r in (off, full):
+        assert torch.equal(r["latents"], lat) and torch.equal(r["log_probs"], lps)
+    assert torch.equal(off["clean"], full["clean"]) and "means" not in off
+
+
+def test_window_off_trains_todays_steps_and_layout():
+    from align.training.grpo import _seed, sde_window, trained_step_indices
+
+    cfg = _grpo_cfg(sample_steps=10, train_timestep_fraction=0.6, rollout_batches_per_update=2)
+    assert cfg.sde_window_size == 0 and cfg.ratio_norm == "off" and sde_window(cfg, 5) is None
+    assert cfg.trained_steps == 6 and cfg.derived_accumulation_steps() == 12
+    for r, e, i in [(0, 0, 0), (3, 1, 7), (11, 0, 2)]:
+        g = torch.Generator().manual_seed(_seed(cfg.seed, 2, r, e, i))
+        assert trained_step_indices(cfg, r, e, i) == torch.randperm(9, generator=g)[:6].tolist()
+
+
+@pytest.mark.parametrize("prediction_type", ["flow", "epsilon"])
+def test_window_steps_outside_are_the_odes_and_have_no_log_prob(prediction_type):
+    from align.sample import guided_prediction
+
+    m, B, g = _tiny(prediction_type), 2, 2.0
+    r = sample_with_logprobs(
+        m, [PROMPT, OTHER], [3, 4], num_steps=5, guidance_scale=g, decode=False, stochastic_steps={1, 2},
+        return_means=True,
+    )  # fmt: skip
+    lp, lat, T = r["log_probs"], r["latents"], m.scheduler.num_train_timesteps
+    assert lp[:, [0, 3]].isnan().all() and torch.isfinite(lp[:, [1, 2]]).all()
+    assert r["means"].shape == lat[:, 1:].shape
+    with torch.no_grad():
+        for j in range(4):
+            t, tn = r["timesteps"][j].expand(B), r["next_timesteps"][j].expand(B)
+            x = lat[:, j]
+            if j in (1, 2):  # SDE: the recorded step recomputes exactly, its mean is kept
+                out = policy_step(m, x, t, tn, r["cond"], r["uncond"], g, 0.7, 1.0, x_next=lat[:, j + 1])
+                assert torch.equal(out.log_prob, lp[:, j]) and torch.equal(out.mean, r["means"][:, j])
+                continue
+            pred = guided_prediction(m.predict, x, t, r["cond"], r["uncond"], g)
+            if prediction_type == "flow":  # the ODE sampler's Euler step, = the SDE's mean at noise 0
+                want = flow_sde_step(pred, x, t / T, tn / T, 0.0, noise=torch.zeros_like(x)).mean
+                torch.testing.assert_close(want, x + (tn[0] - t[0]) / T * pred, atol=1e-6, rtol=1e-6)
+            else:  # DDIM with eta 0
+                want = ddim_step(pred, x, t, tn, m.scheduler, 0.0, noise=torch.zeros_like(x)).mean
+            torch.testing.assert_close(lat[:, j + 1], want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="stochastic_steps must lie in"):
+        sample_with_logprobs(m, [PROMPT], [0], num_steps=3, decode=False, stochastic_steps=[2])
+
+
+def test_an_empty_window_is_the_ode_sampler():
+    from align.sample import sample_latents
+
+    m = _tiny("flow")
+    r = sample_with_logprobs(m, [PROMPT, OTHER], [3, 4], num_steps=4, guidance_scale=2.0, decode=False,
+                             stochastic_steps=())  # fmt: skip
+    assert r["log_probs"].isnan().all()
+    ode = sample_latents(m, [PROMPT, OTHER], [3, 4], num_steps=4, guidance_scale=2.0)
+    torch.testing.assert_close(r["clean"], ode, atol=1e-5, rtol=1e-5)
+
+
+def test_the_sde_window_moves_as_configured():
+    from align.training.grpo import sde_window, trained_step_indices
+
+    starts = lambda cfg, n: [sde_window(cfg, r).start for r in range(n)]  # noqa: E731
+    kw = dict(sample_steps=8, sde_window_size=3, sde_window_stride=2, sde_window_shift_every=2)
+    wrap, stop = _grpo_cfg(**kw), _grpo_cfg(**kw, sde_window_end="stop")
+    assert wrap.sde_window_end == "wrap"  # MixGRPO's shipped scripts: --roll_back
+    assert starts(wrap, 12) == [0, 0, 2, 2, 4, 4, 0, 0, 2, 2, 4, 4]  # 7 stochastic steps: last start 4
+    assert starts(stop, 12) == [0, 0, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4]
+    odd = _grpo_cfg(**(kw | dict(sde_window_stride=3, sde_window_shift_every=1)))
+    assert starts(odd, 7) == [0, 3, 4, 0, 3, 4, 0]  # the last window is clamped to fit, never truncated
+    assert starts(_grpo_cfg(sample_steps=8, sde_window_size=7), 3) == [0, 0, 0]
+    # MixGRPO's recipe: window 4, stride 1, every 25 iterations, roll back (25 steps: 24 stochastic here)
+    mix = _grpo_cfg(sample_steps=25, sde_window_size=4, sde_window_shift_every=25)
+    assert [sde_window(mix, r) for r in (0, 24, 25, 500, 524, 525)] == [range(0, 4)] * 2 + [
+        range(1, 5), range(20, 24), range(20, 24), range(0, 4)]  # fmt: skip
+    # only the window's steps are trained; the count (and the derived accumulation) is the window's
+    assert wrap.trained_steps == 3 and wrap.derived_accumulation_steps() == 3
+    part = _grpo_cfg(**kw, train_timestep_fraction=0.25, rollout_batches_per_update=2)
+    assert part.trained_steps == 2 and part.derived_accumulation_steps() == 4
+    for cfg in (wrap, part):
+        for r in range(12):
+            w = sde_window(cfg, r)
+            for e, i in [(0, 0), (1, 5), (0, 9)]:
+                got = trained_step_indices(cfg, r, e, i)
+                assert len(got) == len(set(got)) == cfg.trained_steps and set(got) <= set(w)
+    for bad, key in [
+        (dict(sde_window_size=8), "sde_window_size"),
+        (dict(sde_window_size=-1), "sde_window_size"),
+        (dict(sde_window_size=2, sde_window_stride=0), "sde_window_stride"),
+        (dict(sde_window_size=2, sde_window_shift_every=0), "sde_window_shift_every"),
+        (dict(sde_window_end="bounce"), "sde_window_end"),
+        (dict(ratio_norm="on"), "ratio_norm"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            _grpo_cfg(**(dict(sample_steps=8) | bad))
+
+
+def test_guard_log_ratio_by_hand():
+    from align.objectives import guard_log_ratio
+
+    mean = torch.tensor([[0.5, -0.1], [0.2, 0.2]])
+    old = torch.tensor([[0.3, 0.1], [0.2, 0.2]])
+    std = torch.tensor([0.5, 0.25])
+    lp, old_lp = torch.tensor([-1.0, 2.0]), torch.tensor([-0.9, 2.0])
+    got = guard_log_ratio(lp, old_lp, mean, old, std)
+    # sample 0: b = mean(0.04, 0.04) / (2 * 0.25) = 0.08; (-0.1 + 0.08) * 0.5 = -0.01
+    # sample 1: same means, b = 0; (2 - 2 + 0) * 0.25 = 0
+    torch.testing.assert_close(got, torch.tensor([-0.01, 0.0]))
+    # for x_next = old + std eps it is mean(eps (mean - old)): centred, independent of std
+    g = torch.Generator().manual_seed(0)
+    eps, old2 = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    mean2, s = old2 + 0.01 * torch.randn(3, 40, generator=g), torch.tensor([0.1, 0.5, 2.0])
+    x_next = old2 + s[:, None] * eps
+    a, b = gaussian_log_prob(x_next, mean2, s), gaussian_log_prob(x_next, old2, s)
+    torch.testing.assert_close(guard_log_ratio(a, b, mean2, old2, s), (eps * (mean2 - old2)).mean(1))
+    with pytest.raises(ValueError, match="guard_log_ratio"):
+        guard_log_ratio(lp, old_lp, mean, old[:, :1], std)
+
+
+def test_grpo_loss_with_guards_by_hand_and_off_unchanged():
+    lp = torch.tensor([0.0, 0.0, 0.0], requires_grad=True)
+    old, adv = torch.tensor([0.1, -0.2, 0.0]), torch.tensor([1.0, -1.0, 2.0])
+    plain = grpo_loss(lp, old, adv, 0.05)
+    same = grpo_loss(lp, old, adv, 0.05, log_ratio=lp - old, step_weights=torch.ones(3))
+    assert all(torch.equal(plain[k], same[k]) for k in plain)  # off = the plain loss exactly
+    log_ratio, w = torch.tensor([0.02, 0.1, -0.3]), torch.tensor([2.0, 1.0, 0.5])
+    out = grpo_loss(lp, old, adv, 0.05, log_ratio=log_ratio, step_weights=w)
+    r = [math.exp(0.02), math.exp(0.1), math.exp(-0.3)]
+    terms = [max(-1 * r[0], -1 * min(r[0], 1.05)), max(r[1], min(r[1], 1.05)), max(-2 * r[2], -2 * max(r[2], 0.95))]
+    want = (2.0 * terms[0] + 1.0 * terms[1] + 0.5 * terms[2]) / 3
+    assert out["loss"].item() == pytest.approx(want, rel=1e-6)
+    assert out["clip_fraction"].item() == pytest.approx(2 / 3)  # 0.1 and -0.3 lie outside 0.05
+    assert out["approx_kl"].item() == pytest.approx(0.5 * (0.01 + 0.04) / 3, rel=1e-5)  # the raw log-ratio's
+
+
+def test_grpo_with_a_window_and_guard_trains(tiny_model_dir, grpo_world, tmp_path, monkeypatch):
+    from align.training import build_config, core, train
+
+    runs = []
+    start = core.start
+    monkeypatch.setattr(core, "start", lambda cfg, **k: runs.append(start(cfg, **k)) or runs[-1])
+    recipe = grpo_recipe(
+        tiny_model_dir, grpo_world, tmp_path, sde_window_size=1, ratio_norm="guard", gradient_accumulation_steps=0
+    )
+    cfg = build_config(**recipe)
+    assert cfg.trained_steps == 1 and cfg.accumulation_steps == 1
+    run_dir = train(cfg)
+    rows = _rows(run_dir)
+    assert [(r["round"], r["sde_window_start"]) for r in rows] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["ratio_mean"]) for r in rows)  # no NaN step trained
+    assert rows[0]["ratio_mean"] == 1.0 and rows[1]["ratio_mean"] != 1.0
+    lora = {n: p for n, p in runs[0].base.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().sum() > 0 for p in lora.values())  # B starts at 0: it trained

@@ -17,6 +17,14 @@ round then trains for ``inner_epochs`` passes over its rollouts: each rollout on
 the current policy against the rollout policy, plus ``kl_weight`` times the KL of the step to
 the reference (the adapters off) (``align.objectives.grpo_loss`` / ``gaussian_kl``).
 
+Cheaper and safer GRPO (docs/training.md). ``sde_window_size`` > 0 is MixGRPO's sliding SDE
+window (Li et al. 2025): only the window's consecutive steps are stochastic and trained, every
+other step is the ODE's (no log-probability), and the window moves over training
+(:func:`sde_window`); the trained steps, and the derived accumulation, count only the window's.
+``ratio_norm`` is GRPO-Guard (Wang et al. 2025): its ratio normalisation
+(:func:`align.objectives.guard_log_ratio`, from the rollout's step means, kept for it) and, with
+``guard``, its ``1 / |dt|`` reweighting of each step's term. Both off by default: today's GRPO.
+
 Rounds are :mod:`align.training.rollouts`' online rounds: prompts drawn, this process's share
 of the rollouts sampled, the judges' scores gathered and combined by the one rule
 (:func:`align.judges.combine_judges`); GRPO then normalises the combined score within the group.
@@ -67,7 +75,7 @@ import numpy as np
 import torch
 
 from align.models.lora import adapters_disabled
-from align.objectives import gaussian_kl, group_advantages, grpo_loss
+from align.objectives import gaussian_kl, group_advantages, grpo_loss, guard_log_ratio
 from align.sample import SamplingOptions, policy_step, sample_with_logprobs
 from align.training import core, rollouts
 from align.training.rollouts import local_columns
@@ -134,6 +142,33 @@ class GRPOConfig(core.TrainConfig):
     lr_warmup_steps: int = field(
         default=0, metadata={"help": "linear warm-up steps of the learning rate, then constant"}
     )
+    sde_window_size: int = field(
+        default=0,
+        metadata={
+            "help": "MixGRPO: SDE only in a window of this many consecutive steps (ODE elsewhere), the only "
+            "steps trained; 0 = off (every step but the last is stochastic)"
+        },
+    )
+    sde_window_stride: int = field(
+        default=1, metadata={"help": "MixGRPO: steps the window start advances per move (its prog_overlap_step)"}
+    )
+    sde_window_shift_every: int = field(
+        default=1, metadata={"help": "MixGRPO: rounds between window moves (its iters_per_group)"}
+    )
+    sde_window_end: Literal["wrap", "stop"] = field(
+        default="wrap",
+        metadata={
+            "help": "MixGRPO: past the last step the window restarts at step 0 (wrap: its roll_back) or stays "
+            "at the last position (stop)"
+        },
+    )
+    ratio_norm: Literal["off", "norm", "guard"] = field(
+        default="off",
+        metadata={
+            "help": "GRPO-Guard: off; norm = its ratio normalisation; guard = that plus its 1/|dt| step "
+            "reweighting (clip_range then acts on a rescaled ratio: see docs/training.md)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,6 +222,9 @@ class GRPOConfig(core.TrainConfig):
             raise ValueError(
                 f"recipe key `train_timestep_fraction` must be in (0, 1], got {self.train_timestep_fraction}"
             )
+        self._check_window()
+        if self.ratio_norm not in ("off", "norm", "guard"):
+            raise ValueError(f"recipe key `ratio_norm` must be one of off, norm, guard, got {self.ratio_norm!r}")
         if self.model_options.get("wan_expert"):
             raise ValueError(
                 "recipe key `model_options.wan_expert`: GRPO does not train one expert of a two-expert Wan 2.2 yet "
@@ -197,6 +235,19 @@ class GRPOConfig(core.TrainConfig):
                 f"recipe key `lora_dropout` must be 0 for objective 'grpo' (the likelihood ratio compares two "
                 f"deterministic policies), got {self.lora_dropout}"
             )
+
+    def _check_window(self) -> None:
+        """The MixGRPO keys: a window of 1 .. ``sde_steps`` steps that moves by >= 1 step."""
+        if not 0 <= self.sde_window_size <= self.sample_steps - 1:
+            raise ValueError(
+                f"recipe key `sde_window_size` must be 0 (off) or 1 .. sample_steps - 1 = {self.sample_steps - 1} "
+                f"(the stochastic steps), got {self.sde_window_size}"
+            )
+        for key in ("sde_window_stride", "sde_window_shift_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"recipe key `{key}` must be >= 1, got {getattr(self, key)}")
+        if self.sde_window_end not in ("wrap", "stop"):
+            raise ValueError(f"recipe key `sde_window_end` must be wrap or stop, got {self.sde_window_end!r}")
 
     @property
     def rollouts_per_round(self) -> int:
@@ -211,8 +262,11 @@ class GRPOConfig(core.TrainConfig):
     def trained_steps(self) -> int:
         """Denoising steps trained per rollout and pass: ``train_timestep_fraction`` of ``sample_steps``,
         >= 1 and at most the ``sde_steps`` (Flow-GRPO's ``timestep_fraction`` 0.99 of 10 steps trains
-        9, all of them; 0.6 of 10 trains 6 of the 9)."""
-        return min(self.sde_steps, max(1, round(self.train_timestep_fraction * self.sample_steps)))
+        9, all of them; 0.6 of 10 trains 6 of the 9). With an SDE window, at most its
+        ``sde_window_size`` steps (MixGRPO trains all of them: fraction 1, the default)."""
+        return min(
+            self.sde_window_size or self.sde_steps, max(1, round(self.train_timestep_fraction * self.sample_steps))
+        )
 
     def derived_accumulation_steps(self) -> int:
         """Unset ``gradient_accumulation_steps``: the ``trained_steps`` of
@@ -262,10 +316,36 @@ def epoch_batches(cfg: GRPOConfig, r: int, e: int, n: int, width: int, micro: in
     return [[int(perms[c][k]) * width + c for c in cols] for k in range(rows)]
 
 
+def sde_window(cfg: GRPOConfig, r: int) -> range | None:
+    """MixGRPO's SDE window of round ``r`` (the stochastic, trained steps); None when off.
+
+    It starts at step 0 and its start advances ``sde_window_stride`` steps every
+    ``sde_window_shift_every`` rounds (MixGRPO's progressive strategy: ``prog_overlap_step``,
+    ``iters_per_group``; one of its iterations is one vidalign round). A start that would put
+    the window past the last stochastic step is clamped to the last whole window
+    (``sde_steps - sde_window_size``); after that position it restarts at 0 (``wrap``, its
+    ``roll_back``) or stays (``stop``). Departure: MixGRPO instead truncates the window at its
+    end (fewer trained steps, down to none, before it rolls back or stops); here every window
+    has ``sde_window_size`` steps, so the layout (accumulation) is the same in every round."""
+    size = cfg.sde_window_size
+    if not size:
+        return None
+    last, stride = cfg.sde_steps - size, cfg.sde_window_stride
+    moves = r // cfg.sde_window_shift_every
+    if cfg.sde_window_end == "wrap":
+        moves %= -(-last // stride) + 1  # the starts 0, stride, ..., then last
+    start = min(moves * stride, last)
+    return range(start, start + size)
+
+
 def trained_step_indices(cfg: GRPOConfig, r: int, e: int, i: int) -> list[int]:
-    """The stochastic steps rollout ``i`` trains in pass ``e`` of round ``r`` (a seeded random subset)."""
+    """The stochastic steps rollout ``i`` trains in pass ``e`` of round ``r`` (a seeded random
+    subset; with an SDE window, of the window's steps: :func:`sde_window`)."""
     g = torch.Generator().manual_seed(_seed(cfg.seed, 2, r, e, i))
-    return torch.randperm(cfg.sde_steps, generator=g)[: cfg.trained_steps].tolist()
+    window = sde_window(cfg, r)
+    if window is None:
+        return torch.randperm(cfg.sde_steps, generator=g)[: cfg.trained_steps].tolist()
+    return [window.start + k for k in torch.randperm(len(window), generator=g)[: cfg.trained_steps].tolist()]
 
 
 def advantages(cfg: GRPOConfig, scores: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
@@ -283,9 +363,13 @@ def advantages(cfg: GRPOConfig, scores: np.ndarray, groups: torch.Tensor) -> tor
 # ---------------------------------------------------------------- rounds
 
 
-def _rollouts(opts: SamplingOptions, cfg: GRPOConfig, model, prompts: list[str], seeds: list[int]) -> dict:
-    """GRPO's sampler of an online round: stochastic rollouts recording every step, in chunks of
-    ``opts.batch_size`` (``rollout_batch_size``), concatenated; ``videos`` are their clean ends."""
+def _rollouts(
+    opts: SamplingOptions, cfg: GRPOConfig, model, window: range | None, prompts: list[str], seeds: list[int]
+) -> dict:
+    """GRPO's sampler of an online round: stochastic rollouts recording every step (with an SDE
+    ``window``, only its steps are stochastic), in chunks of ``opts.batch_size``
+    (``rollout_batch_size``), concatenated; ``videos`` are their clean ends. ``means`` (the step
+    means) are kept for GRPO-Guard's ``ratio_norm``."""
     parts = []
     for a in range(0, len(prompts), opts.batch_size):
         parts.append(
@@ -297,9 +381,12 @@ def _rollouts(opts: SamplingOptions, cfg: GRPOConfig, model, prompts: list[str],
                 opts.guidance_scale,
                 cfg.sde_noise,
                 cfg.eta,
+                stochastic_steps=window,
+                return_means=cfg.ratio_norm != "off",
             )
         )
-    out = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "log_probs", "cond")}
+    keys = ("latents", "log_probs", "cond", *(("means",) if cfg.ratio_norm != "off" else ()))
+    out = {k: torch.cat([p[k] for p in parts]) for k in keys}
     out["videos"] = np.concatenate([p["videos"] for p in parts])
     out["uncond"] = parts[0]["uncond"][:1] if parts[0]["uncond"] is not None else None
     out["timesteps"], out["next_timesteps"] = parts[0]["timesteps"], parts[0]["next_timesteps"]
@@ -319,9 +406,9 @@ def _round_stats(cfg: GRPOConfig, rnd: rollouts.Round, spec: rollouts.Rollouts, 
 
 
 def _micro_batches(cfg: GRPOConfig, run: core.Run, rnd: rollouts.Round, adv: torch.Tensor, width: int, skip: int):
-    """The round's micro-batches ``(x, x_next, t, t_next, cond, old_log_prob, advantage)``: every
-    pass's batches of rollouts, each at its ``K`` trained steps; the first ``skip`` are skipped
-    (a run resumed inside the round)."""
+    """The round's micro-batches ``(x, x_next, t, t_next, cond, old_log_prob, advantage,
+    old_mean)`` (``old_mean`` None unless ``ratio_norm``): every pass's batches of rollouts, each
+    at its ``K`` trained steps; the first ``skip`` are skipped (a run resumed inside the round)."""
     roll, n, micro, K = rnd.samples, len(rnd.prompts), run.micro, cfg.trained_steps
     pos = {g: k for k, g in enumerate(rnd.local)}
     lat, lp, ts, tn = roll["latents"], roll["log_probs"], roll["timesteps"], roll["next_timesteps"]
@@ -335,7 +422,8 @@ def _micro_batches(cfg: GRPOConfig, run: core.Run, rnd: rollouts.Round, adv: tor
                     continue
                 s = steps[:, j]
                 x, x_next = lat[rows, s].to(run.device), lat[rows, s + 1].to(run.device)
-                yield (x, x_next, ts[s], tn[s], roll["cond"][rows], lp[rows, s], adv[batch])
+                old_mean = roll["means"][rows, s].to(run.device) if "means" in roll else None
+                yield (x, x_next, ts[s], tn[s], roll["cond"][rows], lp[rows, s], adv[batch], old_mean)
 
 
 def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eval_judges, history: dict, info: dict):
@@ -346,7 +434,7 @@ def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eva
     per_round = cfg.inner_epochs * (n // width) * cfg.trained_steps
     opts = rollouts.sampling_options(cfg, batch_size=cfg.rollout_batch_size)
     spec = rollouts.Rollouts(
-        sample=partial(_rollouts, opts, cfg, run.model),
+        sample=partial(_rollouts, opts, cfg, run.model, None),
         judges=judges,
         local=local_columns(n, width, run.micro, run.rank),
         group_size=cfg.group_size,
@@ -358,10 +446,13 @@ def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eva
     times = info.setdefault("round_times", [])
     while True:
         seeds = [_seed(cfg.seed, 3, r, i) for i in range(n)]
+        spec.sample = partial(_rollouts, opts, cfg, run.model, sde_window(cfg, r))
         rnd = rollouts.play_round(run, spec, r, round_prompts(prompts, cfg, r), seeds)
         adv = advantages(cfg, rnd.scores, groups).to(run.device)
         stats = _round_stats(cfg, rnd, spec, history)
         stats.update(rollout_s=rnd.rollout_s, reward_s=rnd.reward_s)
+        if cfg.sde_window_size:
+            stats["sde_window_start"] = sde_window(cfg, r).start
         if stats.get("hacking_warning") and run.is_main:
             print(
                 f"[vidalign] grpo WARNING round {r}: possible reward hacking -- the training reward rose and the "
@@ -379,8 +470,11 @@ def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eva
 def grpo_step_losses(cfg: GRPOConfig, run: core.Run, batch, uncond) -> dict:
     """GRPO terms of one micro-batch: the recorded steps' log-probabilities under the current
     policy (through the prepared denoiser, so DDP / DeepSpeed sync its gradients), the clipped
-    ratio against the rollout's, and the KL to the reference (adapters off) when ``kl_weight`` > 0."""
-    x, x_next, t, t_next, cond, old_lp, adv = batch
+    ratio against the rollout's, and the KL to the reference (adapters off) when ``kl_weight`` > 0.
+    With ``ratio_norm`` the ratio is GRPO-Guard's (:func:`align.objectives.guard_log_ratio`) and,
+    with ``guard``, each sample's term is weighted by ``1 / |dt|``, ``dt = (t_next - t) / T``
+    (flow: ``s_next - s``; epsilon / v models: the same timestep fraction, an extrapolation)."""
+    x, x_next, t, t_next, cond, old_lp, adv, old_mean = batch
     u = uncond.expand(x.shape[0], *uncond.shape[1:]) if uncond is not None else None
     args = (run.model, x, t, t_next, cond, u, cfg.guidance_scale, cfg.sde_noise, cfg.eta)
     new = policy_step(*args, x_next=x_next, predict=run.denoiser)
@@ -389,7 +483,13 @@ def grpo_step_losses(cfg: GRPOConfig, run: core.Run, batch, uncond) -> dict:
         with torch.no_grad(), adapters_disabled(run.base):
             ref = policy_step(*args, x_next=x_next, predict=run.base)
         kl = gaussian_kl(new.mean, ref.mean, new.std)
-    return grpo_loss(new.log_prob, old_lp, adv, cfg.clip_range, kl=kl, kl_weight=cfg.kl_weight)
+    guard = {}
+    if cfg.ratio_norm != "off":
+        guard["log_ratio"] = guard_log_ratio(new.log_prob, old_lp, new.mean, old_mean, new.std)
+        if cfg.ratio_norm == "guard":
+            T = run.model.scheduler.num_train_timesteps
+            guard["step_weights"] = T / (t - t_next).to(new.log_prob.device).float()
+    return grpo_loss(new.log_prob, old_lp, adv, cfg.clip_range, kl=kl, kl_weight=cfg.kl_weight, **guard)
 
 
 def check_layout(cfg: GRPOConfig, micro: int, world: int) -> int:
@@ -451,6 +551,8 @@ def train(cfg: GRPOConfig) -> Path:
         "eval_judges": list(cfg.eval_judges),
         "rollouts_per_round": cfg.rollouts_per_round,
         "trained_steps_per_rollout": cfg.trained_steps,
+        "sde_window_size": cfg.sde_window_size,
+        "ratio_norm": cfg.ratio_norm,
         "steps_per_round": steps_per_round,
     }
     batches = grpo_batches(cfg, run, prompts, judges, eval_judges, history, info)
