@@ -2,9 +2,9 @@
 
 Without a launcher there is one process: every function here is trivial and no process group
 is made. Under ``accelerate launch`` with N processes, on one machine or several, the launcher
-sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (torchrun's variables; the accelerate configs
-of ``recipes/accelerate/`` all launch through torchrun); the first collective call joins a
-gloo process group (the default group when one exists already, e.g. an ``Accelerator``'s).
+sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (through torchrun, or DeepSpeed's launcher;
+accelerate's mpirun launch of ``--cpu`` processes is not read); the first collective call joins
+a gloo process group (the default group when one exists already, e.g. an ``Accelerator``'s).
 Only small Python objects cross it (index rows, scores, counts), so gloo is used on GPU
 machines too and needs no device set-up.
 

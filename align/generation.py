@@ -168,7 +168,7 @@ def _merge(out: Path, expected: list[dict]) -> None:
     the main process once every process has written its videos)."""
     missing = [r["file"] for r in expected if not (out / r["file"]).is_file()]
     if missing:
-        raise RuntimeError(
+        raise FileNotFoundError(
             f"{out}: {len(missing)} sampled video(s) are not there, first {missing[0]}; under N machines "
             "OUT must be on a filesystem every machine shares"
         )
@@ -183,10 +183,11 @@ def _sample_todo(model, out: Path, expected: list[dict], todo: list[int], option
     their share is done) and add up their counts after each, for the global progress bar."""
     from align.data.video import write_video
 
-    mine = todo[distributed.process_index() :: distributed.num_processes()]
+    mine = [todo[k] for k in distributed.shard(len(todo))]
     index = _shard_index(out)
     used = expected[0]["sampler"]
-    for b in range(math.ceil(len(todo[:: distributed.num_processes()]) / batch_size)):  # the largest share
+    largest_share = math.ceil(len(todo) / distributed.num_processes())
+    for b in range(math.ceil(largest_share / batch_size)):
         idx = mine[b * batch_size : (b + 1) * batch_size]
         if idx:
             ps, ss = [expected[i]["prompt"] for i in idx], [expected[i]["seed"] for i in idx]
@@ -285,7 +286,7 @@ def score_samples(judges: Sequence, out_dir: str | Path, rows: list[dict], chunk
         videos, part = read_samples(out_dir, [rows[k] for k in mine[i : i + chunk]])
         prompts = [r["prompt"] for r in part]
         for n, j in enumerate(judges):
-            scores[i : i + len(part), n] = judge_scores(j, videos, prompts)
+            scores[i : i + len(part), n] = judge_scores(j, videos, prompts, index=mine[i : i + chunk])
     every = np.array(distributed.gather(mine, list(scores), len(rows))).reshape(len(rows), len(judges))
     return {j.name: np.ascontiguousarray(every[:, n]) for n, j in enumerate(judges)}
 

@@ -52,7 +52,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model = load_reward_model(args.model)
     data = load_pairs(args.dataset, "skip" if args.skip_bad_rows else "error")
-    summary = evaluate_to_dir(model, data, args.out, args.tie_threshold)
+    summary = evaluate_to_dir(model, data, args.out, args.tie_threshold, model_dir=args.model)
     print(json.dumps({k: summary[k] for k in SHOWN}))
     return 0
 
