@@ -2,7 +2,8 @@
 
 The command line that the multi-process tests (``tests/test_distributed.py``) and
 ``bench/distributed.py`` run: ``kind`` is ``ddp`` (gloo), ``zero2`` or ``zero3`` (DeepSpeed,
-with the JSON configs in ``recipes/accelerate/``), each process on one thread. On GPUs use
+with the JSON configs in ``recipes/accelerate/``) or ``fsdp2`` (PyTorch FSDP2 over gloo), each
+process on one thread. On GPUs use
 ``accelerate launch --config_file recipes/accelerate/<config>.yaml`` (see README).
 """
 
@@ -19,6 +20,9 @@ DISTRIBUTED_FLAGS = {
     "ddp": ["--multi_gpu"],
     "zero2": ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero2.json"],
     "zero3": ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero3.json"],
+    "zero2_offload": ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero2_offload.json"],
+    "zero3_offload": ["--use_deepspeed", "--deepspeed_config_file", "recipes/accelerate/ds_zero3_offload.json"],
+    "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"],
 }
 
 

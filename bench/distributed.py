@@ -4,10 +4,17 @@
 
 Launches ``vidalign train`` on the tiny model (a small random TinySora unless ``--model``) with
 ``accelerate launch`` for 1 and 2 CPU processes under DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3,
-always with the same effective batch (8 pairs per optimizer step). Reported per launch:
+and for 2 processes under FSDP2 (gloo) and the DeepSpeed offload configs (ZeRO-2 with the
+optimizer, ZeRO-3 with optimizer and parameters in host memory; one process of FSDP2 is
+unsharded, the same as 1-process DDP), always with the same effective batch (8 pairs per
+optimizer step). Reported per launch:
 
 - ``optimizer_state_bytes_per_rank``: AdamW state (exp_avg, exp_avg_sq, step) held by each
-  process after the first step. DDP replicates it; ZeRO-2/3 partition it, ~1/N per rank.
+  process after the first step. DDP replicates it; ZeRO-2/3 and FSDP2 shard it, ~1/N per rank.
+  Under offload it is the same shard, held in host memory (on this CPU-only machine the host
+  is the device, so offload saves nothing here; on GPUs it is GPU memory freed).
+- ``denoiser_param_bytes_per_rank``: the denoiser's parameters (frozen base + LoRA) held by
+  each process: whole under DDP / ZeRO-2, ~1/N under ZeRO-3 and FSDP2.
 - ``step_time_s``: mean wall time of steps 2..N on the main process, and
   ``step_time_ratio_vs_ddp_1proc``: that time over the 1-process DDP run's.
 
@@ -100,20 +107,23 @@ def main(argv: list[str] | None = None) -> dict:
             )
         )
         for kind in DISTRIBUTED_FLAGS:
-            for nproc in (1, 2):
+            for nproc in (1, 2) if kind in ("ddp", "zero2", "zero3") else (2,):
                 s = run_launch(kind, nproc, recipe, f"{kind}-{nproc}")
                 results["runs"][f"{kind}_{nproc}proc"] = {
                     "optimizer_state_bytes_per_rank": s["optimizer_state_bytes_per_rank"],
+                    "denoiser_param_bytes_per_rank": s.get("denoiser_param_bytes_per_rank"),
                     "step_time_s": s["step_time_s_mean"],
                 }
                 print(f"{kind} x{nproc}: {results['runs'][f'{kind}_{nproc}proc']}", flush=True)
     base = results["runs"]["ddp_1proc"]["step_time_s"]
     for r in results["runs"].values():
         r["step_time_ratio_vs_ddp_1proc"] = r["step_time_s"] / base
-    for kind in ("zero2", "zero3"):
-        one = results["runs"][f"{kind}_1proc"]["optimizer_state_bytes_per_rank"][0]
-        two = results["runs"][f"{kind}_2proc"]["optimizer_state_bytes_per_rank"]
-        results[f"{kind}_bytes_per_rank_2proc_over_1proc"] = max(two) / one
+    one = results["runs"]["ddp_1proc"]
+    for kind in ("zero2", "zero3", "fsdp2", "zero2_offload", "zero3_offload"):
+        two = results["runs"][f"{kind}_2proc"]
+        for what in ("optimizer_state", "denoiser_param"):
+            key = f"{what}_bytes_per_rank"
+            results[f"{kind}_{key}_2proc_over_1proc"] = max(two[key]) / one[key][0]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return results

@@ -172,11 +172,16 @@ def test_accelerate_configs_parse():
         kinds[f.stem] = str(c.distributed_type)
         if f.stem.startswith("deepspeed"):
             ds = json.loads((root.parent.parent / c.deepspeed_config["deepspeed_config_file"]).read_text())
-            assert ds["zero_optimization"]["stage"] == int(f.stem[-1])
+            assert ds["zero_optimization"]["stage"] == int(f.stem.split("_zero")[1][0])
             assert ds["train_micro_batch_size_per_gpu"] == "auto" and c.deepspeed_config["zero3_init_flag"] is False
+            assert ("offload_optimizer" in ds["zero_optimization"]) == f.stem.endswith("_offload")
     assert kinds == {
         "deepspeed_zero2": "DistributedType.DEEPSPEED",
+        "deepspeed_zero2_offload": "DistributedType.DEEPSPEED",
         "deepspeed_zero3": "DistributedType.DEEPSPEED",
+        "deepspeed_zero3_offload": "DistributedType.DEEPSPEED",
+        "fsdp2": "DistributedType.FSDP",
         "multi_gpu_ddp": "DistributedType.MULTI_GPU",
+        "multi_node": "DistributedType.MULTI_GPU",
         "single_process": "DistributedType.NO",
     }

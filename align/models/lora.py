@@ -110,11 +110,15 @@ def _diffusers_metadata(weights: dict, cfg: LoraConfig) -> dict[str, str]:
     return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
 
 
-def save_lora(denoiser: nn.Module, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write the adapter (diffusers layout, safetensors) to directory ``path`` atomically."""
+def save_lora(
+    denoiser: nn.Module, path: str | Path, metadata: dict | None = None, state_dict: dict | None = None
+) -> Path:
+    """Write the adapter (diffusers layout, safetensors) to directory ``path`` atomically.
+    ``state_dict``: the denoiser's parameters by name to save instead of its own (e.g. the LoRA
+    gathered to full tensors from an FSDP2-sharded denoiser)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = get_peft_model_state_dict(denoiser)
+    sd = get_peft_model_state_dict(denoiser, state_dict=state_dict)
     if not sd:
         raise ValueError("save_lora: the denoiser has no LoRA weights to save")
     cfg = denoiser.lora_config

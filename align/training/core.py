@@ -8,9 +8,10 @@ An objective module (``dpo.py``, ``rwr.py``, ...) reads top to bottom as::
     prepare(cfg, run)                     # LoRA, optimizer, accelerate.prepare, checkpoint loaded
     return loop(cfg, run, batches, step_fn, keys, info)
 
-Distributed runs (``accelerate launch``, DDP or DeepSpeed ZeRO-2/3): only the denoiser (with
-its LoRA) is prepared by accelerate; the frozen VAE and text encoder stay outside the engine
-(moved with ``.to()``, built outside ZeRO-3 partitioning). ``effective_batch_size`` is in
+Distributed runs (``accelerate launch``, DDP, DeepSpeed ZeRO-2/3 with or without offload, or
+FSDP2): only the denoiser (with its LoRA) is prepared by accelerate (under FSDP2 sharded by
+``shard_fsdp2``); the frozen VAE and text encoder stay outside the engine (moved with
+``.to()``, built outside ZeRO-3 partitioning). ``effective_batch_size`` is in
 samples (pairs for DPO); each optimizer step consumes the same global batch and the same noise
 whatever the number of processes: every process walks one seeded index stream and one seeded
 noise generator and takes its slice, so 1 and N processes compute the same update.
@@ -189,6 +190,7 @@ class Run:
     gen: torch.Generator  # the noise generator (shared stream offline, per process online)
     ckpt: Path | None = None
     resumed: dict | None = None
+    fsdp2: bool = False  # the denoiser is sharded with FSDP2 (fully_shard), see ``shard_fsdp2``
     step: int = 0
     micro_step: int = 0
     denoiser: Any = None  # the prepared (possibly DDP / DeepSpeed-wrapped) denoiser
@@ -348,6 +350,155 @@ def gathered_lora(module, accelerator):
     return deepspeed.zero.GatheredParameters(list(lora_parameters(module)), modifier_rank=None)
 
 
+# ---------------------------------------------------------------- FSDP2
+
+
+def uses_fsdp2(accelerator) -> bool:
+    """Whether this launch asks for FSDP2 (``accelerate launch --config_file
+    recipes/accelerate/fsdp2.yaml`` or ``--use_fsdp --fsdp_version 2``). On GPUs accelerate
+    reports it (``is_fsdp2``); on CPU accelerate runs such a launch as MULTI_CPU over gloo and
+    only its environment says so. FSDP1 is refused: vidalign shards with FSDP2 only. One CPU
+    process has nothing to shard (and no process group): False there."""
+    if getattr(accelerator, "is_fsdp2", False):
+        return True
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or accelerator.num_processes == 1:
+        return False
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(
+            f"FSDP version {version} is not supported: use FSDP2 (fsdp_version: 2, recipes/accelerate/fsdp2.yaml)"
+        )
+    return True
+
+
+def _fsdp2_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards one by one (each all-gathered for its own forward): those whose
+    class is named in ``fsdp_transformer_layer_cls_to_wrap`` (env ``FSDP_TRANSFORMER_CLS_TO_WRAP``),
+    else in the denoiser's ``_no_split_modules`` (diffusers' transformer blocks), else of a class
+    that makes up the non-leaf entries of the denoiser's ``nn.ModuleList``s (TinySora's
+    ``Block``, the mid-block too). Deepest first."""
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "") or ",".join(
+        getattr(denoiser, "_no_split_modules", None) or []
+    )
+    wanted = {n.strip() for n in names.split(",") if n.strip()} or {
+        type(m).__name__
+        for lst in denoiser.modules()
+        if isinstance(lst, torch.nn.ModuleList)
+        for m in lst
+        if any(True for _ in m.children())
+    }
+    found = {name: mod for name, mod in denoiser.named_modules() if name and type(mod).__name__ in wanted}
+    return [found[n] for n in sorted(found, key=lambda n: -n.count("."))]
+
+
+def shard_fsdp2(denoiser: torch.nn.Module, device: torch.device, mixed_precision: str = "no") -> None:
+    """``fully_shard`` the denoiser in place: each block (:func:`_fsdp2_blocks`), then the root
+    (the rest). Frozen base weights and LoRA weights are both sharded; the LoRA stays float32
+    while the base may be bf16 (FSDP2 needs one dtype per group only among trainable
+    parameters, and the LoRA is all of them), so no MixedPrecisionPolicy casts parameters and
+    gradients are reduced in float32. ``mixed_precision: bf16`` autocasts the denoiser's forward
+    with float32 outputs, as accelerate does under DDP (a cast of every gathered parameter
+    would break denoisers that compute embeddings in float32); fp16 is refused (no loss
+    scaling for a sharded module here). ``FSDP_RESHARD_AFTER_FORWARD`` and, on GPUs,
+    ``FSDP_OFFLOAD_PARAMS`` (CPUOffloadPolicy) come from the accelerate config."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if mixed_precision == "fp16":
+        raise ValueError("FSDP2: mixed_precision fp16 is not supported (no loss scaling); use bf16 or no")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard", "0")
+    offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true" and device.type == "cuda"
+    kwargs = dict(
+        reshard_after_forward=reshard,
+        mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
+    )
+    for block in _fsdp2_blocks(denoiser):
+        fully_shard(block, **kwargs)
+    fully_shard(denoiser, **kwargs)
+    if mixed_precision == "bf16":
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        denoiser.forward = MethodType(convert_outputs_to_fp32(autocast(denoiser.forward.__func__)), denoiser)
+
+
+def _fsdp2_lora(denoiser: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of the sharded denoiser by peft key (the key ``save_lora`` writes,
+    without the component prefix)."""
+    from peft import get_peft_model_state_dict
+
+    params = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    return get_peft_model_state_dict(denoiser, state_dict=params)
+
+
+def fsdp2_full_lora(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA of an FSDP2-sharded denoiser as full CPU tensors keyed by parameter name (what
+    ``save_lora(state_dict=...)`` takes); collective: every process must call it. Only the LoRA
+    is all-gathered, never the frozen base."""
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for n, p in denoiser.named_parameters()
+        if "lora_" in n
+    }
+
+
+def fsdp2_load_lora(denoiser: torch.nn.Module, path: Path) -> None:
+    """Load a LoRA written by ``save_lora`` into the shards of an FSDP2-sharded denoiser: each
+    process reads the file and keeps its own shard of every tensor (no communication)."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import distribute_tensor
+
+    from align.models.lora import LORA_WEIGHTS, PREFIX
+
+    weights = load_file(str(path / LORA_WEIGHTS))
+    prefix = getattr(denoiser, "lora_key_prefix", PREFIX)
+    with torch.no_grad():
+        for key, p in _fsdp2_lora(denoiser).items():
+            if prefix + key not in weights:
+                raise ValueError(f"{path / LORA_WEIGHTS}: no tensor {prefix + key!r} for this denoiser's LoRA")
+            full = weights[prefix + key].to(device=p.device, dtype=p.dtype)
+            shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(shard.to_local())
+
+
+def _fsdp2_optimizer_state(run: Run) -> dict:
+    """The optimizer's state as full tensors (on the main process; empty elsewhere), keyed by
+    parameter name; collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(run.base, _inner_optimizer(run.optimizer), options=options)
+
+
+def _fsdp2_load_optimizer(run: Run, state: dict) -> None:
+    """Shard a full optimizer state (from :func:`_fsdp2_optimizer_state`) into this process's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(run.base, _inner_optimizer(run.optimizer), optim_state_dict=state, options=options)
+
+
+def _inner_optimizer(optimizer):
+    """The torch optimizer inside accelerate / DeepSpeed wrappers of any depth."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def write_lora(run: Run, path: Path, metadata: dict | None = None) -> None:
+    """The LoRA of the run's denoiser to ``path`` (diffusers layout) by the main process;
+    collective under ZeRO-3 and FSDP2, where the shards are gathered first."""
+    if run.fsdp2:
+        full = fsdp2_full_lora(run.base)
+        if run.is_main:
+            _saving(path, lambda: save_lora(run.base, path, metadata, state_dict=full))
+        return
+    with gathered_lora(run.base, run.accelerator):
+        if run.is_main:
+            _saving(path, lambda: save_lora(run.base, path, metadata))
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: a file missing, truncated, changed or unreadable."""
 
@@ -398,12 +549,14 @@ def save_checkpoint(run: Run, limit: int, state: dict, extra: dict[str, Any] | N
 def _write_checkpoint_files(run: Run, tmp: Path, state: dict, extra: dict[str, Any] | None) -> None:
     """What this process writes of one checkpoint into ``tmp`` (see :func:`save_checkpoint`)."""
     acc = run.accelerator
-    with gathered_lora(run.base, acc):
-        if run.is_main:
-            _saving(tmp / "lora", lambda: save_lora(run.base, tmp / "lora"))
+    write_lora(run, tmp / "lora")
     if uses_deepspeed(acc):
         save_ds = run.denoiser.save_checkpoint
         _saving(tmp / "deepspeed", lambda: save_ds(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True))
+    elif run.fsdp2:
+        optimizer = _fsdp2_optimizer_state(run)  # collective
+        if run.is_main:
+            _torch_save(optimizer, tmp / "optimizer.pt")
     elif run.is_main:
         _torch_save(run.optimizer.state_dict(), tmp / "optimizer.pt")
     _torch_save({"torch": torch.get_rng_state(), "gen": run.gen.get_state()}, tmp / f"rng_state_{run.rank}.pt")
@@ -595,9 +748,12 @@ def _newest_intact(run_dir: Path, report: Callable[[str], Any]) -> Path | None:
     return None
 
 
-def check_resumable(ckpt: Path, cfg: TrainConfig, num_processes: int, stage: int | None) -> dict:
+def check_resumable(
+    ckpt: Path, cfg: TrainConfig, num_processes: int, stage: int | None, backend: str | None = None
+) -> dict:
     """``trainer_state.json`` of ``ckpt``, after checking it comes from this recipe and an
-    equivalent launch; raises ValueError naming the first key that differs."""
+    equivalent launch (process count, ZeRO stage, ``backend``: "fsdp2" or None); raises
+    ValueError naming the first key that differs."""
     try:
         st = json.loads((ckpt / "trainer_state.json").read_text())
     except ValueError as e:  # a checkpoint named without a manifest to check it against
@@ -616,6 +772,11 @@ def check_resumable(ckpt: Path, cfg: TrainConfig, num_processes: int, stage: int
             f"{ckpt} was written by {st.get('num_processes')} process(es) with ZeRO stage {st.get('zero_stage')}; "
             f"this launch has {num_processes} with ZeRO stage {stage}. Resume with the same launch config."
         )
+    if st.get("backend") != backend:
+        raise ValueError(
+            f"{ckpt} was written with backend {st.get('backend') or 'DDP/DeepSpeed'}; this launch uses "
+            f"{backend or 'DDP/DeepSpeed'}. Resume with the same launch config."
+        )
     return st
 
 
@@ -625,6 +786,10 @@ def _load_checkpoint(run: Run) -> None:
     if uses_deepspeed(acc):
         options = dict(load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False)
         _loading(ckpt / "deepspeed", lambda: run.denoiser.load_checkpoint(str(ckpt / "deepspeed"), "state", **options))
+    elif run.fsdp2:
+        _loading(ckpt / "lora", lambda: fsdp2_load_lora(run.base, ckpt / "lora"))
+        optimizer = _loading(ckpt / "optimizer.pt", lambda: torch.load(ckpt / "optimizer.pt", "cpu", weights_only=True))
+        _loading(ckpt / "optimizer.pt", lambda: _fsdp2_load_optimizer(run, optimizer))
     else:
         _loading(ckpt / "lora", lambda: load_lora(run.base, ckpt / "lora"))
         optimizer = _loading(ckpt / "optimizer.pt", lambda: torch.load(ckpt / "optimizer.pt", "cpu", weights_only=True))
@@ -652,11 +817,25 @@ def _loading(path: Path, load: Callable[[], Any]) -> Any:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of optimizer state tensors held by this process (under ZeRO, its partition)."""
-    inner = optimizer
-    while hasattr(inner, "optimizer"):  # accelerate / DeepSpeed wrappers of any depth
-        inner = inner.optimizer
-    return sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+    """Bytes of optimizer state tensors held by this process (under ZeRO / FSDP2, its shard)."""
+    inner = _inner_optimizer(optimizer)
+    return sum(_local_bytes(v) for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes this process holds of ``t``: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's
+    partition (``ds_tensor``), else the whole tensor."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    elif hasattr(t, "ds_tensor"):
+        t = t.ds_tensor
+    return t.numel() * t.element_size()
+
+
+def denoiser_param_bytes(denoiser: torch.nn.Module) -> int:
+    """Bytes of the denoiser's parameters (frozen base and LoRA) held by this process: all of
+    them under DDP / ZeRO-2, a shard under ZeRO-3 and FSDP2."""
+    return sum(_local_bytes(p) for p in denoiser.parameters())
 
 
 # ---------------------------------------------------------------- setup
@@ -678,9 +857,9 @@ def start(
     accelerator = make_accelerator(cfg, run_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = micro_batch_size(cfg, world)
-    stage = zero_stage(accelerator)
+    stage, fsdp2 = zero_stage(accelerator), uses_fsdp2(accelerator)
     ckpt = find_checkpoint(cfg, run_dir, _say if accelerator.is_main_process else None)
-    resumed = check_resumable(ckpt, cfg, world, stage) if ckpt else None
+    resumed = check_resumable(ckpt, cfg, world, stage, "fsdp2" if fsdp2 else None) if ckpt else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -697,7 +876,7 @@ def start(
     model.requires_grad_(False)
     if stage == 3:
         check_zero3_layout(model)
-    return Run(accelerator, model, run_dir, micro, stage, gen, ckpt, resumed)
+    return Run(accelerator, model, run_dir, micro, stage, gen, ckpt, resumed, fsdp2=fsdp2)
 
 
 def _configure_deepspeed(run: Run, cfg: TrainConfig) -> None:
@@ -740,13 +919,18 @@ def prepare(cfg: TrainConfig, run: Run) -> None:
             )
         model.enable_gradient_checkpointing()
     model.denoiser.train()
+    if run.fsdp2:  # before the optimizer: fully_shard replaces the parameters by sharded ones
+        shard_fsdp2(model.denoiser, run.device, cfg.mixed_precision)
     optimizer = torch.optim.AdamW(lora_parameters(model.denoiser), lr=cfg.learning_rate, weight_decay=0.0)
     warm = max(1, cfg.lr_warmup_steps)
     # stepped once per optimizer step by the loop (not prepared: accelerate would step it once per process)
     run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     if run.stage is not None:
         _configure_deepspeed(run, cfg)
-    run.denoiser, run.optimizer = run.accelerator.prepare(model.denoiser, optimizer)
+    if run.fsdp2 and not run.accelerator.is_fsdp2:  # FSDP2 on CPU: accelerate would wrap it in DDP
+        run.denoiser, run.optimizer = model.denoiser, run.accelerator.prepare(optimizer)
+    else:  # on GPUs accelerate keeps an already sharded (FSDPModule) denoiser as it is
+        run.denoiser, run.optimizer = run.accelerator.prepare(model.denoiser, optimizer)
     run.base = run.accelerator.unwrap_model(run.denoiser)
     if run.ckpt is not None:
         _load_checkpoint(run)
@@ -801,6 +985,8 @@ def _micro_step(cfg: TrainConfig, run: Run, step_fn: Callable[[Any], dict], batc
         grad_norm = None
         if acc.sync_gradients and cfg.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(run.denoiser.parameters(), cfg.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of partial norms
+                grad_norm = grad_norm.full_tensor()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     run.micro_step += 1
@@ -812,8 +998,10 @@ def _log_update(cfg: TrainConfig, run: Run, rec: dict, keys: tuple[str, ...], in
     metrics.jsonl and the trackers (every ``log_every`` steps and at the last), the progress bar."""
     acc = run.accelerator
     if "optimizer_state_bytes_per_rank" not in info:
-        per_rank = acc.gather(torch.tensor([optimizer_state_bytes(run.optimizer)], device=run.device))
-        info["optimizer_state_bytes_per_rank"] = [int(b) for b in per_rank.tolist()]
+        mine = [optimizer_state_bytes(run.optimizer), denoiser_param_bytes(run.base)]
+        per_rank = acc.gather(torch.tensor([mine], device=run.device))
+        info["optimizer_state_bytes_per_rank"] = [int(b) for b in per_rank[:, 0].tolist()]
+        info["denoiser_param_bytes_per_rank"] = [int(b) for b in per_rank[:, 1].tolist()]
     if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
         if run.is_main:
             metrics_f.write(json.dumps(rec) + "\n")
@@ -857,6 +1045,7 @@ def loop(
     info.update(
         num_processes=run.world,
         zero_stage=run.stage,
+        backend="fsdp2" if run.fsdp2 else ("deepspeed" if run.stage is not None else "ddp"),
         micro_batch_size=run.micro,
         gradient_accumulation_steps=gas,
         effective_batch_size=run.micro * run.world * gas,
@@ -873,6 +1062,8 @@ def loop(
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     state = {"recipe": recipe_fingerprint(cfg), "num_processes": run.world, "zero_stage": run.stage}
+    if run.fsdp2:
+        state["backend"] = "fsdp2"
     t_start = t_step = time.time()
     sums, n_micro, step_times, extra = {}, 0, [], {}
     try:
@@ -909,9 +1100,7 @@ def _finish(cfg: TrainConfig, run: Run, info: dict, train_s: float, step_times: 
     """The final LoRA (diffusers layout) and ``summary.json``; ends the trackers."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    with gathered_lora(run.base, acc):
-        if run.is_main:
-            save_lora(run.base, run.run_dir / "lora", {"base_model": str(cfg.model)})
+    write_lora(run, run.run_dir / "lora", {"base_model": str(cfg.model)})
     if run.is_main:
         info["train_s"] = train_s
         later = step_times[1:] or step_times
