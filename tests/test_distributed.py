@@ -118,3 +118,50 @@ def test_rwr_two_processes_match_one(tiny_model_dir, tmp_path):
     assert ref[2]["kl"] > 0
     a, b = load_file(one / LORA), load_file(one.parent / "two" / LORA)
     assert all(torch.allclose(a[k], b[k], atol=TOL, rtol=0) for k in a)
+
+
+def test_two_machines_match_one(setup):
+    """2 machines x 1 process on 127.0.0.1 (two ``accelerate launch --num_machines 2
+    --machine_rank r``, DDP over gloo) train the same update as 1 process."""
+    import os
+    import sys
+
+    from align.launch import ROOT, free_port
+
+    recipe, one = setup
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def cmd(rank: int) -> list[str]:
+        flags = ["--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--multi_gpu"]
+        flags += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no"]
+        train_args = ["train", str(recipe), "--name", "two_machines"]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *flags,
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "align.cli",
+        ] + train_args
+
+    procs = [
+        subprocess.Popen(cmd(r), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:] + e[-5000:]
+    run = one.parent / "two_machines"
+    ref, got = _metrics(one), _metrics(run)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert all(abs(a[k] - b[k]) <= TOL for a, b in zip(ref, got) for k in KEYS)
+    a, b = load_file(one / LORA), load_file(run / LORA)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=TOL, rtol=0) for k in a)
