@@ -904,3 +904,17 @@ def test_grpo_with_a_window_and_guard_trains(tiny_model_dir, grpo_world, tmp_pat
     assert rows[0]["ratio_mean"] == 1.0 and rows[1]["ratio_mean"] != 1.0
     lora = {n: p for n, p in runs[0].base.named_parameters() if "lora_B" in n}
     assert lora and any(p.abs().sum() > 0 for p in lora.values())  # B starts at 0: it trained
+
+
+def test_offload_rollouts_moves_the_round_to_host_memory():
+    """``offload_rollouts``: a sampled chunk's trajectory, log-probabilities and step means go to
+    host memory at once; the prompt states stay where they are (the micro-steps copy their two
+    latents and log-probabilities back to the device). Off, the chunk is returned as it is."""
+    from align.training.grpo import _offloaded
+
+    part = {k: torch.zeros(2, 3) for k in ("latents", "log_probs", "means", "cond")}
+    assert _offloaded(False, part) is part
+    out = _offloaded(True, part)
+    assert all(out[k].device.type == "cpu" for k in ("latents", "log_probs", "means"))
+    assert out["cond"] is part["cond"]
+    assert _grpo_cfg(offload_rollouts=True).offload_rollouts

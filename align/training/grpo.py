@@ -129,6 +129,13 @@ class GRPOConfig(core.TrainConfig):
         },
     )
     rollout_batch_size: int = field(default=8, metadata={"help": "rollouts sampled at once per process"})
+    offload_rollouts: bool = field(
+        default=False,
+        metadata={
+            "help": "MEMORY: keep a round's trajectories, step log-probabilities and means in host memory between "
+            "sampling and training (each micro-step copies its two latents to the device)"
+        },
+    )
     rollout_batches_per_update: int = field(
         default=1,
         metadata={
@@ -363,6 +370,14 @@ def advantages(cfg: GRPOConfig, scores: np.ndarray, groups: torch.Tensor) -> tor
 # ---------------------------------------------------------------- rounds
 
 
+def _offloaded(offload: bool, part: dict) -> dict:
+    """A chunk of rollouts with its trajectory, log-probabilities and step means moved to host
+    memory (``offload_rollouts``) as soon as it is sampled, so the device never holds a round."""
+    if not offload:
+        return part
+    return {k: v.cpu() if k in ("latents", "log_probs", "means") else v for k, v in part.items()}
+
+
 def _rollouts(
     opts: SamplingOptions, cfg: GRPOConfig, model, window: range | None, prompts: list[str], seeds: list[int]
 ) -> dict:
@@ -373,16 +388,19 @@ def _rollouts(
     parts = []
     for a in range(0, len(prompts), opts.batch_size):
         parts.append(
-            sample_with_logprobs(
-                model,
-                prompts[a : a + opts.batch_size],
-                seeds[a : a + opts.batch_size],
-                opts.num_steps,
-                opts.guidance_scale,
-                cfg.sde_noise,
-                cfg.eta,
-                stochastic_steps=window,
-                return_means=cfg.ratio_norm != "off",
+            _offloaded(
+                cfg.offload_rollouts,
+                sample_with_logprobs(
+                    model,
+                    prompts[a : a + opts.batch_size],
+                    seeds[a : a + opts.batch_size],
+                    opts.num_steps,
+                    opts.guidance_scale,
+                    cfg.sde_noise,
+                    cfg.eta,
+                    stochastic_steps=window,
+                    return_means=cfg.ratio_norm != "off",
+                ),
             )
         )
     keys = ("latents", "log_probs", "cond", *(("means",) if cfg.ratio_norm != "off" else ()))
@@ -423,7 +441,7 @@ def _micro_batches(cfg: GRPOConfig, run: core.Run, rnd: rollouts.Round, adv: tor
                 s = steps[:, j]
                 x, x_next = lat[rows, s].to(run.device), lat[rows, s + 1].to(run.device)
                 old_mean = roll["means"][rows, s].to(run.device) if "means" in roll else None
-                yield (x, x_next, ts[s], tn[s], roll["cond"][rows], lp[rows, s], adv[batch], old_mean)
+                yield (x, x_next, ts[s], tn[s], roll["cond"][rows], lp[rows, s].to(run.device), adv[batch], old_mean)
 
 
 def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eval_judges, history: dict, info: dict):
