@@ -4,6 +4,7 @@ calling the library and printing.
     vidalign demo [--out runs/demo] [--quick] [--set KEY=VALUE ...]
     vidalign pretrain [RECIPE] [--key value ...]
     vidalign train RECIPE [--key value ...]          (e.g. --beta 500; RECIPE --help lists the keys)
+    vidalign plan RECIPE [--gpus N] [--backend ddp|zero2|zero3|fsdp2] [--sp K] [--json]   (memory and time)
     vidalign eval --model M --lora L [--baseline-lora L0] --prompts-file F --judge SPEC [--judge ...]
                   [--seeds-per-prompt K] --out DIR           (SPEC: reward:DIR | clip:MODEL[@W] | http:URL | human)
     vidalign eval human --db labels.sqlite [--task DIR]      (the human win rate of an `eval --judge human` task)
@@ -36,14 +37,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from align.cli import annotate, data, demo, generate, pretrain, reward, train
+from align.cli import annotate, data, demo, generate, plan, pretrain, reward, train
 from align.cli import eval as eval_
 from align.cli.common import user_error
 from align.cli.data import IMPORT_FORMATS
 
 __all__ = ["IMPORT_FORMATS", "build_parser", "main"]
 
-GROUPS = (demo, pretrain, train, eval_, generate, data, reward, annotate)
+GROUPS = (demo, pretrain, train, plan, eval_, generate, data, reward, annotate)
 
 
 def build_parser() -> argparse.ArgumentParser:
