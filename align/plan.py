@@ -38,16 +38,18 @@ FLOPs (``torch.utils.flop_counter``). Memory per process is then, in bytes:
 
 Not modelled: the VAE's working memory while it encodes (DPO without a latent cache, once at
 start) or decodes rollouts (one video at a time; enable tiling if a card is tight), the text
-encoder's activations, the CUDA context and allocator fragmentation: a card counts as holding
-``USABLE`` of its memory.
+encoder's activations, DeepSpeed's communication buckets, the CUDA context and allocator
+fragmentation: a card counts as holding ``USABLE`` of its memory.
 
 Time: forward FLOPs per video ``F = F_linear + F_attention + F_conv`` (counted on the meta
-trace). A LoRA step needs the input gradients only (the frozen weights get none): backward
-``F_linear + F_conv + 2 F_attention``, plus one more forward with gradient checkpointing; the
-reference pass (adapters off) is one more forward per video. For a full fine-tune this would
-be the familiar ``6 x params x tokens + 12 x layers x tokens^2 x width``; LoRA saves the weight
-gradients, a third. Time = FLOPs / (peak x ``MFU``), peak = 989 dense bf16 TFLOPS for an H100
-SXM and for an H200 (the same compute; the H200 has more and faster memory).
+trace, where attention runs as two batched matmuls: the nominal ``4 x tokens x keys x width``
+per layer that fused kernels also do). A LoRA step needs the input gradients only (the frozen
+weights get none): backward ``F_linear + F_conv + 2 F_attention``, plus one more forward with
+gradient checkpointing; the reference pass (adapters off) is one more forward per video. For a
+full fine-tune this would be the familiar ``6 x params x tokens + 12 x layers x tokens^2 x
+width``; LoRA saves the weight gradients, a third. Time = FLOPs / (peak x ``MFU``), peak =
+989 dense bf16 TFLOPS for an H100 SXM and for an H200 (the same compute; the H200 has more and
+faster memory).
 """
 
 from __future__ import annotations
@@ -748,30 +750,41 @@ def _with_options(cfg, **options):
 
 
 def _knobs(cfg, setup: Setup) -> list[tuple[str, Any, Setup]]:
-    """The knobs to turn, in order, each as ``(what, cfg, setup)`` including the ones before it."""
+    """Each knob that can still be turned, alone, as ``(what, cfg, setup)``."""
     out = []
     if not gradient_checkpointing(cfg):
-        cfg = _with_options(cfg, gradient_checkpointing=True)
-        out.append(("gradient_checkpointing: true", cfg, setup))
+        out.append(("gradient_checkpointing: true", _with_options(cfg, gradient_checkpointing=True), setup))
     if setup.gpus > 1 and setup.backend in ("ddp", "zero2"):
-        setup = Setup(setup.gpus, "zero3", setup.sp)
-        out.append(("--backend zero3 (shards the denoiser's weights)", cfg, setup))
+        out.append(("--backend zero3 (shards the denoiser's weights)", cfg, Setup(setup.gpus, "zero3", setup.sp)))
     if text_encoder_loaded(cfg)[0]:
         what = (
             "latent_cache_dir filled by `vidalign data cache`" if cfg.objective == "dpo" else "load_text_encoder: false"
         )
-        cfg = _with_options(cfg, load_text_encoder=False)
-        out.append((f"{what} (the text encoder is not loaded)", cfg, setup))
+        out.append((f"{what} (the text encoder is not loaded)", _with_options(cfg, load_text_encoder=False), setup))
     for key in ("train_batch_size", "rollout_batch_size"):
         if getattr(cfg, key, 1) > 1 and not (key == "train_batch_size" and cfg.effective_batch_size):
-            cfg = copy.copy(cfg)
-            setattr(cfg, key, 1)
-            out.append((f"{key}: 1", cfg, setup))
-    for k in (2, 4, 8):
-        if k > setup.sp and setup.gpus % k == 0:
-            setup = Setup(setup.gpus, setup.backend, k)
-            out.append((f"--sp {k} (sequence parallel; not in vidalign's training yet)", cfg, setup))
+            new = copy.copy(cfg)
+            setattr(new, key, 1)
+            out.append((f"{key}: 1", new, setup))
+    k = 2 * setup.sp
+    if setup.gpus % k == 0:
+        out.append(
+            (f"--sp {k} (sequence parallel; not in vidalign's training yet)", cfg, Setup(setup.gpus, setup.backend, k))
+        )
     return out
+
+
+def _turn_knobs(cfg, setup: Setup, arch: Architecture, tr: Trace, usable: float) -> tuple[list[str], Any, Setup, float]:
+    """Greedily, the knob that lowers the peak most, then the next, until the plan fits in
+    ``usable`` bytes or no knob helps: ``(knobs turned, cfg, setup, peak)``."""
+    turned, peak = [], memory(cfg, setup, arch, tr)["peak"]
+    while peak > usable:
+        options = [(memory(c, s, arch, tr)["peak"], what, c, s) for what, c, s in _knobs(cfg, setup)]
+        if not options or min(o[0] for o in options) > 0.99 * peak:
+            break
+        peak, what, cfg, setup = min(options, key=lambda o: o[0])
+        turned.append(what)
+    return turned, cfg, setup, peak
 
 
 def _smaller_video(cfg, setup: Setup, arch: Architecture, usable: float) -> tuple[int, int, int] | None:
@@ -797,25 +810,23 @@ def _smaller_video(cfg, setup: Setup, arch: Architecture, usable: float) -> tupl
 
 
 def verdict(cfg, setup: Setup, arch: Architecture, tr: Trace, card: int, peak: float) -> dict:
-    """Whether the plan fits a ``card`` GB card, and if not the knobs to turn, in order (each
-    applied on top of the ones before; the first is the one to turn first)."""
+    """Whether the plan fits a ``card`` GB card, and if not the knobs to turn, the one that helps
+    most first (each on top of the ones before), then a shorter clip if that is not enough."""
     usable = card * GB * USABLE
     if peak <= usable:
         return {"fits": True, "peak_gib": round(peak / GB, 2)}
-    turned = []
-    for what, c, s in _knobs(cfg, setup):
-        turned.append(what)
-        if memory(c, s, arch, tr)["peak"] <= usable:
-            return {"fits": False, "turn": turned, "then_gib": round(memory(c, s, arch, tr)["peak"] / GB, 2)}
-    last_cfg, last_setup = _knobs(cfg, setup)[-1][1:] if turned else (cfg, setup)
-    size = _smaller_video(last_cfg, last_setup, arch, usable)
+    turned, cfg, setup, after = _turn_knobs(cfg, setup, arch, tr, usable)
+    if after <= usable:
+        return {"fits": False, "turn": turned, "then_gib": round(after / GB, 2)}
+    size = _smaller_video(cfg, setup, arch, usable)
     if size is not None:
-        return {"fits": False, "turn": [*turned, "a smaller video: num_frames {} at {}x{}".format(*size)]}
-    return {
-        "fits": False,
-        "turn": [],
-        "note": "does not fit with any knob vidalign has (a larger card, or fewer frames)",
-    }
+        return {"fits": False, "turn": [*turned, "a shorter clip: num_frames {} at {}x{}".format(*size)]}
+    weights = memory(cfg, setup, arch, tr)
+    if weights["denoiser"] + weights["frozen"] > usable:
+        note = "the weights alone do not fit: shard them over several GPUs (--gpus N --backend zero3)"
+    else:
+        note = "no knob of vidalign's makes it fit (a larger card, a smaller video)"
+    return {"fits": False, "turn": [], "note": note}
 
 
 def make_plan(cfg, setup: Setup | None = None, recipe: str = "", arch: Architecture | None = None) -> Plan:
@@ -906,7 +917,7 @@ def format_plan(p: Plan) -> str:
         text = f"{t['micro_step']:.2f} s per micro-step, {t['optimizer_step']:.1f} s per optimizer step"
         if "round" in t:
             text += f", {t['round']:.0f} s per round ({t['sampling']:.0f} s sampling)"
-        lines.append(f"  time on one {card} at {MFU:.0%} MFU: {text}")
+        lines.append(f"  time per process on an {card} at {MFU:.0%} MFU: {text}")
     lines.append("")
     for card, v in p.verdicts.items():
         if v["fits"]:
