@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo pretrained test test-unit test-real test-gpu bench lint format clean browser
+.PHONY: venv demo pretrained test test-unit test-real test-gpu bench bench-gpu lint format clean browser
 
 venv: $(STAMP)
 
@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/vidalign demo --out runs/demo
 
-# the demo's shipped generator and reward backbone (align/demo_models/, fp16 + SHA256SUMS); ~15 min on 2 cores
+# the demo's shipped generator and reward backbone, then the cascade's stages over that generator
+# (align/demo_models/, fp16 + SHA256SUMS); ~15 + ~10 min on 2 cores
 pretrained: $(STAMP)
 	$(BIN)/vidalign pretrain recipes/tiny_sora_pretrain.yaml --demo align/demo_models
+	$(BIN)/vidalign pretrain recipes/tiny_sora_cascade_pretrain.yaml --demo align/demo_models
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # headless Chromium + chromedriver for tests/test_annotate_browser.py (Debian packages, from the distro registry)
@@ -50,6 +52,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.latent_cache
 	$(BIN)/python -m bench.distributed
 	$(BIN)/python -m bench.grpo
+	$(BIN)/python -m bench.online_rl
+
+# the real Wan 2.1 1.3B architecture (random bf16 weights) at 33x480x832 on one GPU (H100: < 8 min): DPO step,
+# GRPO round, peak memory and MFU beside the planner's figures, in bench/gpu.json
+bench-gpu: $(STAMP)
+	$(BIN)/python -m bench.gpu --out bench/gpu.json
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check align reward_models tests bench

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 INDEX = "index.jsonl"
 SHARD_GLOB = "index-*-of-*.jsonl"  # the shards of the index a run on N processes writes
-_SETTINGS = ("prompt", "seed", "model", "lora", "steps", "guidance", "size", "sampler")
+_SETTINGS = ("prompt", "seed", "model", "lora", "steps", "guidance", "size", "sampler", "rewritten_prompt")
 
 
 def load_generator(model: str | Path, lora: str | Path | None = None, device: str | None = None):
@@ -153,7 +153,7 @@ def _plan(out: Path, expected: list[dict], resume: bool) -> list[int]:
         if have is None or not (out / want["file"]).is_file():
             todo.append(i)
             continue
-        diff = {k: (have.get(k), want[k]) for k in _SETTINGS if have.get(k) != want[k]}
+        diff = {k: (have.get(k), want.get(k)) for k in _SETTINGS if have.get(k) != want.get(k)}
         if diff:
             shown = ", ".join(f"{k}: {a!r} on disk, {b!r} now" for k, (a, b) in diff.items())
             raise ValueError(
@@ -190,12 +190,25 @@ def _sample_todo(model, out: Path, expected: list[dict], todo: list[int], option
     for b in range(math.ceil(largest_share / batch_size)):
         idx = mine[b * batch_size : (b + 1) * batch_size]
         if idx:
-            ps, ss = [expected[i]["prompt"] for i in idx], [expected[i]["seed"] for i in idx]
+            ps = [expected[i].get("rewritten_prompt", expected[i]["prompt"]) for i in idx]  # what conditions
+            ss = [expected[i]["seed"] for i in idx]
             videos = _sample_batch(model, ps, ss, options.num_steps, options.guidance_scale, used)
             for i, v in zip(idx, videos):
                 write_video(out / expected[i]["file"], v, fps=options.fps)
                 _append(index, expected[i])
         bar.update(distributed.sum_all(len(idx)))
+
+
+def _add_rewrites(rows: list[dict], options: SamplingOptions, cache: Path) -> None:
+    """Each row gains ``rewritten_prompt``, the prompt the model is conditioned on (its prompt
+    rewritten by ``options.prompt_rewriter`` through the cache file ``cache``,
+    :func:`align.prompting.rewrite_prompts`), and ``prompt_rewriter``, the rewriter's spec."""
+    from align.prompting import rewrite_prompts
+
+    spec = options.prompt_rewriter
+    ps = [r["prompt"] for r in rows]
+    for r, c in zip(rows, rewrite_prompts(spec, options.rewrite_instruction, ps, cache, options.device)):
+        r["rewritten_prompt"], r["prompt_rewriter"] = c, spec
 
 
 def sample_to_disk(
@@ -211,6 +224,7 @@ def sample_to_disk(
     progress: bool = True,
     video_format: str = "mp4",
     desc: str = "sampling",
+    rewrite_cache: str | Path | None = None,
 ) -> list[dict]:
     """Sample video ``i`` of ``prompts[i]`` from ``seeds[i]`` into ``out_dir`` (see the module
     docstring) as ``options`` say (size, steps, guidance, sampler, fps; ``options.batch_size``
@@ -222,6 +236,10 @@ def sample_to_disk(
     ``model_name`` and ``lora`` are recorded (and matched on resume); ``lora`` describes the
     model as given, it is not loaded here. Without ``resume`` every video is sampled again and
     the index rewritten. The size check and every argument check run before sampling.
+
+    With ``options.prompt_rewriter`` the model is conditioned on each prompt's rewrite (cached in
+    ``rewrite_cache``, default ``out_dir/rewrites.jsonl``), recorded as the row's
+    ``rewritten_prompt`` (matched on resume); ``prompt`` stays the original, what judges see.
     """
     from tqdm.auto import tqdm
 
@@ -246,6 +264,8 @@ def sample_to_disk(
         {"file": f"{i:04d}_seed{s}.{video_format}", "prompt": p, "seed": s, **common}
         for i, (p, s) in enumerate(zip(prompts, seeds))
     ]
+    if options.prompt_rewriter:
+        _add_rewrites(expected, options, Path(rewrite_cache) if rewrite_cache else out / "rewrites.jsonl")
     todo = distributed.on_main(_plan, out, expected, resume)  # every process waits for the plan
     show = progress and distributed.is_main()
     bar = tqdm(total=len(todo), desc=desc, unit="video", disable=not show, dynamic_ncols=True)
@@ -313,6 +333,7 @@ def sample_and_score(
     judges' prompt checks run before the model is loaded. Under N processes sampling and
     scoring are sharded and every process returns everything."""
     from align.judges import check_prompts
+    from align.prompting import rewrite_ahead
 
     k = samples_per_prompt
     if k < 2:
@@ -321,6 +342,7 @@ def sample_and_score(
     ps = [p for p in list(prompts) * rounds for _ in range(k)]
     seeds = [options.seed * 1_000_003 + i for i in range(len(ps))]
     videos = Path(out_dir) / "videos"
+    rewrite_ahead(options, ps, videos / "rewrites.jsonl")  # --prompt-rewriter: before the model loads
     model = load_generator(model_name, None, options.device)
     rows = sample_to_disk(
         model, ps, seeds, videos, options, model_name=str(model_name), resume=resume, progress=progress, desc=desc

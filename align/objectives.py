@@ -272,3 +272,81 @@ def grpo_loss(
         "ratio_min": r.min(),
         "kl": kl_mean.detach(),
     }
+
+
+# ---------------------------------------------------------------- DiffusionNFT
+
+
+def optimality_probability(advantages: torch.Tensor, adv_clip_max: float) -> torch.Tensor:
+    """DiffusionNFT's optimality probability ``r`` of each sample (Zheng et al. 2025; NVlabs
+    ``train_nft_sd3.py``): the advantage clipped to ``[-c, c]`` and mapped linearly onto
+    ``[0, 1]``, ``r = clip(adv, -c, c) / (2 c) + 1/2`` (0 = worst, 1/2 = the group's mean,
+    1 = best), ``c = adv_clip_max``. Returns ``(B,)`` float32, no gradient."""
+    if not adv_clip_max > 0:
+        raise ValueError(f"optimality_probability: adv_clip_max must be > 0, got {adv_clip_max}")
+    a = advantages.detach().float().clamp(-adv_clip_max, adv_clip_max)
+    return (a / adv_clip_max / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def _nft_term(err: torch.Tensor, adaptive: bool) -> torch.Tensor:
+    """Per-sample ``mean(err^2)``, divided (``adaptive``) by the detached ``mean |err|`` (>= 1e-5)."""
+    sq = err.float().pow(2).flatten(1).mean(1)
+    if not adaptive:
+        return sq
+    return sq / err.detach().double().abs().flatten(1).mean(1).clamp(min=1e-5).float()
+
+
+def nft_loss(
+    pred: torch.Tensor,
+    old_pred: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    beta: float = 1.0,
+    scale: torch.Tensor | None = None,
+    adaptive: bool = True,
+    loss_scale: float = 1.0,
+    kl: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """DiffusionNFT's negative-aware loss (Zheng et al. 2025) on one batch of forward-process
+    samples. With the trained prediction ``v = pred``, the old (sampling) policy's ``v_old``
+    (no gradient) and ``beta``:
+
+        v+ = beta v + (1 - beta) v_old          (the implicit positive policy)
+        v- = (1 + beta) v_old - beta v          (the implicit negative policy)
+        e+ = scale (v+ - target),  e- = scale (v- - target)
+        loss = loss_scale * mean_b[(r_b ||e+_b||^2 / w+_b + (1 - r_b) ||e-_b||^2 / w-_b) / beta]
+               + kl_weight * mean(kl)
+
+    ``||.||^2`` is the mean over elements; ``w`` is the detached mean ``|e|`` of the sample
+    (>= 1e-5; NVlabs' adaptive weighting) when ``adaptive``, else 1. ``scale`` ``(B,)`` maps
+    prediction errors into x0 errors (flow: ``x0 = x_t - s v`` so ``s``; NVlabs computes the
+    loss on ``x0`` predictions, which is this with ``scale = s``); None = 1. ``loss_scale`` is
+    NVlabs' ``adv_clip_max`` factor. ``r`` ``(B,)`` from :func:`optimality_probability`.
+    Diagnostics: the two terms, ``old_deviation`` ``mean (v - v_old)^2``, ``r_mean`` and ``kl``."""
+    if not beta > 0:
+        raise ValueError(f"nft_loss: beta must be > 0, got {beta}")
+    if pred.shape != old_pred.shape or pred.shape != target.shape:
+        shapes = (tuple(pred.shape), tuple(old_pred.shape), tuple(target.shape))
+        raise ValueError(f"nft_loss: pred, old_pred and target must have one shape, got {shapes}")
+    if r.shape != pred.shape[:1]:
+        raise ValueError(f"nft_loss: r must be ({pred.shape[0]},), got {tuple(r.shape)}")
+    old = old_pred.detach()
+    view = (-1,) + (1,) * (pred.dim() - 1)
+    s = scale.detach().float().view(view) if scale is not None else 1.0
+    pos = _nft_term(s * (beta * pred.float() + (1 - beta) * old.float() - target.float()), adaptive)
+    neg = _nft_term(s * ((1 + beta) * old.float() - beta * pred.float() - target.float()), adaptive)
+    rr = r.detach().float()
+    per_sample = (rr * pos + (1 - rr) * neg) / beta
+    policy_loss = loss_scale * per_sample.mean()
+    kl_mean = kl.float().mean() if kl is not None else policy_loss.new_zeros(())
+    loss = policy_loss + kl_weight * kl_mean if kl_weight > 0 else policy_loss
+    return {
+        "loss": loss,
+        "policy_loss": policy_loss.detach(),
+        "positive_loss": pos.detach().mean(),
+        "negative_loss": neg.detach().mean(),
+        "old_deviation": (pred.detach().float() - old.float()).pow(2).mean(),
+        "r_mean": rr.mean(),
+        "kl": kl_mean.detach(),
+    }

@@ -565,6 +565,19 @@ def _objective(cfg, data_parallel: int = 1) -> dict[str, Any]:
             "trajectory": True,
             "micro_steps_per_rollout": cfg.inner_epochs * cfg.trained_steps,
         }
+    if cfg.objective == "nft":  # one forward with gradients, the old policy's (and the reference's) without
+        return {
+            "videos": micro,
+            "reference": micro * (2 if cfg.kl_weight > 0 else 1),
+            "online": True,
+            "round": cfg.rollouts_per_round,
+            "steps": cfg.sample_steps,
+            "guided": 2 if cfg.guidance_scale != 1.0 else 1,
+            "sample_batch": cfg.rollout_batch_size,
+            "trajectory": False,  # only the clean latents are kept
+            "rollouts_per_micro_step": micro,  # trained without guidance
+            "micro_steps_per_rollout": cfg.inner_epochs * cfg.trained_steps,
+        }
     guided = 2 if cfg.rwr_guidance_scale != 1.0 else 1
     out = {"videos": guided * micro, "reference": guided * micro if cfg.rwr_kl_weight > 0 else 0, "online": cfg.online}
     if cfg.online:
@@ -658,7 +671,7 @@ def step_flops(cfg, setup: Setup, tr: Trace, checkpointing: bool) -> dict[str, f
     if obj["online"]:
         local = math.ceil(obj["round"] / setup.data_parallel)
         sampling = local * obj["steps"] * obj["guided"] * forward / setup.sp
-        per_sample = obj["videos"] // obj["guided"]  # rollouts per micro-step
+        per_sample = obj.get("rollouts_per_micro_step") or obj["videos"] // obj["guided"]  # rollouts per micro-step
         steps = obj.get("micro_steps_per_round") or math.ceil(local / per_sample) * obj["micro_steps_per_rollout"]
         out.update(sampling=sampling, round=sampling + steps * micro, micro_steps_per_round=steps)
     return out
@@ -749,8 +762,12 @@ def _with_options(cfg, **options):
     return new
 
 
-def _knobs(cfg, setup: Setup) -> list[tuple[str, Any, Setup]]:
-    """Each knob that can still be turned, alone, as ``(what, cfg, setup)``."""
+def _knobs(cfg, setup: Setup, family: str = "") -> list[tuple[str, Any, Setup]]:
+    """Each knob that can still be turned, alone, as ``(what, cfg, setup)``; sequence parallel
+    only where training has it (``align.models.diffusers.sequence_parallel``: Wan, DPO / GRPO)."""
+    from align.models.diffusers.sequence_parallel import SUPPORTED_FAMILIES
+    from align.training.core import SEQUENCE_PARALLEL_OBJECTIVES
+
     out = []
     if not gradient_checkpointing(cfg):
         out.append(("gradient_checkpointing: true", _with_options(cfg, gradient_checkpointing=True), setup))
@@ -767,10 +784,8 @@ def _knobs(cfg, setup: Setup) -> list[tuple[str, Any, Setup]]:
             setattr(new, key, 1)
             out.append((f"{key}: 1", new, setup))
     k = 2 * setup.sp
-    if setup.gpus % k == 0:
-        out.append(
-            (f"--sp {k} (sequence parallel; not in vidalign's training yet)", cfg, Setup(setup.gpus, setup.backend, k))
-        )
+    if setup.gpus % k == 0 and family in SUPPORTED_FAMILIES and cfg.objective in SEQUENCE_PARALLEL_OBJECTIVES:
+        out.append((f"sequence_parallel_size: {k} (--sp {k})", cfg, Setup(setup.gpus, setup.backend, k)))
     return out
 
 
@@ -779,7 +794,7 @@ def _turn_knobs(cfg, setup: Setup, arch: Architecture, tr: Trace, usable: float)
     ``usable`` bytes or no knob helps: ``(knobs turned, cfg, setup, peak)``."""
     turned, peak = [], memory(cfg, setup, arch, tr)["peak"]
     while peak > usable:
-        options = [(memory(c, s, arch, tr)["peak"], what, c, s) for what, c, s in _knobs(cfg, setup)]
+        options = [(memory(c, s, arch, tr)["peak"], what, c, s) for what, c, s in _knobs(cfg, setup, arch.family)]
         if not options or min(o[0] for o in options) > 0.99 * peak:
             break
         peak, what, cfg, setup = min(options, key=lambda o: o[0])
@@ -831,7 +846,7 @@ def verdict(cfg, setup: Setup, arch: Architecture, tr: Trace, card: int, peak: f
 
 def make_plan(cfg, setup: Setup | None = None, recipe: str = "", arch: Architecture | None = None) -> Plan:
     """The plan of a training config (a recipe parsed by ``align.training.load_train_config``)."""
-    setup = setup or Setup()
+    setup = setup or Setup(cfg.sequence_parallel_size, sp=cfg.sequence_parallel_size)
     arch = arch or load_architecture(cfg.model, cfg.model_options, recipe_dtype(cfg))
     tr = trace(arch)
     plan = _figures(cfg, setup, arch, tr, recipe)
@@ -841,8 +856,8 @@ def make_plan(cfg, setup: Setup | None = None, recipe: str = "", arch: Architect
     plan.notes.append(f"text encoder: {why}")
     if setup.backend == "fsdp2":
         plan.notes.append("fsdp2: planned like ZeRO-3; recipes/accelerate has no FSDP2 config yet")
-    if setup.sp > 1:
-        plan.notes.append("sequence parallel is planned here (activations / K) but not in vidalign's training yet")
+    if setup.sp > 1 and arch.family != "wan":  # align.models.diffusers.sequence_parallel.SUPPORTED_FAMILIES
+        plan.notes.append(f"sequence parallel: vidalign's training splits Wan only, not {arch.family}")
     plan.notes.append(
         "not modelled: the VAE's working memory (encode / decode one video at a time), the text encoder's activations"
     )

@@ -32,6 +32,8 @@ SAMPLING_FLAGS = {
     "fps": "--fps",
     "seed": "--seed",
     "seeds_per_prompt": "--seeds-per-prompt",
+    "prompt_rewriter": "--prompt-rewriter",
+    "rewrite_instruction": "--rewrite-instruction",
 }
 
 
@@ -57,6 +59,8 @@ class SamplingOptions:
     fps: int = 8
     seed: int = 0
     seeds_per_prompt: int = 1
+    prompt_rewriter: str | None = None  # hf:PATH | http:URL[#MODEL]: condition on rewritten prompts (align.prompting)
+    rewrite_instruction: str | None = None  # the rewriter's system instruction file (None: the default)
 
     def __post_init__(self) -> None:
         # each error names the option as a recipe spells it and as the command line does
@@ -68,6 +72,10 @@ class SamplingOptions:
             raise ValueError(f"sampling option guidance_scale must be >= 0, got {self.guidance_scale} (--guidance)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampling option sampler must be one of {SAMPLERS}, got {self.sampler!r} (--sampler)")
+        if self.prompt_rewriter is not None or self.rewrite_instruction is not None:
+            from align.prompting import check_rewriter_options
+
+            check_rewriter_options(self.prompt_rewriter, self.rewrite_instruction)
 
     @property
     def size(self) -> tuple[int | None, int | None, int | None]:
@@ -151,7 +159,8 @@ def generate(
     progress: bool = False,
     desc: str = "sampling",
 ) -> torch.Tensor:
-    """Videos ``(B, C, T, H, W)`` in [-1, 1] for prompts and seeds, in batches."""
+    """Videos ``(B, C, T, H, W)`` in [-1, 1] for prompts and seeds, in batches (a cascade's final
+    videos: ``model.decode_videos`` runs its later stages)."""
     if not prompts:
         raise ValueError("generate: empty prompt list")
     if len(seeds) != len(prompts):
@@ -159,7 +168,7 @@ def generate(
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         lat = sample_latents(model, prompts[i : i + batch_size], seeds[i : i + batch_size], num_steps, guidance_scale)
-        out.append(model.decode_latents(lat).cpu())
+        out.append(model.decode_videos(lat, prompts[i : i + batch_size], seeds[i : i + batch_size]).cpu())
     return torch.cat(out)
 
 
@@ -507,5 +516,5 @@ def sample_with_logprobs(
     if return_means:
         result["means"] = torch.stack(means, dim=1)
     if decode:
-        result["videos"] = to_uint8(model.decode_latents(clean).cpu())
+        result["videos"] = to_uint8(model.decode_videos(clean, list(prompts), list(seeds)).cpu())
     return result

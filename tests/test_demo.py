@@ -47,6 +47,12 @@ def test_demo_quick_end_to_end(tmp_path):
     for method in methods:
         assert (out / method.lower() / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert 0.0 <= report["reward_model"]["accuracy"] <= 1.0
+    cascade = report["cascade"]  # the DPO LoRA on the cascade's base stage, judged on its 16x64x64 output
+    assert cascade["video_size"] == "16x64x64" and cascade["comparisons"] == 12  # 12 prompts x 1 seed (quick)
+    lo, hi = cascade["oracle_winrate_ci95"]
+    assert lo <= cascade["oracle_winrate"] <= hi and cascade["wins"] + cascade["ties"] + cascade["losses"] == 12
+    assert "through the cascade (16x64x64), oracle win rate" in r.stdout
+    assert "## cascade" in (out / "report.md").read_text()
 
 
 def test_bad_overrides_are_refused_before_anything_runs(tmp_path, capsys):

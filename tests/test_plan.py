@@ -12,6 +12,7 @@ and the high-water mark over-reports live memory (2.0 GB for 0.93 GB live at one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -169,6 +170,14 @@ def test_zero3_on_8_gpus_shards_what_it_should(wan_dpo):
     assert zero3["peak"] < zero2["peak"] < one["peak"]
     sp = memory(cfg, Setup(8, "zero3", sp=4), arch, tr)
     assert sp["activations"] < zero3["activations"] / 3
+
+
+def test_the_recipes_sequence_parallel_size_is_the_default(wan_dpo):
+    cfg, arch, tr = wan_dpo
+    two = dataclasses.replace(cfg, sequence_parallel_size=2)
+    plan = make_plan(two, None, "sp 2", arch=arch)
+    assert plan.setup == Setup(2, "ddp", 2)
+    assert plan.memory["activations"] == pytest.approx(memory(cfg, Setup(2), arch, tr)["activations"] / 2, rel=0.01)
 
 
 def test_checkpointing_text_encoder_and_rollout_buffers(wan_dpo):

@@ -7,6 +7,7 @@ calling the library and printing.
     vidalign plan RECIPE [--gpus N] [--backend ddp|zero2|zero3|fsdp2] [--sp K] [--json]   (memory and time)
     vidalign eval --model M --lora L [--baseline-lora L0] --prompts-file F --judge SPEC [--judge ...]
                   [--seeds-per-prompt K] --out DIR           (SPEC: reward:DIR | clip:MODEL[@W] | http:URL | human)
+    vidalign eval --model M --prompt-rewriter SPEC --baseline-prompts plain ...  (rewritten vs plain prompts)
     vidalign eval human --db labels.sqlite [--task DIR]      (the human win rate of an `eval --judge human` task)
     vidalign generate --model DIR [--lora DIR] --prompt TEXT [...] --out DIR [--resume]
     vidalign data validate DATASET [--min-frames N] [--allow-absolute-paths]
@@ -16,7 +17,8 @@ calling the library and printing.
     vidalign data pairs --model DIR --prompts-file F --judge SPEC --out DATASET_DIR [--samples-per-prompt 4]
     vidalign data samples --model DIR --prompts-file F --judge SPEC --out DATASET_DIR
       (every sampling command: [--num-frames N --height H --width W] [--steps S] [--guidance G]
-       [--batch-size B] [--device D] [--sampler pipeline|vidalign] [--fps F] [--seed S] [--resume]:
+       [--batch-size B] [--device D] [--sampler pipeline|vidalign] [--fps F] [--seed S] [--resume]
+       [--prompt-rewriter hf:PATH|http:URL [--rewrite-instruction FILE]]:
        one align.sample.SamplingOptions, built in common.py)
     vidalign reward train RECIPE [--key value ...]
     vidalign reward eval DATASET --model DIR [--out DIR]

@@ -59,6 +59,14 @@ def add_sampling_options(q: argparse.ArgumentParser, resume: bool = False, requi
     )
     q.add_argument("--fps", type=int, default=8, help="frame rate written into the video files")
     q.add_argument(
+        "--prompt-rewriter",
+        metavar="SPEC",
+        default=None,
+        help="hf:PATH | http:URL[#MODEL]: condition on prompts rewritten by a language model (cached in "
+        "rewrites.jsonl; judges and reports see the originals; docs/judges.md)",
+    )
+    q.add_argument("--rewrite-instruction", metavar="FILE", default=None, help="the rewriter's system instruction")
+    q.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=resume,
@@ -92,6 +100,8 @@ def sampling_options(args: argparse.Namespace, seeds_per_prompt: int = 1):
         fps=args.fps,
         seed=args.seed,
         seeds_per_prompt=seeds_per_prompt,
+        prompt_rewriter=args.prompt_rewriter,
+        rewrite_instruction=args.rewrite_instruction,
     )
 
 

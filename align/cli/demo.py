@@ -36,6 +36,14 @@ def run(args: argparse.Namespace) -> int:
                 f"{method} vs base, {judge.replace('_', ' ')} win rate {w['rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; "
                 f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"
             )
+    if "cascade" in report:  # the DPO LoRA on the cascade's base stage, judged on its final videos
+        c = report["cascade"]
+        lo, hi = c["oracle_winrate_ci95"]
+        print(
+            f"DPO (base stage) vs base through the cascade ({c['video_size']}), oracle win rate "
+            f"{c['oracle_winrate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; {c['wins']} wins, {c['ties']} ties, "
+            f"{c['losses']} losses)"
+        )
     rm = report["reward_model"]
     ci = rm.get("accuracy_ci95")
     print(

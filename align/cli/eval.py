@@ -10,6 +10,7 @@ from pathlib import Path
 from align.cli.common import add_judge_options, add_sampling_options, judge_specs, prompts_from, sampling_options
 
 USAGE = """vidalign eval --model M --lora L --out DIR (--prompt TEXT | --prompts-file F) --judge SPEC [options]
+       vidalign eval --model M --prompt-rewriter SPEC --baseline-prompts plain --out DIR ... (the prompt A/B)
        vidalign eval human --db DB [--task DIR] [--out DIR] [--seed N]"""
 
 
@@ -21,13 +22,21 @@ def add_parser(sub) -> None:
         help="win rates of an aligned LoRA vs its base (same prompts and seeds), any judge; `eval human`",
         description="Sample the base (LoRA off, or --baseline-lora) and the aligned model on the same prompts "
         "and seeds, judge both, and report paired win rates with bootstrap CIs (--model, --lora and --out "
-        "are required). --judge human writes a blinded A/B task for `vidalign annotate serve`; "
+        "are required). --prompt-rewriter SPEC --baseline-prompts plain compares rewritten against plain prompts "
+        "(the same report; --lora optional). --judge human writes a blinded A/B task for `vidalign annotate serve`; "
         "`vidalign eval human` turns its labels into a win rate.",
     )
     add_sampling_options(e, resume=True, required=False)
     add_judge_options(e, human=True)
     e.add_argument("--lora", help="LoRA directory (run_dir/lora)")
     e.add_argument("--baseline-lora", default=None, help="compare against this LoRA instead of the base model")
+    e.add_argument(
+        "--baseline-prompts",
+        choices=("same", "plain"),
+        default="same",
+        help="plain: the baseline arm samples the plain prompts, the candidate the --prompt-rewriter's rewrites "
+        "(the prompt A/B; --lora optional); same: both arms sample the same prompts (default)",
+    )
     e.add_argument("--seeds-per-prompt", type=int, default=5)
     e.add_argument("--tie-margin", type=float, default=0.0, help="|score gap| at or below which a comparison is a tie")
     e.set_defaults(run=run, name="eval", parser=e)
@@ -51,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from align import distributed
     from align.eval.evaluate import EvalConfig, run_eval
 
-    missing = [flag for flag in ("--model", "--lora", "--out") if getattr(args, flag[2:]) is None]
+    needed = ("--model", "--out") if args.baseline_prompts == "plain" else ("--model", "--lora", "--out")
+    missing = [flag for flag in needed if getattr(args, flag[2:]) is None]
     if missing:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
     cfg = EvalConfig(
@@ -64,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=sampling_options(args, seeds_per_prompt=args.seeds_per_prompt),
         tie_margin=args.tie_margin,
         resume=args.resume,
+        baseline_prompts=args.baseline_prompts,
     )
     report = run_eval(cfg)
     if not distributed.is_main():  # every process sampled and judged its shard; the main one reports
@@ -75,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             f"wins/ties/losses {wr['wins']}/{wr['ties']}/{wr['losses']})"
         )
     for name in report.get("suspect_judges") or []:
-        print(f"warning: judge {name} prefers the aligned model while the other judges do not (reward hacking?)")
+        print(f"warning: judge {name} prefers the {cfg.arms()[1]} while the other judges do not (reward hacking?)")
     if "human_task" in report:
         print(f"blinded A/B task for annotators: {report['human_task']} (vidalign annotate serve ...)")
     print(f"report: {Path(args.out) / 'report.md'}")

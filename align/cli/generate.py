@@ -26,12 +26,15 @@ def run(args: argparse.Namespace) -> int:
     """Sample into ``--out``; under ``accelerate launch`` each process samples its shard and the
     main process writes the merged index and prints (with the sampling time, all processes')."""
     import time
+    from pathlib import Path
 
     from align import distributed
     from align.generation import load_generator, sample_to_disk
+    from align.prompting import rewrite_ahead
 
     options = sampling_options(args, seeds_per_prompt=args.num)
     prompts, seeds = options.expand(prompts_from(args))
+    rewrite_ahead(options, prompts, Path(args.out) / "rewrites.jsonl")  # --prompt-rewriter: before the model loads
     model = load_generator(args.model, args.lora, options.device)
     distributed.barrier()  # every process has its model: the time below is sampling alone
     start = time.perf_counter()

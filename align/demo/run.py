@@ -15,6 +15,8 @@ the judge standing in for a human (its oracle) are the demo's own.
    model as its judge.
 5. Sample base and aligned models on *held-out* prompts with the same seeds and judge them by
    the oracle and by the reward model (``eval``'s judges and paired win rates with CIs).
+   The cascade row: the DPO LoRA on the base stage of the shipped cascade (base, TSR, SSR),
+   base vs aligned judged by the oracle on the cascade's 16x64x64 output (``_cascade_row``).
 6. Write ``report.json``, ``report.md``, plots and a base / aligned GIF grid.
 
 ``--quick`` runs the same plumbing with tiny budgets (for tests); its numbers mean nothing.
@@ -49,6 +51,7 @@ from align.training.reward import train_reward_model
 from reward_models.train import RewardTrainConfig, plot_calibration
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+CASCADE = "tiny_sora_cascade"  # the shipped cascade over the shipped base (align/demo_models/)
 METHODS = {"DPO": "tiny_sora_dpo.yaml", "RWR": "tiny_sora_rwr.yaml", "GRPO": "tiny_sora_grpo.yaml"}
 REWARD_RECIPE = "tiny_sora_reward.yaml"
 
@@ -64,6 +67,7 @@ class DemoConfig:
     guidance_scale: float = 4.0
     heldout_fraction: float = 0.2  # share of the world's scenes held out for the evaluation
     eval_seeds_per_prompt: int = 5
+    cascade_seeds_per_prompt: int = 2  # the cascade row: held-out prompts x this many seeds (0: no row)
     tie_margin: float = 0.005  # |score gap| at or below which a comparison is a tie
     max_prompts: int = 0  # > 0: only that many training and held-out prompts (quick runs)
     # recipe keys to change per stage: {"DPO": {...}, "RWR": {...}, "reward": {...}}
@@ -78,6 +82,7 @@ class DemoConfig:
             samples_per_prompt=2,
             sample_steps=2,
             eval_seeds_per_prompt=1,
+            cascade_seeds_per_prompt=1,
             max_prompts=12,
             recipe_overrides={"DPO": steps, "RWR": steps, "GRPO": grpo, "reward": {"epochs": 1}},
         )
@@ -228,6 +233,37 @@ def _evaluate(cfg: DemoConfig, model_dir: Path, runs: dict[str, Path], reward_di
     return prompts, videos, scores, results
 
 
+def _cascade_row(cfg: DemoConfig, cascade_dir: Path, dpo_run: Path, prompts: list[str]) -> dict:
+    """The cascade row: the demo's DPO LoRA (trained on the base's own samples) on the base stage
+    of the shipped cascade (``tiny_sora_cascade``: TSR then SSR, frozen), base vs aligned judged
+    by the oracle on the cascade's final 16x64x64 videos (the oracle's lengths scale with the
+    frame size and its speeds with the clip length, so it judges them as they are, no resampling)."""
+    t0 = time.time()
+    prompts = [p for p in prompts for _ in range(cfg.cascade_seeds_per_prompt)]
+    seeds = [20_000 + i for i in range(len(prompts))]
+    oracle = OracleJudge()
+    scores = {}
+    for arm, lora in (("base", None), ("aligned", dpo_run / "lora")):
+        model = load_aligned(cascade_dir, lora)
+        args = (cfg.sample_steps, cfg.guidance_scale)
+        videos = to_uint8(generate(model, prompts, seeds, *args, progress=True, desc=f"cascade {arm}"))
+        scores[arm] = {"oracle": oracle.score(videos, prompts)}
+    wr = judge_winrates(scores["base"], scores["aligned"], cfg.tie_margin, cfg.seed)["winrate"]["oracle"]
+    return {
+        "what": "the DPO LoRA on the base stage; TSR + SSR frozen; the oracle on the final videos",
+        "video_size": "x".join(map(str, videos.shape[1:4])),
+        "oracle_winrate": wr["rate"],
+        "oracle_winrate_ci95": wr["ci95"],
+        "wins": wr["wins"],
+        "ties": wr["ties"],
+        "losses": wr["losses"],
+        "comparisons": wr["n"],
+        "oracle_mean_base": wr["mean_score"]["base"],
+        "oracle_mean_aligned": wr["mean_score"]["aligned"],
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
 def _artifacts(cfg: DemoConfig, out: Path, runs, winrate, scores, rm_summary, prompts, videos) -> dict:
     """Stage 6: training curves, win rates, oracle score histograms, the reward model's
     calibration and the side-by-side grid."""
@@ -291,6 +327,11 @@ def run_demo(
     prompts, eval_videos, scores, results = _evaluate(cfg, model_dir, runs, rm_run / "best", heldout_prompts)
     timings["eval"] = time.time() - t0
     winrate = {j: {m: results[m]["winrate"][j] for m in runs} for j in ("oracle", "reward_model")}
+    cascade = (
+        _cascade_row(cfg, Path(models) / CASCADE, runs["DPO"], heldout_prompts) if cfg.cascade_seeds_per_prompt else {}
+    )
+    if cascade:
+        timings["cascade"] = cascade["seconds"]
     arts = _artifacts(cfg, out, runs, winrate, scores, rm_summary, prompts, eval_videos)
     timings["total"] = time.time() - t_all
     report = {
@@ -315,6 +356,7 @@ def run_demo(
         },
         "config": {"quick": quick, **dataclasses.asdict(cfg)},
         "artifacts": arts,
+        **({"cascade": cascade} if cascade else {}),
     }
     write_report(report, out)
     return report

@@ -13,6 +13,12 @@ A/B task for annotators (``align.eval.human.write_ab_task``). Outputs: ``report.
 Under ``accelerate launch`` with N processes both models' sampling and every judge's scoring
 are sharded by (prompt, seed) and the scores gathered before the win rates (the same as one
 process's); the main process writes the outputs.
+
+The prompt A/B (``--prompt-rewriter SPEC --baseline-prompts plain``): the base arm samples the
+plain prompts and the candidate arm the prompts rewritten by SPEC (:mod:`align.prompting`),
+same seeds, in the same report; without ``--lora`` both arms are the one model, so the win
+rate is what prompt rewriting alone buys. Judges, the report and the human A/B task see the
+original prompts.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class EvalConfig:
     per prompt (``seed, seed + 1, ...`` over the expanded list), the same for both models."""
 
     model: str
-    lora: str
+    lora: str | None  # None: only with baseline_prompts "plain" (one model, two prompt arms)
     prompts: list[str]
     out: str
     judges: list[str] = field(default_factory=list)  # judge specs (align.judges); "human" writes an A/B task
@@ -43,6 +49,27 @@ class EvalConfig:
     tie_margin: float = 0.0  # |score gap| at or below which a comparison is a tie, in each judge's units
     resume: bool = True  # reuse samples already under OUT/samples
     progress: bool = True
+    # "plain": the baseline arm samples the plain prompts, the candidate the prompts rewritten by
+    # sampling.prompt_rewriter (the prompt A/B); "same": both arms sample the same prompts
+    baseline_prompts: str = "same"
+
+    def __post_init__(self) -> None:
+        if self.baseline_prompts not in ("same", "plain"):
+            raise ValueError(f"--baseline-prompts must be same or plain, got {self.baseline_prompts!r}")
+        if self.baseline_prompts == "plain" and not self.sampling.prompt_rewriter:
+            raise ValueError("--baseline-prompts plain compares against rewritten prompts: give --prompt-rewriter SPEC")
+        if self.lora is None and self.baseline_prompts != "plain":
+            raise ValueError("eval needs --lora (aligned vs base), or --prompt-rewriter with --baseline-prompts plain")
+        if self.lora is None and self.baseline_lora:
+            raise ValueError("--baseline-lora needs --lora (the candidate's LoRA)")
+
+    def arms(self) -> tuple[str, str]:
+        """The names of the baseline and the candidate arm (the plots' and the A/B task's)."""
+        if self.baseline_prompts == "same":
+            return "base", "aligned"
+        if self.lora is None:
+            return "plain prompts", "rewritten prompts"
+        return ("baseline LoRA" if self.baseline_lora else "base") + ", plain prompts", "aligned, rewritten prompts"
 
 
 def reward_winrate(
@@ -92,18 +119,27 @@ def _oracle_attributes(judges, base_dir, aligned_dir, base_rows, aligned_rows) -
 
 
 def sample_pairs(cfg: EvalConfig, prompts: list[str], seeds: list[int]) -> tuple[Path, list[dict], Path, list[dict]]:
-    """Sample base and aligned into ``OUT/samples/{base,aligned}``; return both dirs and index rows."""
+    """Sample base and aligned into ``OUT/samples/{base,aligned}``; return both dirs and index rows.
+    With a prompt rewriter both arms share one rewrite cache, ``OUT/rewrites.jsonl`` (the same
+    rewrite of a prompt in both); with ``baseline_prompts`` "plain" the base arm samples the
+    plain prompts, and without a LoRA both arms are the one model."""
+    import contextlib
     import gc
 
     from align.generation import load_generator, sample_to_disk
     from align.models.lora import adapters_disabled
+    from align.prompting import rewrite_ahead
 
     out, device = Path(cfg.out) / "samples", cfg.sampling.device
+    plain = cfg.sampling.replace(prompt_rewriter=None, rewrite_instruction=None)
+    cache = Path(cfg.out) / "rewrites.jsonl"
+    rewrite_ahead(cfg.sampling, prompts, cache)  # before the generator loads and anything is sampled
 
     def sample(model, name: str, lora):
+        options = plain if name == "base" and cfg.baseline_prompts == "plain" else cfg.sampling
         return sample_to_disk(
-            model, prompts, seeds, out / name, cfg.sampling, model_name=str(cfg.model), lora=lora,
-            resume=cfg.resume, progress=cfg.progress, desc=f"eval {name}",
+            model, prompts, seeds, out / name, options, model_name=str(cfg.model), lora=lora,
+            resume=cfg.resume, progress=cfg.progress, desc=f"eval {name}", rewrite_cache=cache,
         )  # fmt: skip
 
     if cfg.baseline_lora:
@@ -114,9 +150,9 @@ def sample_pairs(cfg: EvalConfig, prompts: list[str], seeds: list[int]) -> tuple
         model = load_generator(cfg.model, cfg.lora, device)
     else:
         model = load_generator(cfg.model, cfg.lora, device)
-        with adapters_disabled(model.denoiser):
+        with adapters_disabled(model.denoiser) if cfg.lora else contextlib.nullcontext():
             base_rows = sample(model, "base", None)
-    aligned_rows = sample(model, "aligned", str(cfg.lora))
+    aligned_rows = sample(model, "aligned", None if cfg.lora is None else str(cfg.lora))
     return out / "base", base_rows, out / "aligned", aligned_rows
 
 
@@ -141,11 +177,14 @@ def _judges(cfg: EvalConfig) -> tuple[list, bool]:
 
 def _header(cfg: EvalConfig, comparisons: int, base_rows: list[dict]) -> dict:
     """The report's fields that describe the run."""
+    base, candidate = cfg.arms()
+    if cfg.baseline_prompts == "same":
+        base = "baseline LoRA" if cfg.baseline_lora else "base"
     return {
-        "title": "vidalign eval: aligned vs " + ("baseline LoRA" if cfg.baseline_lora else "base"),
+        "title": f"vidalign eval: {candidate} vs {base}",
         "model": str(cfg.model),
-        "lora": str(cfg.lora),
-        "baseline": str(cfg.baseline_lora) if cfg.baseline_lora else "base (LoRA adapters off)",
+        "lora": None if cfg.lora is None else str(cfg.lora),
+        "baseline": str(cfg.baseline_lora or ("base (LoRA adapters off)" if cfg.lora else "the model as given")),
         "prompts": len(cfg.prompts),
         "seeds_per_prompt": cfg.sampling.seeds_per_prompt,
         "comparisons": comparisons,
@@ -157,7 +196,15 @@ def _header(cfg: EvalConfig, comparisons: int, base_rows: list[dict]) -> dict:
         "video_size": "x".join(str(x) for x in base_rows[0]["size"]),
         "tie_margin": cfg.tie_margin,
         "artifacts": {},
-    }
+    } | (
+        {
+            "prompt_rewriter": cfg.sampling.prompt_rewriter,
+            "baseline_prompts": cfg.baseline_prompts,
+            "arms": dict(zip(("base", "aligned"), cfg.arms())),  # what mean_score's keys and samples/ name
+        }
+        if cfg.sampling.prompt_rewriter
+        else {}
+    )
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -196,7 +243,8 @@ def _write_artifacts(cfg: EvalConfig, report: dict, judges: list, samples: tuple
         attrs = _oracle_attributes(judges, base_dir, aligned_dir, base_rows, aligned_rows)
         if attrs:
             report["winrate"]["oracle"]["per_attribute"] = attrs
-        plot_winrates({f"aligned vs base ({k})": wr for k, wr in report["winrate"].items()}, out / "winrates.png")
+        base, candidate = cfg.arms()
+        plot_winrates({f"{candidate} vs {base} ({k})": wr for k, wr in report["winrate"].items()}, out / "winrates.png")
         report["artifacts"]["winrates"] = "winrates.png"
     gif, mp4 = write_side_by_side(*samples, out / "side_by_side", fps=cfg.sampling.fps)
     report["artifacts"] |= {"side by side (gif)": gif.name, "side by side (mp4)": mp4.name}
@@ -209,7 +257,7 @@ def _write_artifacts(cfg: EvalConfig, report: dict, judges: list, samples: tuple
             [r["prompt"] for r in base_rows],
             [r["seed"] for r in base_rows],
             out / "human",
-            names=("base", "aligned"),
+            names=cfg.arms(),
             seed=cfg.sampling.seed,
         )
         report["human_task"] = str(task)

@@ -204,3 +204,30 @@ def plot_summary(summary: dict, path: str | Path, title: str = "") -> Path:
 def _save(fig: Figure, out_png: str | Path, dpi: int = 110) -> Path:
     """Save ``fig`` as PNG atomically (temp file in the same folder, then rename)."""
     return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+def plot_online_rounds(metrics_jsonl: str | Path | list[dict], out_png: str | Path, title: str = "") -> Path:
+    """What a user watches in an online run (GRPO, online RWR, NFT): the training reward
+    (``reward_mean``) and the held-out score (``heldout_mean``, when the run has held-out judges)
+    per round, side by side, from metrics.jsonl (a round's records share its values: the first
+    of each round is plotted). Raises ``ValueError`` when no record has a ``round``."""
+    rounds: dict[int, dict] = {}
+    for r in _load_records(metrics_jsonl):
+        if _is_number(r.get("round")) and int(r["round"]) not in rounds:
+            rounds[int(r["round"])] = r
+    if not rounds:
+        raise ValueError(f"{metrics_jsonl if isinstance(metrics_jsonl, (str, Path)) else 'metrics'}: no round records")
+    keys = [k for k in ("reward_mean", "heldout_mean") if any(_is_number(r.get(k)) for r in rounds.values())]
+    names = {"reward_mean": "training reward (judges)", "heldout_mean": "held-out score (eval_judges)"}
+    fig = Figure(figsize=(4.2 * max(1, len(keys)), 3.2))
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        pts = np.array([(i, r[key]) for i, r in sorted(rounds.items()) if _is_number(r.get(key))], dtype=np.float64)
+        ax.plot(pts[:, 0], pts[:, 1], marker="o", color="tab:green" if key == "heldout_mean" else "tab:blue")
+        ax.set_title(names[key])
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)

@@ -45,6 +45,12 @@ class VideoDiffusionModel(Protocol):
         """Scaled latents -> pixels ``(B, C, T, H, W)`` in [-1, 1]."""
         ...
 
+    def decode_videos(self, latents: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """The final videos of sampled latents, what judges see: ``decode_latents`` for a one-stage
+        model; a cascade (``align.models.cascade``, LTX with ``cascade:``) first runs its later
+        stages, seeded per sample by ``seeds`` (and conditioned on ``prompts`` where they read text)."""
+        ...
+
     def encode_prompts(self, prompts: list[str]) -> Any:
         """Prompts -> the conditioning that ``predict`` takes (the empty string = unconditional)."""
         ...

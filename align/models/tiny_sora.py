@@ -358,6 +358,10 @@ class TinySora:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.cfg.scaling_factor).clamp(-1, 1)
 
+    def decode_videos(self, latents: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """One stage: the final videos are ``decode_latents``'s (the protocol's ``decode_videos``)."""
+        return self.decode_latents(latents)
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids ``(B, context_length)``; longer prompts are truncated by the tokenizer."""
         if isinstance(prompts, str):

@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.config import config_help, load_config, override_args, read_recipe
-from align.training import dpo, grpo, rwr
+from align.training import dpo, grpo, nft, rwr
 from align.training.core import TrainConfig, load_aligned
 
 OBJECTIVES = {
     "dpo": (dpo.DPOConfig, dpo.train),
     "rwr": (rwr.RWRConfig, rwr.train),
     "grpo": (grpo.GRPOConfig, grpo.train),
+    "nft": (nft.NFTConfig, nft.train),
 }
 
 __all__ = ["OBJECTIVES", "TrainConfig", "build_config", "load_aligned", "load_train_config", "recipe_help", "train"]

@@ -15,6 +15,10 @@ FSDP2): only the denoiser (with its LoRA) is prepared by accelerate (under FSDP2
 samples (pairs for DPO); each optimizer step consumes the same global batch and the same noise
 whatever the number of processes: every process walks one seeded index stream and one seeded
 noise generator and takes its slice, so 1 and N processes compute the same update.
+With ``sequence_parallel_size`` K > 1 (Wan), K consecutive processes form a sequence-parallel
+group that takes one slice (the same batch and noise) and splits each video's tokens
+(``align.models.diffusers.sequence_parallel``): ``Run.rank`` / ``Run.world`` are then the
+data-parallel rank and size (processes / K) that every batch and gather follows.
 
 A run writes ``<output_dir>/<name>/``: ``config.yaml``, ``metrics.jsonl``,
 ``checkpoint-<step>/`` (atomic: temp dir + rename; the last ``checkpoints_total_limit``
@@ -56,6 +60,9 @@ MANIFEST = "manifest.json"  # in a checkpoint: every file's size and sha256, wri
 # errors of writing a checkpoint that are the disk's or the user's, not a bug: one line, no traceback
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# objectives whose batches and gathers follow the data-parallel rank (Run.rank), so a sequence-parallel group
+# (processes with the same batch) works; offline RWR normalises its weights over all processes
+SEQUENCE_PARALLEL_OBJECTIVES = ("dpo", "grpo")
 # keys a resumed run may change; every other key must match the checkpoint's recipe
 RESUME_FREE_KEYS = (
     "max_steps",
@@ -118,6 +125,13 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "for denoisers that support it (diffusers transformers)"}
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "K: each video's tokens split over K processes (Ulysses all-to-all attention; Wan only; "
+            "objectives dpo and grpo); the launch's processes / K groups are data parallel. 1 = off"
+        },
+    )
     max_steps: int = field(default=200, metadata={"help": "optimizer steps of the run"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 = no clipping"})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "no | fp16 | bf16"})
@@ -145,9 +159,19 @@ class TrainConfig:
     report_to: list = field(
         default_factory=list, metadata={"help": "tensorboard, wandb (via accelerate): used when installed"}
     )
+    prompt_rewriter: str | None = field(
+        default=None,
+        metadata={
+            "help": "online objectives: hf:PATH | http:URL[#MODEL], a language model that rewrites each prompt; "
+            "rollouts are conditioned on the rewrites (cached in the run's rewrites.jsonl), judges see the originals"
+        },
+    )
+    rewrite_instruction: str | None = field(
+        default=None, metadata={"help": "the prompt rewriter's system instruction file (None: vidalign's default)"}
+    )
 
     def __post_init__(self) -> None:
-        for key in ("learning_rate", "lora_rank", "train_batch_size", "max_steps"):
+        for key in ("learning_rate", "lora_rank", "train_batch_size", "max_steps", "sequence_parallel_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"recipe key `{key}` must be > 0, got {getattr(self, key)}")
         nonnegative = ("effective_batch_size", "gradient_accumulation_steps", "lr_warmup_steps", "max_grad_norm")
@@ -157,6 +181,11 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"recipe key `mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
+        if self.sequence_parallel_size > 1 and self.objective not in SEQUENCE_PARALLEL_OBJECTIVES:
+            raise ValueError(
+                f"recipe key `sequence_parallel_size`: {self.sequence_parallel_size} is supported for objectives "
+                f"{', '.join(SEQUENCE_PARALLEL_OBJECTIVES)}, not {self.objective!r}; set it to 1"
             )
         if self.bad_rows not in ("error", "skip"):
             raise ValueError(f"recipe key `bad_rows` must be 'error' or 'skip', got {self.bad_rows!r}")
@@ -197,14 +226,19 @@ class Run:
     base: Any = None  # the unwrapped LoRA denoiser: the reference is it with adapters off
     optimizer: Any = None
     lr_scheduler: Any = None
+    sequence_parallel: int = 1  # K: consecutive processes that share one batch, each with 1/K of the tokens
+    sp_group: Any = None  # this process's sequence-parallel process group (K > 1)
+    sp_modules: list = field(default_factory=list)  # the WanSequenceParallel of each split transformer
 
     @property
     def world(self) -> int:
-        return self.accelerator.num_processes
+        """Data-parallel processes (those that see different samples): all processes / K."""
+        return self.accelerator.num_processes // self.sequence_parallel
 
     @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        """This process's data-parallel rank (the index of its sequence-parallel group)."""
+        return self.accelerator.process_index // self.sequence_parallel
 
     @property
     def device(self) -> torch.device:
@@ -559,7 +593,8 @@ def _write_checkpoint_files(run: Run, tmp: Path, state: dict, extra: dict[str, A
             _torch_save(optimizer, tmp / "optimizer.pt")
     elif run.is_main:
         _torch_save(run.optimizer.state_dict(), tmp / "optimizer.pt")
-    _torch_save({"torch": torch.get_rng_state(), "gen": run.gen.get_state()}, tmp / f"rng_state_{run.rank}.pt")
+    rng = {"torch": torch.get_rng_state(), "gen": run.gen.get_state()}
+    _torch_save(rng, tmp / f"rng_state_{acc.process_index}.pt")
     if run.is_main:
         _torch_save(run.lr_scheduler.state_dict(), tmp / "scheduler.pt")
         for name, obj in (extra or {}).items():
@@ -856,7 +891,8 @@ def start(
     run_dir = Path(cfg.output_dir) / cfg.name
     accelerator = make_accelerator(cfg, run_dir)
     world, rank = accelerator.num_processes, accelerator.process_index
-    micro = micro_batch_size(cfg, world)
+    sp_group, dp_rank, dp_world = sequence_parallel_layout(cfg.sequence_parallel_size, world, rank)
+    micro = micro_batch_size(cfg, dp_world)
     stage, fsdp2 = zero_stage(accelerator), uses_fsdp2(accelerator)
     ckpt = find_checkpoint(cfg, run_dir, _say if accelerator.is_main_process else None)
     resumed = check_resumable(ckpt, cfg, world, stage, "fsdp2" if fsdp2 else None) if ckpt else None
@@ -864,7 +900,7 @@ def start(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + (rank if noise_per_process else 0))
+    gen = torch.Generator().manual_seed(cfg.seed + (dp_rank if noise_per_process else 0))
     no_zero_init = (
         accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False)
         if stage is not None
@@ -876,14 +912,33 @@ def start(
     model.requires_grad_(False)
     if stage == 3:
         check_zero3_layout(model)
-    return Run(accelerator, model, run_dir, micro, stage, gen, ckpt, resumed, fsdp2=fsdp2)
+    run = Run(accelerator, model, run_dir, micro, stage, gen, ckpt, resumed, fsdp2=fsdp2)
+    run.sequence_parallel, run.sp_group = cfg.sequence_parallel_size, sp_group
+    return run
+
+
+def sequence_parallel_layout(k: int, world: int, rank: int) -> tuple[Any, int, int]:
+    """``(group, data-parallel rank, data-parallel size)`` of this process for
+    ``sequence_parallel_size`` K: groups of K consecutive processes share a batch
+    (``align.models.diffusers.sequence_parallel``); ``(None, rank, world)`` for K = 1.
+    Collective for K > 1. A launch that K does not divide is a ValueError."""
+    if k == 1:
+        return None, rank, world
+    if world % k:
+        raise ValueError(
+            f"recipe key `sequence_parallel_size`: {k} does not divide the {world} process(es) of this launch; "
+            f"launch a multiple of {k} processes (accelerate launch --num_processes), or lower it"
+        )
+    from align.models.diffusers.sequence_parallel import sequence_parallel_groups
+
+    return sequence_parallel_groups(k)
 
 
 def _configure_deepspeed(run: Run, cfg: TrainConfig) -> None:
     """Fill the DeepSpeed config's ``auto`` batch / clipping values from the recipe (there is no
     DataLoader for accelerate to read them from) and refuse values that contradict it."""
     ds = run.accelerator.state.deepspeed_plugin.deepspeed_config
-    gas, world, micro = cfg.accumulation_steps, run.world, run.micro
+    gas, world, micro = cfg.accumulation_steps, run.accelerator.num_processes, run.micro
     want = {
         "train_micro_batch_size_per_gpu": micro,
         "train_batch_size": micro * gas * world,
@@ -919,6 +974,10 @@ def prepare(cfg: TrainConfig, run: Run) -> None:
             )
         model.enable_gradient_checkpointing()
     model.denoiser.train()
+    if run.sequence_parallel > 1:  # after LoRA: the hooks go on the modules that run
+        from align.models.diffusers.sequence_parallel import enable_sequence_parallel
+
+        run.sp_modules = enable_sequence_parallel(model, run.sp_group)
     if run.fsdp2:  # before the optimizer: fully_shard replaces the parameters by sharded ones
         shard_fsdp2(model.denoiser, run.device, cfg.mixed_precision)
     optimizer = torch.optim.AdamW(lora_parameters(model.denoiser), lr=cfg.learning_rate, weight_decay=0.0)
@@ -958,7 +1017,7 @@ def _scalar_config(cfg: TrainConfig) -> dict:
 
 def _agree(run: Run, flag: bool) -> bool:
     """True on every process when ``flag`` is true on any (saving is collective)."""
-    if run.world == 1:
+    if run.accelerator.num_processes == 1:
         return flag
     t = torch.tensor([float(flag)], device=run.device)
     return bool(run.accelerator.reduce(t, reduction="sum").item())
@@ -1043,7 +1102,8 @@ def loop(
     ``summary.json``; returns the run directory."""
     acc, gas = run.accelerator, cfg.accumulation_steps
     info.update(
-        num_processes=run.world,
+        num_processes=acc.num_processes,
+        sequence_parallel_size=run.sequence_parallel,
         zero_stage=run.stage,
         backend="fsdp2" if run.fsdp2 else ("deepspeed" if run.stage is not None else "ddp"),
         micro_batch_size=run.micro,
@@ -1061,7 +1121,7 @@ def loop(
     old_handler = None
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    state = {"recipe": recipe_fingerprint(cfg), "num_processes": run.world, "zero_stage": run.stage}
+    state = {"recipe": recipe_fingerprint(cfg), "num_processes": acc.num_processes, "zero_stage": run.stage}
     if run.fsdp2:
         state["backend"] = "fsdp2"
     t_start = t_step = time.time()

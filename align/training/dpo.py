@@ -25,7 +25,7 @@ from align.data.preference import load_preference_dataset
 from align.frames import from_uint8
 from align.models.lora import adapters_disabled
 from align.objectives import diffusion_dpo_loss, per_sample_mse
-from align.training import core
+from align.training import core, rollouts
 from align.training.text_encoder import text_encoder_options
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -133,6 +133,7 @@ def train(cfg: DPOConfig) -> Path:
     """Run DPO as configured; returns the run directory. With ``resume`` set, continues from a
     checkpoint of the same recipe. The dataset is read once: for the text-encoder decision
     (``text_encoder_options``) and for the pairs."""
+    rollouts.check_prompt_rewriter(cfg, online=False)
     ds = load_preference_dataset(cfg.dataset)
     run = core.start(cfg, load_options=lambda device: text_encoder_options(cfg, device, ds))
     data, info = load_dpo_data(cfg, run.model, ds)

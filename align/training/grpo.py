@@ -458,6 +458,7 @@ def grpo_batches(cfg: GRPOConfig, run: core.Run, prompts: list[str], judges, eva
         group_size=cfg.group_size,
         weights=cfg.judge_weights or None,
         eval_judges=eval_judges,
+        rewrites=rollouts.prompt_rewrites(cfg, run, prompts),  # prompt_rewriter: sample the rewrites, judge originals
     )
     groups = torch.tensor([i // cfg.group_size for i in range(n)])
     r, skip = divmod(run.micro_step, per_round)
@@ -543,6 +544,7 @@ def train(cfg: GRPOConfig) -> Path:
     from align.judges import check_prompts, load_judges
 
     prompts = read_prompts(cfg.prompts_file)
+    rollouts.check_prompt_rewriter(cfg)
     run = core.start(cfg)
     steps_per_round = check_layout(cfg, run.micro, run.world)
     device = str(run.device)
@@ -575,4 +577,9 @@ def train(cfg: GRPOConfig) -> Path:
     }
     batches = grpo_batches(cfg, run, prompts, judges, eval_judges, history, info)
     extra = lambda: {"grpo_history": {k: list(v) for k, v in history.items()}}  # noqa: E731
-    return core.loop(cfg, run, batches, lambda b: grpo_step_losses(cfg, run, b, uncond), KEYS, info, extra)
+    out = core.loop(cfg, run, batches, lambda b: grpo_step_losses(cfg, run, b, uncond), KEYS, info, extra)
+    if run.is_main:  # training reward and held-out score per round, side by side
+        from align.eval.plots import plot_online_rounds
+
+        plot_online_rounds(out / "metrics.jsonl", out / "rounds.png", title=f"grpo ({cfg.name})")
+    return out

@@ -11,6 +11,9 @@ A round ``r`` of ``N`` rollouts, the same on 1 or N processes:
    videos (``"videos"``, uint8 ``(n, T, H, W, C)``: the end of the trajectory, what the judges
    score) plus whatever the objective keeps (GRPO: the trajectories and step log-probabilities).
    The sampler's settings are one :class:`align.sample.SamplingOptions` (:func:`sampling_options`).
+   With the recipe's ``prompt_rewriter`` the sampler is conditioned on each prompt's rewrite
+   (:func:`prompt_rewrites`, made once before the first round; ``Round.conditioning``) while
+   the judges and the metrics see the original prompts.
 3. **score**: every training (and held-out) judge scores this process's videos, after its
    sampling; the scores of all processes are gathered into ``(J, N)`` in rollout order
    (:func:`gather_rows`). A judge that raises, times out or gives a non-finite score stops the
@@ -102,6 +105,7 @@ class Rollouts:
     group_size: int  # rollouts i // group_size share a prompt
     weights: Sequence[float] | None = None  # one per training judge; None = equal
     eval_judges: Sequence = ()  # held-out judges: scored, never trained on
+    rewrites: dict[str, str] | None = None  # prompt -> its rewrite the sampler is conditioned on (prompt_rewrites)
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Round:
     reward: np.ndarray  # (N,) combine_judges(scores, weights, groups)
     rollout_s: float  # seconds sampling
     reward_s: float  # seconds scoring, gathering, combining
+    conditioning: list[str] | None = None  # the N prompts the model was conditioned on (rewritten or not)
 
 
 def _gathered_scores(run, r: int, local: list[int], judges, videos: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -157,18 +162,50 @@ def play_round(run, spec: Rollouts, r: int, prompts: list[str], seeds: list[int]
     with the denoiser in eval mode and without gradients, every judge scores it, the scores are
     gathered and combined (see the module docstring)."""
     n, local = len(prompts), spec.local
-    mine = [prompts[i] for i in local]
+    conditioning = [spec.rewrites.get(p, p) for p in prompts] if spec.rewrites else list(prompts)
     t0 = time.perf_counter()
     run.model.denoiser.eval()
-    with torch.no_grad():
-        samples = spec.sample(mine, [seeds[i] for i in local])
+    with torch.no_grad():  # conditioned on the rewrites; the judges below see the original prompts
+        samples = spec.sample([conditioning[i] for i in local], [seeds[i] for i in local])
     run.model.denoiser.train()
     t1 = time.perf_counter()
     groups = np.arange(n) // spec.group_size
     scores = _gathered_scores(run, r, local, spec.judges, samples["videos"], prompts)
     held = _gathered_scores(run, r, local, spec.eval_judges, samples["videos"], prompts) if spec.eval_judges else None
     reward = combine_judges(scores, spec.weights, groups)
-    return Round(r, prompts, seeds, groups, local, samples, scores, held, reward, t1 - t0, time.perf_counter() - t1)
+    return Round(
+        r, prompts, seeds, groups, local, samples, scores, held, reward, t1 - t0, time.perf_counter() - t1, conditioning
+    )
+
+
+def check_prompt_rewriter(cfg, online: bool = True) -> None:
+    """Check the recipe's ``prompt_rewriter`` and ``rewrite_instruction`` before the model loads:
+    a spec that parses and an instruction file that exists, for an online objective only (an
+    offline dataset's videos were made from its prompts as they are)."""
+    from align.prompting import check_rewriter_options
+
+    if cfg.prompt_rewriter and not online:
+        raise ValueError(
+            f"recipe key `prompt_rewriter` is for online objectives (grpo, rwr with online: true), not offline "
+            f"{cfg.objective}: an offline dataset's videos were sampled from its own prompts"
+        )
+    check_rewriter_options(cfg.prompt_rewriter, cfg.rewrite_instruction)
+
+
+def prompt_rewrites(cfg, run, prompts: list[str]) -> dict[str, str] | None:
+    """Each prompt's rewrite by the recipe's ``prompt_rewriter`` (with ``rewrite_instruction``),
+    cached in the run's ``rewrites.jsonl`` (a resumed run asks the model for none again); None
+    without a rewriter. The main process rewrites the whole prompts file once, before the first
+    round, on the run's device; every process gets the same rewrites (a collective call)."""
+    if not cfg.prompt_rewriter:
+        return None
+    from align.prompting import rewrite_prompts
+
+    unique = list(dict.fromkeys(prompts))
+    rewritten = rewrite_prompts(
+        cfg.prompt_rewriter, cfg.rewrite_instruction, unique, run.run_dir / "rewrites.jsonl", str(run.device)
+    )
+    return dict(zip(unique, rewritten))
 
 
 def reward_stats(rnd: Round, spec: Rollouts) -> dict:

@@ -189,7 +189,7 @@ def _sample(opts: SamplingOptions, model, prompts: list[str], seeds: list[int]) 
 def _round_data(cfg: RWRConfig, run: core.Run, rnd: rollouts.Round) -> TensorDataset:
     """The round's buffer ``(latents, cond, weight)`` on every process: this process encodes the
     videos it sampled, the encodings are gathered, the weights come from the combined rewards."""
-    lat, txt = _encode(run.model, [rnd.prompts[i] for i in rnd.local], rnd.samples["videos"])
+    lat, txt = _encode(run.model, [rnd.conditioning[i] for i in rnd.local], rnd.samples["videos"])  # as sampled
     lat, txt = (rollouts.gather_rows(run, rnd.local, x, len(rnd.prompts)) for x in (lat, txt))
     return TensorDataset(lat, txt, _weights(cfg, rnd.reward, rnd.groups))
 
@@ -209,6 +209,7 @@ def online_batches(cfg: RWRConfig, run: core.Run, prompts: list[str], judges: li
     n = cfg.online_prompts_per_round * k
     opts = rollouts.sampling_options(cfg, batch_size=128)
     spec = rollouts.Rollouts(partial(_sample, opts, run.model), judges, rollouts.share(n, run.world, run.rank), k)
+    spec.rewrites = rollouts.prompt_rewrites(cfg, run, prompts)  # prompt_rewriter: sample the rewrites, judge originals
     r, done = divmod(run.micro_step, spr)
     while True:
         rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 17 + r)
@@ -257,6 +258,7 @@ def train(cfg: RWRConfig) -> Path:
         prompts = read_prompts(cfg.prompts_file)
         judges = load_judges(cfg.judge_specs, device=None)
         check_prompts(judges, prompts)
+    rollouts.check_prompt_rewriter(cfg, online=cfg.online)
     run = core.start(cfg, noise_per_process=cfg.online)
     if cfg.online:
         data, info = None, {"online": True, "prompts": len(prompts), "judges": cfg.judge_specs}
@@ -293,4 +295,9 @@ def train(cfg: RWRConfig) -> Path:
             num_groups=groups,
         )
 
-    return core.loop(cfg, run, batches, step, keys, info)
+    out = core.loop(cfg, run, batches, step, keys, info)
+    if cfg.online and run.is_main:  # training reward and held-out score per round, side by side
+        from align.eval.plots import plot_online_rounds
+
+        plot_online_rounds(out / "metrics.jsonl", out / "rounds.png", title=f"online rwr ({cfg.name})")
+    return out

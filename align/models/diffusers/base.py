@@ -385,6 +385,10 @@ class DiffusersVideoModel:
         z = (latents.float() * std.view(shape) / scale + mean.view(shape)).to(self.pipe.vae.dtype)
         return torch.cat([self.vae_decode(zi[None]).float() for zi in z]).clamp(-1, 1)
 
+    def decode_videos(self, latents: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """One stage: the final videos are ``decode_latents``'s (LTX with ``cascade:`` overrides it)."""
+        return self.decode_latents(latents)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> one conditioning tensor (see the package docstring for LTX / Hunyuan packing).
