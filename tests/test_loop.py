@@ -1,12 +1,16 @@
-"""The whole loop on a user's own model, as `vidalign` CLI subprocesses, with nothing of the
-synthetic world involved: tiny pipelines of two families (the real diffusers classes, built
+"""The whole loop on a user's own model, as `vidalign` CLI commands in a subprocess, with nothing
+of the synthetic world involved: tiny pipelines of two families (the real diffusers classes, built
 from configs: Wan with Wan 2.1's UniPC flow scheduler, and CogVideoX) and prompts of the
 user's own.
 
 generate -> labels of those videos -> reward train -> data pairs --judge reward:... -> DPO
 train -> eval --judge reward:... --judge clip:... -> (Wan) eval --judge human -> labels
-posted to the annotation app -> eval human; every command runs with ``-X importtime`` and
-none may import ``align.demo.synthetic``.
+posted to the annotation app -> eval human. The commands run one after another in one
+``vidalign`` session process (:class:`CliSession`: ``align.cli.main(argv)`` per command, as the
+console script calls it), so the loop pays torch's, diffusers' and peft's imports once instead
+of per command (~6 s each); the session ends by checking that no command imported
+``align.demo.synthetic``. The annotation server runs as its own ``vidalign annotate serve``
+process.
 """
 
 from __future__ import annotations
@@ -71,15 +75,62 @@ def tiny_pipeline(family: str):
     return build_pipeline(family)
 
 
-def vidalign(*args) -> str:
-    """Run ``python -X importtime -m align.cli ARGS``; fail on a non-zero exit or if the
-    synthetic world was imported; return stdout."""
-    cmd = [sys.executable, "-X", "importtime", "-m", "align.cli", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
-    assert r.returncode == 0, f"{' '.join(cmd[4:])}:\n{r.stderr[-3000:]}"
-    imported = [line for line in r.stderr.splitlines() if "align.demo.synthetic" in line]
-    assert not imported, f"{args[0]} imported the synthetic world: {imported}"
-    return r.stdout
+SESSION = r"""
+import contextlib, io, json, os, sys
+proto = os.fdopen(os.dup(1), "w")  # the answers; anything written to fd 1 below goes to stderr
+os.dup2(2, 1)
+from align.cli import main
+for line in sys.stdin:
+    argv = json.loads(line)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception as e:
+            import traceback
+            traceback.print_exc(file=err)
+            rc = 1
+    synthetic = "align.demo.synthetic" in sys.modules
+    answer = {"rc": rc or 0, "out": out.getvalue(), "err": err.getvalue()[-3000:], "synthetic": synthetic}
+    proto.write(json.dumps(answer) + "\n")
+    proto.flush()
+"""
+
+
+class CliSession:
+    """One ``python -c SESSION`` process that runs ``vidalign`` commands sent as JSON argv lines
+    through ``align.cli.main``; each answer holds the exit code, stdout, the tail of stderr and
+    whether ``align.demo.synthetic`` has been imported so far."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SESSION], env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+
+    def __call__(self, *args) -> str:
+        """Run ``vidalign ARGS``; fail on a non-zero exit or if the synthetic world was imported."""
+        argv = list(map(str, args))
+        self.proc.stdin.write(json.dumps(argv) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the vidalign session died running {' '.join(argv)}"
+        r = json.loads(line)
+        assert r["rc"] == 0, f"{' '.join(argv)}:\n{r['err']}"
+        assert not r["synthetic"], f"{args[0]} imported the synthetic world"
+        return r["out"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def vidalign():
+    session = CliSession()
+    yield session
+    session.close()
 
 
 def _labels(gen_dir) -> str:
@@ -102,7 +153,7 @@ def _labels(gen_dir) -> str:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
-def test_whole_loop_on_a_tiny_pipeline_without_the_synthetic_world(family, tmp_path):
+def test_whole_loop_on_a_tiny_pipeline_without_the_synthetic_world(family, tmp_path, vidalign):
     pipe = tmp_path / family
     tiny_pipeline(family).save_pretrained(pipe)
     frames = FRAMES[family]
@@ -154,10 +205,10 @@ def test_whole_loop_on_a_tiny_pipeline_without_the_synthetic_world(family, tmp_p
     assert (ev / "side_by_side.mp4").stat().st_size > 0 and (ev / "winrates.png").stat().st_size > 0
     assert json.loads(out.strip().splitlines()[-1])[f"reward:{rm}"]["n"] == 4
     if family == "wan":
-        _human_ab_study(pipe, lora, prompts, SIZE, tmp_path)
+        _human_ab_study(vidalign, pipe, lora, prompts, SIZE, tmp_path)
 
 
-def _human_ab_study(pipe, lora, prompts, size, tmp_path):
+def _human_ab_study(vidalign, pipe, lora, prompts, size, tmp_path):
     """eval --judge human writes a blinded task; the app serves it; every pair is voted a tie
     through the app's API; eval human reports the human win rate (0.5: all ties)."""
     import http.client

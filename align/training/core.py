@@ -93,7 +93,7 @@ class TrainConfig:
     dataset: str = field(default="", metadata={"help": "the objective's dataset (checked by the objective)"})
     name: str = field(default="run", metadata={"help": "the run's name: its directory is <output_dir>/<name>"})
     output_dir: str = field(default="runs", metadata={"help": "the folder that holds run directories"})
-    objective: str = field(default="dpo", metadata={"help": "picks the training module: dpo | rwr | grpo"})
+    objective: str = field(default="dpo", metadata={"help": "picks the training module: dpo | rwr | grpo | nft"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate of the LoRA parameters (AdamW)"})
     lr_warmup_steps: int = field(
         default=10, metadata={"help": "linear warm-up steps of the learning rate, then constant"}
