@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         for method, w in methods.items():
             lo, hi = w["ci95"]
             print(
-                f"{method} vs base, {judge.replace('_', ' ')} win rate {w['rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; "
+                f"{method} vs {w['vs']}, {judge.replace('_', ' ')} win rate {w['rate']:.3f} "
+                f"(95% CI {lo:.3f}-{hi:.3f}; "
                 f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses)"
             )
     if "cascade" in report:  # the DPO LoRA on the cascade's base stage, judged on its final videos

@@ -69,6 +69,9 @@ class DemoConfig:
     guidance_scale: float = 4.0
     heldout_fraction: float = 0.2  # share of the world's scenes held out for the evaluation
     eval_seeds_per_prompt: int = 5
+    # methods evaluated at their own training guidance, each against the base at that guidance
+    # (NFT's rollouts run without CFG; the others are evaluated at guidance_scale)
+    eval_guidance: dict = dataclasses.field(default_factory=lambda: {"NFT": 1.0})
     cascade_seeds_per_prompt: int = 2  # the cascade row: held-out prompts x this many seeds (0: no row)
     tie_margin: float = 0.005  # |score gap| at or below which a comparison is a tie
     max_prompts: int = 0  # > 0: only that many training and held-out prompts (quick runs)
@@ -206,32 +209,45 @@ def _align(configs: dict, out: Path, reward_dir: Path, samples) -> dict[str, Pat
     return {method: train(configs[method]) for method in METHODS}
 
 
+def _base_key(cfg: DemoConfig, method: str) -> str:
+    """The base arm ``method`` is compared with: ``base``, or ``base@G`` at its own guidance G."""
+    g = float(cfg.eval_guidance.get(method, cfg.guidance_scale))
+    return "base" if g == cfg.guidance_scale else f"base@{g:g}"
+
+
 def _evaluate(cfg: DemoConfig, model_dir: Path, runs: dict[str, Path], reward_dir: Path, prompts: list[str]):
     """Stage 5: same prompts and seeds for the base and every aligned model; the oracle's and
-    the reward model's paired win rates (``eval``'s ``judge_winrates``)."""
+    the reward model's paired win rates (``eval``'s ``judge_winrates``). A method in
+    ``eval_guidance`` is sampled at that guidance and compared with the base at the same one."""
     prompts = [p for p in prompts for _ in range(cfg.eval_seeds_per_prompt)]
     seeds = [10_000 + i for i in range(len(prompts))]
 
-    def sample(model, desc):
-        return to_uint8(generate(model, prompts, seeds, cfg.sample_steps, cfg.guidance_scale, progress=True, desc=desc))
+    def sample(model, method, desc):
+        g = float(cfg.eval_guidance.get(method, cfg.guidance_scale))
+        return to_uint8(generate(model, prompts, seeds, cfg.sample_steps, g, progress=True, desc=desc))
 
-    videos = {"base": sample(load_model(model_dir), "eval base")}
+    base = load_model(model_dir)
+    arms = {_base_key(cfg, m): m for m in ("base", *runs)}  # each base arm once, at its method's guidance
+    videos = {key: sample(base, m, f"eval {key}") for key, m in arms.items()}
     for method, run in runs.items():
-        videos[method] = sample(load_aligned(model_dir, run / "lora"), f"eval {method}")
+        videos[method] = sample(load_aligned(model_dir, run / "lora"), method, f"eval {method}")
     judges = {"oracle": OracleJudge(), "reward_model": RewardJudge(reward_dir)}
     scores = {m: {k: j.score(v, prompts) for k, j in judges.items()} for m, v in videos.items()}
-    results = {m: judge_winrates(scores["base"], scores[m], cfg.tie_margin, cfg.seed) for m in runs}
+    results = {m: judge_winrates(scores[_base_key(cfg, m)], scores[m], cfg.tie_margin, cfg.seed) for m in runs}
     oracle = judges["oracle"]
     attrs = {m: oracle.attribute_scores(v, prompts) for m, v in videos.items()}
     for m in runs:
+        b = _base_key(cfg, m)
         results[m]["winrate"]["oracle"]["per_attribute"] = {
             a: {
-                "base": float(np.mean([s[a] for s in attrs["base"]])),
+                "base": float(np.mean([s[a] for s in attrs[b]])),
                 "aligned": float(np.mean([s[a] for s in attrs[m]])),
             }
-            for a in attrs["base"][0]
+            for a in attrs[b][0]
             if a != "total"
         }
+        for w in results[m]["winrate"].values():
+            w["vs"] = b  # the base arm: "base" or "base@G" (eval_guidance)
     return prompts, videos, scores, results
 
 
@@ -276,7 +292,8 @@ def _artifacts(cfg: DemoConfig, out: Path, runs, winrate, scores, rm_summary, pr
         for m, r in runs.items()
     }
     arts["winrates"] = plot_winrates(
-        {f"{m} vs base ({j.replace('_', ' ')})": winrate[j][m] for j in winrate for m in runs}, out / "winrates.png"
+        {f"{m} vs {winrate[j][m]['vs']} ({j.replace('_', ' ')})": winrate[j][m] for j in winrate for m in runs},
+        out / "winrates.png",
     )
     arts["score_histogram"] = plot_score_histograms(
         {m: s["oracle"] for m, s in scores.items()}, out / "oracle_scores.png"
