@@ -181,42 +181,12 @@ class GRPOConfig(core.TrainConfig):
         super().__post_init__()
         if self.objective != "grpo":
             raise ValueError(f"GRPOConfig: recipe key `objective` must be 'grpo', got {self.objective!r}")
-        if not self.prompts_file:
-            raise ValueError("recipe key `prompts_file` is required for objective 'grpo' (one prompt per line)")
-        if self.dataset:
-            raise ValueError("recipe key `dataset` is not used by objective 'grpo' (it samples its own rollouts)")
-        for key in ("judges", "judge_weights", "eval_judges"):
-            if isinstance(getattr(self, key), str):
-                setattr(self, key, [getattr(self, key)])
-        if not self.judges:
-            raise ValueError("recipe key `judges` is required for objective 'grpo' (e.g. [reward:runs/reward/best])")
-        if self.judge_weights and len(self.judge_weights) != len(self.judges):
-            raise ValueError(
-                f"recipe key `judge_weights` has {len(self.judge_weights)} value(s) for {len(self.judges)} judge(s)"
-            )
-        if any(float(w) < 0 for w in self.judge_weights) or (self.judge_weights and not sum(self.judge_weights) > 0):
-            raise ValueError(f"recipe key `judge_weights` must be >= 0 and not all 0, got {self.judge_weights}")
-        both = sorted(set(self.judges) & set(self.eval_judges))
-        if both:
-            raise ValueError(f"recipe key `eval_judges`: {both[0]!r} is also a training judge, so it is not held out")
-        if self.group_size < 2:
-            raise ValueError(
-                f"recipe key `group_size` must be >= 2 (advantages are relative to the group), got {self.group_size}"
-            )
-        if self.gradient_accumulation_steps and self.rollout_batches_per_update != 1:
-            raise ValueError(
-                "recipe keys `gradient_accumulation_steps` and `rollout_batches_per_update` both set: set only "
-                "`rollout_batches_per_update` (gradient_accumulation_steps is derived from it)"
-            )
+        rollouts.check_online_keys(self, "grpo", "advantages are relative to the group")
         if self.sample_steps < 2:
             raise ValueError(
                 f"recipe key `sample_steps` must be >= 2 for objective 'grpo' (the last step is the deterministic "
                 f"one to the clean end; the others are the stochastic steps it trains), got {self.sample_steps}"
             )
-        keys = ("prompts_per_round", "inner_epochs", "rollout_batch_size", "hacking_patience")
-        for key in (*keys, "rollout_batches_per_update"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"recipe key `{key}` must be >= 1, got {getattr(self, key)}")
         for key in ("sde_noise", "eta", "clip_range"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"recipe key `{key}` must be > 0, got {getattr(self, key)}")

@@ -124,35 +124,9 @@ class NFTConfig(core.TrainConfig):
         super().__post_init__()
         if self.objective != "nft":
             raise ValueError(f"NFTConfig: recipe key `objective` must be 'nft', got {self.objective!r}")
-        if not self.prompts_file:
-            raise ValueError("recipe key `prompts_file` is required for objective 'nft' (one prompt per line)")
-        if self.dataset:
-            raise ValueError("recipe key `dataset` is not used by objective 'nft' (it samples its own rollouts)")
-        for key in ("judges", "judge_weights", "eval_judges"):
-            if isinstance(getattr(self, key), str):
-                setattr(self, key, [getattr(self, key)])
-        if not self.judges:
-            raise ValueError("recipe key `judges` is required for objective 'nft' (e.g. [reward:runs/reward/best])")
-        if self.judge_weights and len(self.judge_weights) != len(self.judges):
-            raise ValueError(
-                f"recipe key `judge_weights` has {len(self.judge_weights)} value(s) for {len(self.judges)} judge(s)"
-            )
-        both = sorted(set(self.judges) & set(self.eval_judges))
-        if both:
-            raise ValueError(f"recipe key `eval_judges`: {both[0]!r} is also a training judge, so it is not held out")
-        if self.group_size < 2:
-            raise ValueError(
-                f"recipe key `group_size` must be >= 2 (rewards are normalised in the group), got {self.group_size}"
-            )
-        if self.gradient_accumulation_steps and self.rollout_batches_per_update != 1:
-            raise ValueError(
-                "recipe keys `gradient_accumulation_steps` and `rollout_batches_per_update` both set: set only "
-                "`rollout_batches_per_update` (gradient_accumulation_steps is derived from it)"
-            )
-        keys = ("prompts_per_round", "inner_epochs", "sample_steps", "rollout_batch_size", "hacking_patience")
-        for key in (*keys, "rollout_batches_per_update"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"recipe key `{key}` must be >= 1, got {getattr(self, key)}")
+        rollouts.check_online_keys(self, "nft", "rewards are normalised in the group")
+        if self.sample_steps < 1:
+            raise ValueError(f"recipe key `sample_steps` must be >= 1, got {self.sample_steps}")
         for key in ("nft_beta", "adv_clip_max"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"recipe key `{key}` must be > 0, got {getattr(self, key)}")

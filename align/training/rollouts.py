@@ -1,4 +1,4 @@
-"""The online round every online objective shares (online RWR and GRPO; DiffusionNFT next).
+"""The online round every online objective shares (online RWR, GRPO and DiffusionNFT).
 
 A round ``r`` of ``N`` rollouts, the same on 1 or N processes:
 
@@ -43,6 +43,44 @@ import torch
 
 from align.judges import JudgeError, combine_judges, judge_scores
 from align.sample import SamplingOptions
+
+
+def check_online_keys(cfg, objective: str, group_use: str) -> None:
+    """The recipe checks GRPO and NFT share (their configs' ``__post_init__``): prompts and judges
+    given, no dataset, judge specs as lists, weights matching the judges, held-out judges not
+    trained on, groups of 2 or more (``group_use``: what the objective does with a group), the
+    accumulation derived from ``rollout_batches_per_update`` alone, the round's counts >= 1."""
+    if not cfg.prompts_file:
+        raise ValueError(f"recipe key `prompts_file` is required for objective {objective!r} (one prompt per line)")
+    if cfg.dataset:
+        raise ValueError(f"recipe key `dataset` is not used by objective {objective!r} (it samples its own rollouts)")
+    for key in ("judges", "judge_weights", "eval_judges"):
+        if isinstance(getattr(cfg, key), str):
+            setattr(cfg, key, [getattr(cfg, key)])
+    if not cfg.judges:
+        raise ValueError(
+            f"recipe key `judges` is required for objective {objective!r} (e.g. [reward:runs/reward/best])"
+        )
+    if cfg.judge_weights and len(cfg.judge_weights) != len(cfg.judges):
+        raise ValueError(
+            f"recipe key `judge_weights` has {len(cfg.judge_weights)} value(s) for {len(cfg.judges)} judge(s)"
+        )
+    if any(float(w) < 0 for w in cfg.judge_weights) or (cfg.judge_weights and not sum(cfg.judge_weights) > 0):
+        raise ValueError(f"recipe key `judge_weights` must be >= 0 and not all 0, got {cfg.judge_weights}")
+    both = sorted(set(cfg.judges) & set(cfg.eval_judges))
+    if both:
+        raise ValueError(f"recipe key `eval_judges`: {both[0]!r} is also a training judge, so it is not held out")
+    if cfg.group_size < 2:
+        raise ValueError(f"recipe key `group_size` must be >= 2 ({group_use}), got {cfg.group_size}")
+    if cfg.gradient_accumulation_steps and cfg.rollout_batches_per_update != 1:
+        raise ValueError(
+            "recipe keys `gradient_accumulation_steps` and `rollout_batches_per_update` both set: set only "
+            "`rollout_batches_per_update` (gradient_accumulation_steps is derived from it)"
+        )
+    keys = ("prompts_per_round", "inner_epochs", "rollout_batch_size", "hacking_patience", "rollout_batches_per_update")
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"recipe key `{key}` must be >= 1, got {getattr(cfg, key)}")
 
 
 def sampling_options(cfg, batch_size: int | None = None) -> SamplingOptions:
